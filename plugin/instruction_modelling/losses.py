@@ -1,0 +1,204 @@
+"""Segment-weighted causal-LM loss, exact under gradient accumulation and sample packing.
+
+Pure PyTorch, no Axolotl import. Targets are the next tokens of ``input_ids``; which of them
+carry loss, and how much, is decided by ``segment_ids`` (see ``segments.Segment``) and a small
+weight table, never by ``labels``. Two normalisations:
+
+* ``token`` (Axolotl's default): ``loss = Σ_t w_t·ce_t / Σ_t w_t`` over every target of the
+  whole gradient-accumulation window (and all data-parallel ranks). With weights 1/1 (IM) or
+  0/1 (IT) this is the usual mean over trained tokens; fractional weights (Weighted Instruction
+  Tuning) give a weighted mean, so the loss stays on the cross-entropy scale.
+* ``sequence`` (per-example averaging, what the paper's batch-size-1 runs did): each example's
+  loss is its own weighted mean, and the batch loss is the mean over examples.
+
+A micro-batch returns ``Σ (effective weight · ce) / normaliser`` where the normaliser is the
+window total (``loss_normaliser`` summed over micro-batches), so summing the micro-batch
+losses of a window gives exactly the loss of the whole window: gradient accumulation 1 vs 4
+gives the same loss and gradients.
+
+Packed rows (several examples concatenated, ``position_ids`` restarting at 0) are handled by
+never predicting the first token of an example from the previous one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, Segment
+
+NORMALISATIONS = ("token", "sequence")
+
+
+def weight_table(
+    instruction_weight: float,
+    output_weight: float,
+    role_weights: Mapping[str, float] | None = None,
+) -> torch.Tensor:
+    """Loss weight per ``Segment`` id (index = segment id; template is always 0).
+
+    Args:
+        instruction_weight: weight of system, user and tool content.
+        output_weight: weight of assistant content and its end-of-turn token.
+        role_weights: per-role overrides, keys ``system``, ``user``, ``assistant``, ``tool``.
+
+    Example:
+        >>> weight_table(1.0, 1.0).tolist()   # IM
+        [0.0, 1.0, 1.0, 1.0, 1.0]
+        >>> weight_table(0.0, 1.0, {"system": 0.5}).tolist()
+        [0.0, 0.5, 0.0, 1.0, 0.0]
+    """
+    table = torch.zeros(len(Segment), dtype=torch.float32)
+    for seg in INSTRUCTION_SEGMENTS:
+        table[seg] = instruction_weight
+    for seg in OUTPUT_SEGMENTS:
+        table[seg] = output_weight
+    from .segments import ROLE_SEGMENT
+
+    for role, w in (role_weights or {}).items():
+        table[ROLE_SEGMENT[role]] = w
+    return table
+
+
+def _shifted(input_ids: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None):
+    """Targets, their segments and validity for next-token prediction, shape ``[B, T-1]``."""
+    targets = input_ids[:, 1:]
+    segs = segment_ids[:, 1:].long()
+    valid = segs != Segment.TEMPLATE
+    if position_ids is not None:
+        # A token at position 0 starts a new packed example: it is not predicted from the previous one.
+        valid = valid & (position_ids[:, 1:] != 0)
+    return targets, segs, valid
+
+
+def _example_ids(segment_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """Example index of every target ``[B, T-1]``, unique across the batch."""
+    bsz, seqlen = segment_ids.shape
+    if position_ids is None:
+        ids = torch.arange(bsz, device=segment_ids.device).unsqueeze(1).expand(bsz, seqlen)
+    else:
+        starts = (position_ids == 0).long()
+        starts[:, 0] = 1
+        per_row = torch.cumsum(starts, dim=1) - 1  # 0.. within each row
+        offset = torch.cumsum(per_row[:, -1] + 1, dim=0) - (per_row[:, -1] + 1)
+        ids = per_row + offset.unsqueeze(1)
+    return ids[:, 1:]
+
+
+def effective_weights(
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    table: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    normalisation: str = "token",
+) -> torch.Tensor:
+    """Per-target weights ``[B, T-1]`` whose sum over a window, divided by the window's
+    ``loss_normaliser``, gives the loss.
+
+    ``token``: the segment weight. ``sequence``: the segment weight divided by the summed
+    weight of the target's example, so every example with any weight contributes 1.
+    """
+    _, segs, valid = _shifted(input_ids, segment_ids, position_ids)
+    w = table.to(device=segs.device)[segs] * valid
+    if normalisation == "token":
+        return w
+    if normalisation != "sequence":
+        raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}")
+    ex = _example_ids(segment_ids, position_ids)
+    totals = torch.zeros(int(ex.max()) + 1, dtype=w.dtype, device=w.device).scatter_add_(0, ex.flatten(), w.flatten())
+    denom = totals[ex]
+    return torch.where(denom > 0, w / denom.clamp_min(1e-12), torch.zeros_like(w))
+
+
+def loss_normaliser(
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    table: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    normalisation: str = "token",
+) -> torch.Tensor:
+    """What one micro-batch adds to the window's normaliser: ``Σ w`` (token) or the number
+    of examples with any weight (sequence)."""
+    return effective_weights(input_ids, segment_ids, table, position_ids, normalisation).sum().detach()
+
+
+@dataclass
+class SegmentLoss:
+    """Result of ``segment_weighted_loss``.
+
+    Attributes:
+        loss: scalar to back-propagate (already divided by the normaliser).
+        instruction_sum, instruction_count: summed CE and count over instruction targets
+            (unweighted; measured even when their weight is 0, as under IT).
+        output_sum, output_count: the same over output targets.
+    """
+
+    loss: torch.Tensor
+    instruction_sum: torch.Tensor
+    instruction_count: torch.Tensor
+    output_sum: torch.Tensor
+    output_count: torch.Tensor
+
+
+def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]``, upcasting one chunk of the
+    sequence to fp32 at a time (a whole fp32 copy of large-vocabulary logits is what costs
+    memory)."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for s in range(0, targets.shape[1], chunk_size):
+        e = min(s + chunk_size, targets.shape[1])
+        out[:, s:e] = F.cross_entropy(
+            logits[:, s:e].float().flatten(0, 1), targets[:, s:e].flatten(), reduction="none"
+        ).view(targets.shape[0], e - s)
+    return out
+
+
+def segment_weighted_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    table: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    normalisation: str = "token",
+    normaliser: torch.Tensor | float | None = None,
+) -> SegmentLoss:
+    """Segment-weighted next-token cross-entropy.
+
+    Args:
+        logits: ``[B, T, V]`` model outputs.
+        input_ids: ``[B, T]`` tokens; the target of position t is ``input_ids[:, t+1]``.
+        segment_ids: ``[B, T]`` ``Segment`` ids (0 = template or padding).
+        table: weight per segment id (``weight_table``).
+        position_ids: ``[B, T]`` for packed rows (positions restart at 0 per example), else None.
+        normalisation: ``"token"`` or ``"sequence"``.
+        normaliser: the window's total (``loss_normaliser`` summed over its micro-batches and
+            ranks); defaults to this batch's own.
+
+    Returns:
+        ``SegmentLoss``; ``loss`` is 0 (with a graph) when nothing carries weight.
+
+    Example:
+        >>> out = segment_weighted_loss(model(ids).logits, ids, segs, weight_table(1.0, 1.0))  # doctest: +SKIP
+        >>> out.loss.backward()  # doctest: +SKIP
+    """
+    targets, segs, valid = _shifted(input_ids, segment_ids, position_ids)
+    ce = per_token_ce(logits[:, :-1], targets)
+    w = effective_weights(input_ids, segment_ids, table, position_ids, normalisation)
+    if normaliser is None:
+        normaliser = w.sum().detach()
+    normaliser = torch.as_tensor(normaliser, dtype=torch.float32, device=ce.device)
+    loss = (ce * w).sum() / normaliser.clamp_min(1e-12)
+
+    ce_d = ce.detach()
+    is_instr = valid & torch.isin(segs, torch.tensor(INSTRUCTION_SEGMENTS, device=segs.device))
+    is_out = valid & torch.isin(segs, torch.tensor(OUTPUT_SEGMENTS, device=segs.device))
+    return SegmentLoss(
+        loss=loss,
+        instruction_sum=(ce_d * is_instr).sum(),
+        instruction_count=is_instr.sum(),
+        output_sum=(ce_d * is_out).sum(),
+        output_count=is_out.sum(),
+    )

@@ -1,0 +1,244 @@
+"""Axolotl dataset type ``instruction_modelling``: rows -> input_ids, labels, segment_ids.
+
+A thin adapter: segmentation is ``segments.RowEncoder``. This module adds what only the
+dataset pass can do: the file and row of a bad row, skipping and counting bad rows, and
+truncation that keeps ``segment_ids`` aligned with ``input_ids``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .args import IMArgs
+from .segments import DEFAULT_ROLE_ALIASES, ROLE_SEGMENT, RowEncoder, RowError, RowFields, Segment, detect_format
+
+LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
+
+ERROR_COLUMN = "_im_error"
+STRADDLED_COLUMN = "_im_straddled"
+
+
+class BadRowsError(ValueError):
+    """Rows that could not be segmented, with their file, row and field."""
+
+
+@dataclass
+class ChatRenderer:
+    """Renders a conversation with a chat template (picklable for multiprocessing)."""
+
+    tokenizer: Any
+    chat_template: str
+    template_kwargs: dict = field(default_factory=dict)
+
+    def __call__(self, messages):
+        return self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=False,
+            chat_template=self.chat_template,
+            **self.template_kwargs,
+        )
+
+
+def row_fields_from_dataset_config(ds_cfg: dict) -> RowFields:
+    """Map Axolotl's chat_template dataset options onto ``RowFields``."""
+    mappings = dict(ds_cfg.get("message_property_mappings") or {})
+    role = mappings.get("role") or ds_cfg.get("message_field_role") or "role"
+    content = mappings.get("content") or ds_cfg.get("message_field_content") or "content"
+    aliases = dict(DEFAULT_ROLE_ALIASES)
+    for canonical, names in (ds_cfg.get("roles") or {}).items():
+        for name in names if isinstance(names, (list, tuple)) else [names]:
+            aliases[name] = canonical
+    return RowFields(
+        messages=ds_cfg.get("field_messages") or "messages",
+        role=role,
+        content=content,
+        role_aliases=aliases,
+    )
+
+
+def describe_row(path: str | None, index: int) -> str:
+    where = f"{os.path.basename(path) if path else '<dataset>'} row {index}"
+    if path and str(path).endswith(".jsonl"):
+        where += f" (line {index + 1})"
+    return where
+
+
+class InstructionModellingStrategy:
+    """Dataset wrapping strategy (Axolotl's ``DatasetWrappingStrategy`` protocol)."""
+
+    def __init__(self, encoder: RowEncoder, *, path: str | None, sequence_len: int, truncate: bool,
+                 on_bad_rows: str, trained_roles: list[str], drop_system_message: bool = False):
+        self.encoder = encoder
+        self.trained_segments = {int(ROLE_SEGMENT[r]) for r in trained_roles}
+        self.path = path
+        self.sequence_len = sequence_len
+        self.truncate = truncate
+        self.on_bad_rows = on_bad_rows
+        self.drop_system_message = drop_system_message
+
+    # -- one batch of rows -------------------------------------------------------------
+    def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        n = len(next(iter(batch.values())))
+        out = {k: [] for k in ("input_ids", "attention_mask", "labels", "segment_ids", ERROR_COLUMN, STRADDLED_COLUMN)}
+        for i in range(n):
+            row = {k: v[i] for k, v in batch.items()}
+            if self.drop_system_message:
+                row = self._without_system(row)
+            try:
+                ex = self.encoder.encode(row)
+                if self.truncate and len(ex.input_ids) > self.sequence_len:
+                    ex = ex.truncate(self.sequence_len)
+                if Segment.OUTPUT not in ex.segment_ids:
+                    raise RowError(
+                        self._output_field(row),
+                        f"no output token left (sequence_len={self.sequence_len}, {len(ex.input_ids)} tokens); "
+                        "nothing to learn from this row",
+                    )
+                error = ""
+            except RowError as exc:
+                ex, error = None, str(exc)
+            if ex is None:
+                ids, segs, straddled = [], [], 0
+            else:
+                ids, segs, straddled = ex.input_ids, ex.segment_ids, ex.straddled
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(self._labels(ids, segs))
+            out["segment_ids"].append(segs)
+            out[ERROR_COLUMN].append(error)
+            out[STRADDLED_COLUMN].append(straddled)
+        return out
+
+    def _output_field(self, row) -> str:
+        f = self.encoder.fields
+        return {"messages": f.messages, "alpaca": f.output, "prompt_completion": f.completion}[detect_format(row, f)]
+
+    def _labels(self, ids, segs):
+        # Labels mirror what carries loss in this mode, for Axolotl's own tools (--debug, packing
+        # filters). The loss itself is computed from input_ids and segment_ids.
+        trained = self.trained_segments
+        return [t if s in trained else -100 for t, s in zip(ids, segs)]
+
+    def _without_system(self, row):
+        name, role = self.encoder.fields.messages, self.encoder.fields.role
+        msgs = row.get(name)
+        if isinstance(msgs, list):
+            row = dict(row)
+            row[name] = [m for m in msgs if not (isinstance(m, dict) and self.encoder.fields.role_aliases.get(m.get(role)) == "system")]
+        return row
+
+    # -- the whole dataset -------------------------------------------------------------
+    def wrap_dataset(self, dataset, process_count: int | None = None, keep_in_memory: bool | None = False, **kwargs):
+        from datasets import Dataset
+
+        if not isinstance(dataset, Dataset):
+            raise TypeError(
+                "type: instruction_modelling needs a map-style dataset (streaming datasets are not supported yet)"
+            )
+        encoded = dataset.map(
+            self.encode_batch,
+            batched=True,
+            batch_size=256,
+            num_proc=process_count if process_count and len(dataset) >= 2 * process_count else None,
+            remove_columns=dataset.column_names,
+            keep_in_memory=bool(keep_in_memory),
+            desc="Instruction modelling: segmenting",
+        )
+        errors = encoded[ERROR_COLUMN]
+        bad = [(i, e) for i, e in enumerate(errors) if e]
+        straddled = sum(encoded[STRADDLED_COLUMN])
+        REPORT.add(self.path, len(dataset), bad, straddled)
+        if bad and self.on_bad_rows == "error":
+            first_i, first_e = bad[0]
+            more = f" ({len(bad) - 1} more bad rows; im_on_bad_rows: skip drops and counts them)" if len(bad) > 1 else ""
+            raise BadRowsError(f"{describe_row(self.path, first_i)}: {first_e}{more}")
+        if bad:
+            keep = [i for i, e in enumerate(errors) if not e]
+            encoded = encoded.select(keep)
+            for i, e in bad[:5]:
+                LOG.warning(f"skipped {describe_row(self.path, i)}: {e}")
+            LOG.warning(f"skipped {len(bad)} of {len(dataset)} rows of {self.path} (im_on_bad_rows: skip)")
+        return encoded.remove_columns([ERROR_COLUMN, STRADDLED_COLUMN])
+
+
+class PreprocessReport:
+    """Counts of what the dataset pass skipped, reported once at the end of the process."""
+
+    def __init__(self):
+        self.entries: list[tuple[str | None, int, list[tuple[int, str]], int]] = []
+        self._registered = False
+
+    def add(self, path, total, bad, straddled):
+        self.entries.append((path, total, bad, straddled))
+        if not self._registered:
+            import atexit
+
+            atexit.register(self.log)
+            self._registered = True
+
+    def summary(self) -> str:
+        lines = ["instruction_modelling preprocessing report:"]
+        for path, total, bad, straddled in self.entries:
+            lines.append(
+                f"  {path}: {total} rows, {total - len(bad)} kept, {len(bad)} skipped, "
+                f"{straddled} tokens straddled a template/content boundary (no loss)"
+            )
+            for i, e in bad[:3]:
+                lines.append(f"    {describe_row(path, i)}: {e}")
+        return "\n".join(lines)
+
+    def log(self):
+        if self.entries:
+            LOG.warning(self.summary())
+
+
+REPORT = PreprocessReport()
+
+
+def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
+    """Axolotl's strategy entry point for ``type: instruction_modelling``."""
+    ds_cfg = dict(ds_cfg or {})
+    args = IMArgs.from_cfg(cfg)
+    fields = row_fields_from_dataset_config(ds_cfg)
+
+    render = None
+    try:
+        from axolotl.utils.chat_templates import get_chat_template_from_config
+
+        template = get_chat_template_from_config(cfg=cfg, ds_cfg=ds_cfg, tokenizer=tokenizer)
+        render = ChatRenderer(tokenizer, template, dict(cfg.get("chat_template_kwargs") or {}))
+    except ValueError as exc:  # no template: fine for Alpaca / prompt-completion rows
+        LOG.info(f"no chat template for {ds_cfg.get('path')}: {exc}")
+
+    encoder = RowEncoder(
+        tokenizer=tokenizer,
+        render=render,
+        fields=fields,
+        end_tokens=tuple(cfg.get("eot_tokens") or ()),
+    )
+    strategy = InstructionModellingStrategy(
+        encoder,
+        path=ds_cfg.get("path"),
+        sequence_len=int(cfg.get("sequence_len") or 2048),
+        truncate=(cfg.get("excess_length_strategy") or "drop").lower() == "truncate",
+        on_bad_rows=args.im_on_bad_rows,
+        trained_roles=args.trained_roles(),
+        drop_system_message=bool(ds_cfg.get("drop_system_message")),
+    )
+    return strategy
+
+
+def _register_as_axolotl_strategy():
+    """Make this module a subclass of Axolotl's DatasetWrappingStrategy when Axolotl is present."""
+    try:
+        from axolotl.prompt_tokenizers import DatasetWrappingStrategy
+    except ImportError:
+        return
+    DatasetWrappingStrategy.register(InstructionModellingStrategy)
+
+
+_register_as_axolotl_strategy()

@@ -1,0 +1,150 @@
+"""``IMTrainer``: Axolotl's trainer with the segment-weighted loss and per-segment metrics.
+
+It keeps ``AxolotlTrainer.compute_loss`` (token accounting, model quirks) and plugs the loss in
+through HF's ``compute_loss_func``. HF then passes the window's normaliser, which this trainer
+computes in ``_get_num_items_in_batch`` from ``segment_ids`` (Σ weights, or examples), so the
+loss is exact under gradient accumulation and across data-parallel ranks.
+
+Logged: ``instruction_loss`` and ``output_loss`` (token-weighted means since the last log) each
+logging step, and ``eval_instruction_loss`` / ``eval_output_loss`` at evaluation. The output-token
+loss is comparable across IT, IM and weighted runs (the paper's Figure 3 measure); ``loss`` and
+``eval_loss`` are the weighted training objective and are not.
+"""
+
+from __future__ import annotations
+
+import torch
+from axolotl.core.trainers.base import AxolotlTrainer
+
+from .args import IMArgs
+from .losses import loss_normaliser, segment_weighted_loss, weight_table
+
+SEGMENT_COLUMN = "segment_ids"
+
+
+class _SegmentMeter:
+    """Token-weighted running means of the per-segment CE, reduced across ranks when logged."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums = torch.zeros(4, dtype=torch.float64)  # instr_sum, instr_n, out_sum, out_n
+
+    def add(self, out):
+        self.sums += torch.stack(
+            [out.instruction_sum, out.instruction_count, out.output_sum, out.output_count]
+        ).detach().to("cpu", torch.float64)
+
+    def means(self, accelerator) -> dict[str, float]:
+        sums = self.sums
+        if accelerator is not None and accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+        result = {}
+        if sums[1] > 0:
+            result["instruction_loss"] = float(sums[0] / sums[1])
+        if sums[3] > 0:
+            result["output_loss"] = float(sums[2] / sums[3])
+        self.reset()
+        return result
+
+
+class IMTrainer(AxolotlTrainer):
+    """Trainer for ``type: instruction_modelling`` datasets."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compute_loss_func = self._segment_loss
+        self._meters = {"train": _SegmentMeter(), "eval": _SegmentMeter()}
+        self._eval_prefix = "eval"
+        self._im_args: IMArgs | None = None
+        self._table: torch.Tensor | None = None
+        self._batch: dict | None = None
+
+    # -- configuration (``axolotl_cfg`` is set right after __init__ by Axolotl's builder) --
+    @property
+    def im_args(self) -> IMArgs:
+        if self._im_args is None:
+            cfg = getattr(self, "axolotl_cfg", None)
+            self._im_args = IMArgs.from_cfg(cfg) if cfg is not None else IMArgs()
+        return self._im_args
+
+    @property
+    def weight_table(self) -> torch.Tensor:
+        if self._table is None:
+            w = self.im_args.role_weight_map()
+            self._table = weight_table(w["user"], w["assistant"], w)
+        return self._table
+
+    # -- data plumbing -------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and SEGMENT_COLUMN not in self._signature_columns:
+            self._signature_columns.append(SEGMENT_COLUMN)
+
+    def _require_segments(self, batch):
+        if SEGMENT_COLUMN not in batch:
+            raise KeyError(
+                "the batch has no 'segment_ids': IMTrainer needs datasets of type instruction_modelling "
+                f"(batch keys: {sorted(batch)}); refusing to fall back to the unweighted loss"
+            )
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """The window's loss normaliser (Σ weights or number of examples), summed over ranks."""
+        total = torch.zeros((), dtype=torch.float32)
+        for batch in batch_samples:
+            self._require_segments(batch)
+            total = total + loss_normaliser(
+                batch["input_ids"],
+                batch[SEGMENT_COLUMN],
+                self.weight_table,
+                batch.get("position_ids"),
+                self.im_args.im_loss_normalization,
+            ).cpu()
+        total = total.to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total
+
+    # -- loss ---------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._require_segments(inputs)
+        inputs = dict(inputs)
+        self._batch = {
+            "input_ids": inputs["input_ids"],
+            "segment_ids": inputs.pop(SEGMENT_COLUMN),
+            "position_ids": inputs.get("position_ids"),
+            "meter": self._meters["train" if model.training else "eval"],
+        }
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            self._batch = None
+
+    def _segment_loss(self, outputs, labels, num_items_in_batch=None):
+        b = self._batch
+        out = segment_weighted_loss(
+            outputs.logits,
+            b["input_ids"],
+            b["segment_ids"],
+            self.weight_table,
+            b["position_ids"],
+            self.im_args.im_loss_normalization,
+            normaliser=num_items_in_batch,
+        )
+        b["meter"].add(out)
+        return out.loss
+
+    # -- metrics -------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._eval_prefix = metric_key_prefix
+        self._meters["eval"].reset()
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._meters["train"].means(self.accelerator))
+        elif f"{self._eval_prefix}_loss" in logs:
+            for key, value in self._meters["eval"].means(self.accelerator).items():
+                logs[f"{self._eval_prefix}_{key}"] = value
+        return super().log(logs, start_time)
