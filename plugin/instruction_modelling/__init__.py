@@ -15,70 +15,14 @@ imports Axolotl lazily so ``import instruction_modelling`` stays cheap.
 
 from __future__ import annotations
 
-import sys
-
 __version__ = "0.1.0"
-
-DATASET_TYPE = "instruction_modelling"
-_STRATEGY_ALIAS = f"axolotl.prompt_strategies.{DATASET_TYPE}"
-
-try:
-    from axolotl.integrations.base import BasePlugin
-except ImportError:  # Axolotl not installed: the pure modules still work.
-    BasePlugin = object  # type: ignore[misc,assignment]
+__all__ = ["InstructionModellingPlugin"]
 
 
-def _is_im_dataset(ds) -> bool:
-    t = ds.get("type") if hasattr(ds, "get") else None
-    return isinstance(t, str) and (t == DATASET_TYPE or t.startswith(DATASET_TYPE + "."))
+def __getattr__(name):
+    # Lazy: the pure modules (segments, losses, args) must import without Axolotl.
+    if name == "InstructionModellingPlugin":
+        from .plugin import InstructionModellingPlugin
 
-
-class InstructionModellingPlugin(BasePlugin):
-    """Adds ``type: instruction_modelling`` datasets, the segment-weighted loss and its metrics."""
-
-    def register(self, cfg):
-        """Make ``type: instruction_modelling`` resolvable and put the trained roles into the
-        dataset hash (Axolotl hashes ``roles_to_train`` but not plugin options)."""
-        from . import strategy
-
-        sys.modules.setdefault(_STRATEGY_ALIAS, strategy)
-        from .args import IMArgs
-
-        try:
-            args = IMArgs.from_cfg(cfg)
-        except Exception:  # reported properly by Axolotl's validation of get_input_args()
-            return
-        for key in ("datasets", "test_datasets"):
-            for ds in cfg.get(key) or []:
-                if _is_im_dataset(ds):
-                    if ds.get("roles_to_train") and list(ds["roles_to_train"]) != args.trained_roles():
-                        raise ValueError(
-                            f"dataset {ds.get('path')}: type instruction_modelling chooses trained roles from "
-                            "im_mode / im_role_weights; remove roles_to_train"
-                        )
-                    ds["roles_to_train"] = args.trained_roles()
-
-    def on_config_validation_error(self, cfg):
-        sys.modules.pop(_STRATEGY_ALIAS, None)
-
-    def get_input_args(self):
-        return "instruction_modelling.args.IMArgs"
-
-    def get_trainer_cls(self, cfg):
-        from .trainer import IMTrainer
-
-        return IMTrainer
-
-    def get_collator_cls_and_kwargs(self, cfg, is_eval=False):
-        from .collator import collator_for
-
-        return collator_for(cfg, is_eval), {}
-
-    def post_trainer_create(self, cfg, trainer):
-        from .trainer import IMTrainer
-
-        if not isinstance(trainer, IMTrainer):
-            raise RuntimeError(
-                f"another plugin's trainer ({type(trainer).__name__}) was chosen over IMTrainer; the "
-                "instruction_modelling loss would not be applied. Remove the other trainer plugin."
-            )
+        return InstructionModellingPlugin
+    raise AttributeError(f"module 'instruction_modelling' has no attribute {name!r}")

@@ -193,7 +193,8 @@ class PreprocessReport:
 
     def log(self):
         if self.entries:
-            LOG.warning(self.summary())
+            skipped = any(bad for _, _, bad, _ in self.entries)
+            (LOG.warning if skipped else LOG.info)(self.summary())
 
 
 REPORT = PreprocessReport()
