@@ -27,6 +27,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, Segment
 
@@ -88,6 +89,27 @@ def _example_ids(segment_ids: torch.Tensor, position_ids: torch.Tensor | None) -
     return ids[:, 1:]
 
 
+def example_scale(
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    table: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    normalisation: str = "token",
+) -> torch.Tensor:
+    """Per-target factor ``[B, T-1]`` that turns token sums into this normalisation's sums:
+    1 for ``token``; ``1 / Σ w`` of the target's example for ``sequence`` (0 where that is 0)."""
+    _, segs, valid = _shifted(input_ids, segment_ids, position_ids)
+    if normalisation == "token":
+        return torch.ones(segs.shape, dtype=torch.float32, device=segs.device)
+    if normalisation != "sequence":
+        raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}")
+    w = table.to(device=segs.device)[segs] * valid
+    ex = _example_ids(segment_ids, position_ids)
+    totals = torch.zeros(int(ex.max()) + 1, dtype=w.dtype, device=w.device).scatter_add_(0, ex.flatten(), w.flatten())
+    denom = totals[ex]
+    return torch.where(denom > 0, 1.0 / denom.clamp_min(1e-12), torch.zeros_like(denom))
+
+
 def effective_weights(
     input_ids: torch.Tensor,
     segment_ids: torch.Tensor,
@@ -105,12 +127,7 @@ def effective_weights(
     w = table.to(device=segs.device)[segs] * valid
     if normalisation == "token":
         return w
-    if normalisation != "sequence":
-        raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}")
-    ex = _example_ids(segment_ids, position_ids)
-    totals = torch.zeros(int(ex.max()) + 1, dtype=w.dtype, device=w.device).scatter_add_(0, ex.flatten(), w.flatten())
-    denom = totals[ex]
-    return torch.where(denom > 0, w / denom.clamp_min(1e-12), torch.zeros_like(w))
+    return w * example_scale(input_ids, segment_ids, table, position_ids, normalisation)
 
 
 def loss_normaliser(
@@ -134,6 +151,7 @@ class SegmentLoss:
         instruction_sum, instruction_count: summed CE and count over instruction targets
             (unweighted; measured even when their weight is 0, as under IT).
         output_sum, output_count: the same over output targets.
+        kl_sum, kl_count: summed KL and count over the KL-masked targets (when ``kl`` is given).
     """
 
     loss: torch.Tensor
@@ -141,19 +159,30 @@ class SegmentLoss:
     instruction_count: torch.Tensor
     output_sum: torch.Tensor
     output_count: torch.Tensor
+    kl_sum: torch.Tensor | None = None
+    kl_count: torch.Tensor | None = None
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
 def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]``, upcasting one chunk of the
-    sequence to fp32 at a time (a whole fp32 copy of large-vocabulary logits is what costs
-    memory)."""
-    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]``.
+
+    Only one chunk of the sequence is upcast to fp32 at a time, and each chunk is recomputed in
+    the backward pass (activation checkpointing) instead of keeping its fp32 log-softmax: a
+    whole fp32 copy of large-vocabulary logits is what costs memory (2 GB for 4k tokens of a
+    128k vocabulary).
+    """
+    pieces = []
     for s in range(0, targets.shape[1], chunk_size):
-        e = min(s + chunk_size, targets.shape[1])
-        out[:, s:e] = F.cross_entropy(
-            logits[:, s:e].float().flatten(0, 1), targets[:, s:e].flatten(), reduction="none"
-        ).view(targets.shape[0], e - s)
-    return out
+        chunk, tgt = logits[:, s:s + chunk_size], targets[:, s:s + chunk_size]
+        if chunk.requires_grad and torch.is_grad_enabled():
+            pieces.append(checkpoint(_ce, chunk, tgt, use_reentrant=False))
+        else:
+            pieces.append(_ce(chunk, tgt))
+    return torch.cat(pieces, dim=1)
 
 
 def segment_weighted_loss(
@@ -164,6 +193,9 @@ def segment_weighted_loss(
     position_ids: torch.Tensor | None = None,
     normalisation: str = "token",
     normaliser: torch.Tensor | float | None = None,
+    kl: torch.Tensor | None = None,
+    kl_mask: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> SegmentLoss:
     """Segment-weighted next-token cross-entropy.
 
@@ -176,6 +208,9 @@ def segment_weighted_loss(
         normalisation: ``"token"`` or ``"sequence"``.
         normaliser: the window's total (``loss_normaliser`` summed over its micro-batches and
             ranks); defaults to this batch's own.
+        kl, kl_mask, kl_coef: optional per-target KL ``[B, T-1]`` (``kl.token_kl``), the targets
+            it applies to (``kl.kl_mask``) and λ: adds ``λ Σ mask·kl`` to the CE sum before the
+            shared normalisation (Eq. 5), with the same per-example scaling as the CE.
 
     Returns:
         ``SegmentLoss``; ``loss`` is 0 (with a graph) when nothing carries weight.
@@ -190,7 +225,15 @@ def segment_weighted_loss(
     if normaliser is None:
         normaliser = w.sum().detach()
     normaliser = torch.as_tensor(normaliser, dtype=torch.float32, device=ce.device)
-    loss = (ce * w).sum() / normaliser.clamp_min(1e-12)
+    objective = (ce * w).sum()
+    kl_sum = kl_count = None
+    if kl is not None:
+        mask = kl_mask if kl_mask is not None else valid
+        if kl_coef:
+            scale = example_scale(input_ids, segment_ids, table, position_ids, normalisation)
+            objective = objective + kl_coef * (kl * mask * scale).sum()
+        kl_sum, kl_count = (kl.detach() * mask).sum(), mask.sum()
+    loss = objective / normaliser.clamp_min(1e-12)
 
     ce_d = ce.detach()
     is_instr = valid & torch.isin(segs, torch.tensor(INSTRUCTION_SEGMENTS, device=segs.device))
@@ -201,4 +244,6 @@ def segment_weighted_loss(
         instruction_count=is_instr.sum(),
         output_sum=(ce_d * is_out).sum(),
         output_count=is_out.sum(),
+        kl_sum=kl_sum,
+        kl_count=kl_count,
     )

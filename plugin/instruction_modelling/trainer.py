@@ -6,7 +6,8 @@ computes in ``_get_num_items_in_batch`` from ``segment_ids`` (Σ weights, or exa
 loss is exact under gradient accumulation and across data-parallel ranks.
 
 Logged: ``instruction_loss`` and ``output_loss`` (token-weighted means since the last log) each
-logging step, and ``eval_instruction_loss`` / ``eval_output_loss`` at evaluation. The output-token
+logging step, and ``eval_instruction_loss`` / ``eval_output_loss`` (with the token counts they
+average, ``eval_instruction_tokens`` / ``eval_output_tokens``) at evaluation. The output-token
 loss is comparable across IT, IM and weighted runs (the paper's Figure 3 measure); ``loss`` and
 ``eval_loss`` are the weighted training objective and are not.
 """
@@ -36,7 +37,7 @@ class _SegmentMeter:
             [out.instruction_sum, out.instruction_count, out.output_sum, out.output_count]
         ).detach().to("cpu", torch.float64)
 
-    def means(self, accelerator) -> dict[str, float]:
+    def means(self, accelerator, with_counts: bool = False) -> dict[str, float]:
         sums = self.sums
         if accelerator is not None and accelerator.num_processes > 1:
             sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
@@ -45,6 +46,9 @@ class _SegmentMeter:
             result["instruction_loss"] = float(sums[0] / sums[1])
         if sums[3] > 0:
             result["output_loss"] = float(sums[2] / sums[3])
+        if with_counts:
+            result["instruction_tokens"] = int(sums[1])
+            result["output_tokens"] = int(sums[3])
         self.reset()
         return result
 
@@ -145,6 +149,6 @@ class IMTrainer(AxolotlTrainer):
         if "loss" in logs:
             logs.update(self._meters["train"].means(self.accelerator))
         elif f"{self._eval_prefix}_loss" in logs:
-            for key, value in self._meters["eval"].means(self.accelerator).items():
+            for key, value in self._meters["eval"].means(self.accelerator, with_counts=True).items():
                 logs[f"{self._eval_prefix}_{key}"] = value
         return super().log(logs, start_time)

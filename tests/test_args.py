@@ -1,0 +1,54 @@
+"""Plugin options: defaults are the paper's, bad combinations are one-sentence errors."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from instruction_modelling.args import IMArgs
+
+
+def test_defaults_are_im():
+    args = IMArgs()
+    assert args.role_weight_map() == {"system": 1.0, "user": 1.0, "tool": 1.0, "assistant": 1.0}
+    assert args.trained_roles() == ["system", "user", "tool", "assistant"]
+
+
+def test_it_trains_outputs_only():
+    args = IMArgs(im_mode="it")
+    assert args.role_weight_map() == {"system": 0.0, "user": 0.0, "tool": 0.0, "assistant": 1.0}
+    assert args.trained_roles() == ["assistant"]
+
+
+def test_weighted_and_role_overrides():
+    args = IMArgs(im_instruction_weight=0.3, im_output_weight=2.0, im_role_weights={"system": 0.0})
+    assert args.role_weight_map() == {"system": 0.0, "user": 0.3, "tool": 0.3, "assistant": 2.0}
+    assert args.trained_roles() == ["user", "tool", "assistant"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"im_mode": "it", "im_instruction_weight": 0.5}, "im_mode: it trains no instruction tokens, but im_instruction_weight is 0.5"),
+        ({"im_mode": "it", "im_role_weights": {"user": 1.0}}, "gives user a positive weight"),
+        ({"im_instruction_weight": -1}, "im_instruction_weight must be a finite number >= 0"),
+        ({"im_output_weight": float("nan")}, "im_output_weight must be a finite number >= 0"),
+        ({"im_role_weights": {"narrator": 1.0}}, "unknown role 'narrator'"),
+        ({"im_instruction_weight": 0.0, "im_output_weight": 0.0}, "nothing would be trained"),
+        ({"im_mode": "pretrain"}, "im_mode"),
+        ({"im_loss_normalization": "batch"}, "im_loss_normalization"),
+    ],
+)
+def test_invalid_options(kwargs, message):
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        IMArgs(**kwargs)
+
+
+def test_every_option_is_described():
+    for name, field in IMArgs.model_fields.items():
+        extra = field.json_schema_extra or {}
+        assert len(extra.get("description", "")) > 20, name
+
+
+def test_from_cfg_ignores_unset_keys():
+    assert IMArgs.from_cfg({"im_mode": "it", "im_output_weight": None, "other": 1}).im_mode == "it"
