@@ -203,11 +203,33 @@ def test_raw_dir_layout_is_used_when_no_source_is_given(tmp_path):
     assert [r["messages"] for r in rows] != [r["messages"] for r in as_3k]
 
 
+def test_online_sources_are_routed_to_the_hub_clients(tmp_path, monkeypatch):
+    """The machine has no hub access, so the two hub clients are replaced by local stand-ins here;
+    what is tested is which client each catalog entry uses and that its rows are converted."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    archive = tmp_path / "less-data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(FIXTURES / "less_selected.jsonl", "selected_data/bbh-icl_adam_sim_trainp0.05_seed3_p0.05.jsonl")
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, filename, repo_type: calls.append((repo, filename, repo_type)) or str(archive))
+    triples = json.loads(TRIPLES.read_text())
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or triples)
+    assert len(build("less_bbh_icl", raw_dir=tmp_path / "empty").rows) == 3
+    assert len(build("alpagasus_dolly_9k", raw_dir=tmp_path / "empty").rows) == 12
+    assert calls == [("princeton-nlp/less_data", "less-data.zip", "dataset"),
+                     (("json",), {"data_files": DATASETS["alpagasus_dolly_9k"].online, "split": "train"})]
+
+
 def test_missing_raw_file_offline_says_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError) as info:
         build("lima", raw_dir=tmp_path)
-    assert "machine is offline" in str(info.value) and "hub:GAIR/lima" in str(info.value)
+    assert "machine is offline" in str(info.value) and "hub-file:GAIR/lima/train.jsonl" in str(info.value)
     assert str(tmp_path / "lima" / "train.jsonl") in str(info.value)
 
 

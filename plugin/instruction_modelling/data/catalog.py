@@ -64,7 +64,7 @@ TULU_SIZE_SUBSETS = (1000, 2000, 3000, 4000, 5000, 7500, 10000, 12500, 15000, 17
 TULU_RATIO_SUBSETS = (5, 10, 15)
 
 _SPECS = [
-    DatasetSpec("lima", "LIMA", "lima", raw="lima/train.jsonl", online="hub:GAIR/lima",
+    DatasetSpec("lima", "LIMA", "lima", raw="lima/train.jsonl", online="hub-file:GAIR/lima/train.jsonl",
                 table5=Table5(1030, 41.72, 442.75, 0.0942),
                 note="GAIR/lima is gated: accept its terms on the hub and log in (or download train.jsonl)"),
     DatasetSpec("less_tydiqa", "Less Tydiqa", "messages", raw="less/less-data.zip",

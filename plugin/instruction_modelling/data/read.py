@@ -69,9 +69,10 @@ def read_local(path: str | Path, member: str | None = None) -> Records:
             names = [n for n in archive.namelist() if not n.endswith("/")]
             hits = [n for n in names if n == member or n.endswith("/" + member)]
             if len(hits) != 1:
-                found = ", ".join(n for n in names if n.endswith((".jsonl", ".json"))) or "no JSON files"
+                json_files = [n for n in names if n.endswith((".jsonl", ".json"))]
+                found = ", ".join(json_files[:20]) + (f", ... ({len(json_files)} in all)" if len(json_files) > 20 else "")
                 raise InputError(f"{path}: expected exactly one '{member}' inside, found {len(hits)} "
-                                 f"(JSON files in the archive: {found})")
+                                 f"(JSON files in the archive: {found or 'none'})")
             text = io.TextIOWrapper(archive.open(hits[0]), encoding="utf-8").read()
         return _parse(text, f"{path.name}:{hits[0]}", as_jsonl=hits[0].endswith(".jsonl"))
     text = path.read_text(encoding="utf-8")
