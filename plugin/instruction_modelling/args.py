@@ -66,6 +66,66 @@ class IMArgs(BaseModel):
         },
     )
 
+    im_kl_coef: float = Field(
+        default=0.0,
+        json_schema_extra={
+            "description": "λ of the KL penalty toward the base model (Eq. 5 of Shi et al. 2024): the loss "
+            "gains λ·Σ_t KL(p_θ ‖ p_base) over the im_kl_segments tokens, normalised like the cross-entropy. "
+            "0 turns it off (no reference forward pass)."
+        },
+    )
+    im_kl_type: Literal["full", "target_token"] = Field(
+        default="full",
+        json_schema_extra={
+            "description": "full: the KL over the whole vocabulary per position (Eq. 5). target_token: "
+            "log p_θ(x_t) − log p_base(x_t) at the data token, as the authors' released code computed; it is "
+            "not a KL estimate and at λ=1 cancels the cross-entropy gradient (kept to re-run the ablation)."
+        },
+    )
+    im_kl_segments: Literal["output", "instruction", "all"] = Field(
+        default="output",
+        json_schema_extra={
+            "description": "Which tokens carry the KL penalty, independently of which carry cross-entropy "
+            "(the paper applied it with IT on output tokens)."
+        },
+    )
+    im_kl_reference: Literal["auto", "adapter", "copy"] = Field(
+        default="auto",
+        json_schema_extra={
+            "description": "adapter: the model itself with its LoRA adapters disabled (no second copy in "
+            "memory). copy: a frozen copy of the base model, for full fine-tuning. auto: adapter when "
+            "`adapter:` is set, else copy."
+        },
+    )
+    im_kl_chunk_size: int = Field(
+        default=512,
+        json_schema_extra={
+            "description": "Positions per chunk of the KL computation: only one chunk's fp32 log-softmaxes "
+            "exist at a time (lower it for very large vocabularies)."
+        },
+    )
+
+    @model_validator(mode="after")
+    def _check_kl(self):
+        if not math.isfinite(self.im_kl_coef) or self.im_kl_coef < 0:
+            raise ValueError(f"im_kl_coef must be a finite number >= 0, got {self.im_kl_coef}")
+        if self.im_kl_chunk_size < 1:
+            raise ValueError(f"im_kl_chunk_size must be >= 1, got {self.im_kl_chunk_size}")
+        # `adapter` exists once Axolotl merges this model into its config schema.
+        if self.im_kl_coef > 0 and self.im_kl_reference == "adapter" and "adapter" in type(self).model_fields:
+            if getattr(self, "adapter", None) not in ("lora", "qlora"):
+                raise ValueError(
+                    "im_kl_reference: adapter uses the model with its LoRA adapters disabled as the reference, "
+                    "but no `adapter: lora` (or qlora) is set; use im_kl_reference: copy for full fine-tuning"
+                )
+        return self
+
+    def kl_reference_mode(self, adapter: str | None) -> str:
+        """``adapter`` or ``copy``: what ``auto`` means for a config with this ``adapter:``."""
+        if self.im_kl_reference != "auto":
+            return self.im_kl_reference
+        return "adapter" if adapter in ("lora", "qlora") else "copy"
+
     @model_validator(mode="after")
     def _check_weights(self):
         for name in ("im_instruction_weight", "im_output_weight"):

@@ -64,3 +64,4 @@ class InstructionModellingPlugin(BasePlugin):
                 f"another plugin's trainer ({type(trainer).__name__}) was chosen over IMTrainer; the "
                 "instruction_modelling loss would not be applied. Remove the other trainer plugin."
             )
+        trainer.init_kl_reference()  # a frozen copy must be taken before the first update

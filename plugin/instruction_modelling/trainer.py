@@ -7,35 +7,44 @@ loss is exact under gradient accumulation and across data-parallel ranks.
 
 Logged: ``instruction_loss`` and ``output_loss`` (token-weighted means since the last log) each
 logging step, and ``eval_instruction_loss`` / ``eval_output_loss`` (with the token counts they
-average, ``eval_instruction_tokens`` / ``eval_output_tokens``) at evaluation. The output-token
+average, ``eval_instruction_tokens`` / ``eval_output_tokens``) at evaluation. With
+``im_kl_coef > 0`` also ``kl`` / ``eval_kl``: the mean per-token KL to the reference over the
+``im_kl_segments`` tokens. The output-token
 loss is comparable across IT, IM and weighted runs (the paper's Figure 3 measure); ``loss`` and
 ``eval_loss`` are the weighted training objective and are not.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from .args import IMArgs
+from .kl import AdapterReference, CopyReference, kl_mask, token_kl
 from .losses import loss_normaliser, segment_weighted_loss, weight_table
+
+LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
 SEGMENT_COLUMN = "segment_ids"
 
 
 class _SegmentMeter:
-    """Token-weighted running means of the per-segment CE, reduced across ranks when logged."""
+    """Token-weighted running means of the per-segment CE (and KL), reduced across ranks when logged."""
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.sums = torch.zeros(4, dtype=torch.float64)  # instr_sum, instr_n, out_sum, out_n
+        # instr_sum, instr_n, out_sum, out_n, kl_sum, kl_n
+        self.sums = torch.zeros(6, dtype=torch.float64)
 
     def add(self, out):
-        self.sums += torch.stack(
-            [out.instruction_sum, out.instruction_count, out.output_sum, out.output_count]
-        ).detach().to("cpu", torch.float64)
+        zero = out.output_count.new_zeros(())
+        values = [out.instruction_sum, out.instruction_count, out.output_sum, out.output_count,
+                  out.kl_sum if out.kl_sum is not None else zero, out.kl_count if out.kl_count is not None else zero]
+        self.sums += torch.stack([v.detach().to("cpu", torch.float64) for v in values])
 
     def means(self, accelerator, with_counts: bool = False) -> dict[str, float]:
         sums = self.sums
@@ -46,6 +55,8 @@ class _SegmentMeter:
             result["instruction_loss"] = float(sums[0] / sums[1])
         if sums[3] > 0:
             result["output_loss"] = float(sums[2] / sums[3])
+        if sums[5] > 0:
+            result["kl"] = float(sums[4] / sums[5])
         if with_counts:
             result["instruction_tokens"] = int(sums[1])
             result["output_tokens"] = int(sums[3])
@@ -64,6 +75,7 @@ class IMTrainer(AxolotlTrainer):
         self._im_args: IMArgs | None = None
         self._table: torch.Tensor | None = None
         self._batch: dict | None = None
+        self._kl_reference = None
 
     # -- configuration (``axolotl_cfg`` is set right after __init__ by Axolotl's builder) --
     @property
@@ -79,6 +91,54 @@ class IMTrainer(AxolotlTrainer):
             w = self.im_args.role_weight_map()
             self._table = weight_table(w["user"], w["assistant"], w)
         return self._table
+
+    # -- KL reference --------------------------------------------------------------------
+    @property
+    def kl_enabled(self) -> bool:
+        return self.im_args.im_kl_coef > 0
+
+    def init_kl_reference(self):
+        """Build the KL reference before the first update (called from ``post_trainer_create``)."""
+        if not self.kl_enabled or self._kl_reference is not None:
+            return self._kl_reference
+        cfg = getattr(self, "axolotl_cfg", None)
+        mode = self.im_args.kl_reference_mode(cfg.get("adapter") if cfg is not None else None)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if mode == "adapter":
+            self._kl_reference = AdapterReference(unwrapped)
+        elif self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            self._kl_reference = CopyReference(self._load_sharded_reference(cfg))
+        else:
+            if self.state.global_step > 0 or (cfg is not None and cfg.get("resume_from_checkpoint")):
+                raise RuntimeError(
+                    "im_kl_reference: copy takes the reference before the first update, but this model has "
+                    "already been trained (resumed run); start from the base model"
+                )
+            self._kl_reference = CopyReference(CopyReference.frozen_copy(unwrapped))
+        LOG.info(f"KL regularisation: λ={self.im_args.im_kl_coef}, type={self.im_args.im_kl_type}, "
+                 f"segments={self.im_args.im_kl_segments}, reference={mode}")
+        return self._kl_reference
+
+    def _load_sharded_reference(self, cfg):
+        """The base model loaded again and prepared like TRL's DPO reference (DeepSpeed / FSDP)."""
+        from axolotl.loaders import ModelLoader
+
+        model, _ = ModelLoader(cfg, self.processing_class, reference_model=True).load()
+        model.eval()
+        model.requires_grad_(False)
+        model.config.use_cache = False
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(model, self.accelerator)
+        from trl.models.utils import prepare_fsdp
+
+        return prepare_fsdp(model, self.accelerator)
+
+    @property
+    def kl_reference(self):
+        """The reference (``kl.AdapterReference`` or ``kl.CopyReference``), built on first use."""
+        return self._kl_reference if self._kl_reference is not None else self.init_kl_reference()
 
     # -- data plumbing -------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
@@ -118,6 +178,7 @@ class IMTrainer(AxolotlTrainer):
             "input_ids": inputs["input_ids"],
             "segment_ids": inputs.pop(SEGMENT_COLUMN),
             "position_ids": inputs.get("position_ids"),
+            "forward": {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs},
             "meter": self._meters["train" if model.training else "eval"],
         }
         try:
@@ -127,14 +188,23 @@ class IMTrainer(AxolotlTrainer):
 
     def _segment_loss(self, outputs, labels, num_items_in_batch=None):
         b = self._batch
+        a = self.im_args
+        kl = mask = None
+        if self.kl_enabled:
+            reference = self.kl_reference(b["forward"])
+            kl = token_kl(outputs.logits, reference, b["input_ids"], a.im_kl_type, a.im_kl_chunk_size)
+            mask = kl_mask(b["segment_ids"], b["position_ids"], a.im_kl_segments)
         out = segment_weighted_loss(
             outputs.logits,
             b["input_ids"],
             b["segment_ids"],
             self.weight_table,
             b["position_ids"],
-            self.im_args.im_loss_normalization,
+            a.im_loss_normalization,
             normaliser=num_items_in_batch,
+            kl=kl,
+            kl_mask=mask,
+            kl_coef=a.im_kl_coef,
         )
         b["meter"].add(out)
         return out.loss

@@ -1,0 +1,152 @@
+"""Step time and peak memory of IM + KL regularisation against IM alone.
+
+    python bench/kl.py                       # small Llama on CPU (default)
+    python bench/kl.py --preset 1b --device cuda
+
+Variants, each in a fresh subprocess (so peak memory is its own), same model and batch:
+
+* ``im_lora``           LoRA policy, IM loss (baseline for the adapter variants)
+* ``kl_adapter``        + full KL, reference = the same model with adapters disabled, chunked
+* ``kl_adapter_naive``  + full KL, same reference, unchunked (whole fp32 log-softmaxes)
+* ``im_full``           full fine-tuning, IM loss (baseline for the copy variant)
+* ``kl_copy``           + full KL, reference = a frozen copy of the model, chunked
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident set during
+the training steps above the resident set after set-up (``ru_maxrss`` − RSS before the first step).
+Prints median step times, peaks and the ratios against the baselines measured in the same run.
+Targets: adapter peak memory <= 1.15x IM; chunked KL peak clearly below the naive one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PRESETS = {
+    # ~20M parameters; LLaMA-2's 32k vocabulary so the KL over the vocabulary is realistic.
+    "small": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, seq=512, batch=2),
+    # ~1.1B parameters (TinyLlama-1.1B shape).
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, seq=2048, batch=2),
+}
+VARIANTS = ("im_lora", "kl_adapter", "kl_adapter_naive", "im_full", "kl_copy")
+
+
+def run_variant(variant: str, preset: str, device: str, steps: int) -> dict:
+    import psutil
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from instruction_modelling.kl import AdapterReference, CopyReference, kl_mask, naive_token_kl, token_kl
+    from instruction_modelling.losses import segment_weighted_loss, weight_table
+
+    p = dict(PRESETS[preset])
+    seq, batch = p.pop("seq"), p.pop("batch")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = LlamaForCausalLM(LlamaConfig(**p, max_position_embeddings=seq)).to(device=device, dtype=dtype)
+    model.config.use_cache = False
+    lora = variant in ("im_lora", "kl_adapter", "kl_adapter_naive")
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"]))
+    reference = None
+    if variant.startswith("kl_adapter"):
+        reference = AdapterReference(model)
+    elif variant == "kl_copy":
+        reference = CopyReference(CopyReference.frozen_copy(model))
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, p["vocab_size"], (batch, seq), generator=g).to(device)
+    segs = torch.randint(1, 4, (batch, seq), generator=g).to(device)
+    table = weight_table(1.0, 1.0)
+
+    def step():
+        out = model(input_ids=ids)
+        kl = mask = None
+        if reference is not None:
+            ref = reference({"input_ids": ids})
+            if variant == "kl_adapter_naive":
+                kl = naive_token_kl(out.logits, ref(0, seq), ids)
+            else:
+                kl = token_kl(out.logits, ref, ids)
+            mask = kl_mask(segs, None, "output")
+        loss = segment_weighted_loss(out.logits, ids, segs, table, kl=kl, kl_mask=mask, kl_coef=1.0).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    else:
+        base_mem = psutil.Process().memory_info().rss
+    times = []
+    for _ in range(steps + 1):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base_mem
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem
+    return {"variant": variant, "step_s": statistics.median(times[1:]), "peak_bytes": peak,
+            "params": sum(q.numel() for q in model.parameters())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.preset, args.device, args.steps)))
+        return 0
+
+    results = {}
+    for variant in VARIANTS:
+        proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--preset", args.preset,
+                               "--device", args.device, "--steps", str(args.steps)],
+                              capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[variant]
+        print(f"{variant:17s} step {r['step_s'] * 1000:9.1f} ms   peak +{r['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+
+    def ratio(a, b, key):
+        return results[a][key] / results[b][key]
+
+    print(f"\npreset {args.preset} on {args.device}, {args.steps} measured steps per variant "
+          f"({results['im_full']['params'] / 1e6:.1f}M parameters)")
+    print(f"{'':34s}{'step time':>10s}{'peak memory':>13s}")
+    for name, a, b in (("IM+KL adapter / IM (LoRA)", "kl_adapter", "im_lora"),
+                       ("IM+KL naive unchunked / IM (LoRA)", "kl_adapter_naive", "im_lora"),
+                       ("IM+KL copy / IM (full FT)", "kl_copy", "im_full"),
+                       ("chunked / naive KL (adapter)", "kl_adapter", "kl_adapter_naive")):
+        print(f"{name:34s}{ratio(a, b, 'step_s'):10.2f}{ratio(a, b, 'peak_bytes'):13.2f}")
+    print("targets: adapter peak memory <= 1.15x IM; chunked KL peak clearly below the naive one")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
