@@ -105,3 +105,21 @@ def test_loss_with_kl_term(normalisation):
     assert with_kl.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert with_kl.kl_sum.item() == pytest.approx((kl * mask).sum().item(), rel=1e-6)
     assert with_kl.kl_count.item() == mask.sum().item()
+
+
+def test_target_token_variant_cancels_the_ce_gradient_at_lambda_1():
+    """The released code's "KL" (target-token log-ratio) at λ=1 leaves no learning signal, while the
+    full KL of Eq. 5 does not: why the paper's Table 3 says little about a real KL regulariser."""
+    ids, segs, _, policy, ref = batch(seed=11, packed=False)
+    segs[:, 1:-3] = Segment.OUTPUT
+    table = weight_table(0.0, 1.0)
+    grads = {}
+    for kind in ("target_token", "full"):
+        logits = policy.clone().requires_grad_(True)
+        kl = token_kl(logits, lambda s, e: ref[:, s:e], ids, kind=kind)
+        mask = kl_mask(segs, None, "output")
+        loss = segment_weighted_loss(logits, ids, segs, table, kl=kl, kl_mask=mask, kl_coef=1.0).loss
+        loss.backward()
+        grads[kind] = logits.grad
+    assert grads["target_token"].abs().max().item() < 1e-6
+    assert grads["full"].abs().max().item() > 1e-3

@@ -98,7 +98,7 @@ class IMArgs(BaseModel):
         },
     )
     im_kl_chunk_size: int = Field(
-        default=512,
+        default=128,
         json_schema_extra={
             "description": "Positions per chunk of the KL computation: only one chunk's fp32 log-softmaxes "
             "exist at a time (lower it for very large vocabularies)."

@@ -61,7 +61,7 @@ def token_kl(
     reference: ReferenceLogits,
     input_ids: torch.Tensor,
     kind: str = "full",
-    chunk_size: int = 512,
+    chunk_size: int = 128,
 ) -> torch.Tensor:
     """Per-target KL ``[B, T-1]`` between the policy and the reference.
 
@@ -116,6 +116,8 @@ class _EvalMode:
 
 
 def _backbone_and_head(model: torch.nn.Module):
+    if not hasattr(model, "get_decoder") and hasattr(model, "module"):
+        model = model.module  # a DeepSpeed engine wrapping the reference (ZeRO-3 gathers per module)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
 

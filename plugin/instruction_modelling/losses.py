@@ -167,7 +167,7 @@ def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
-def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]``.
 
     Only one chunk of the sequence is upcast to fp32 at a time, and each chunk is recomputed in

@@ -15,7 +15,7 @@ def cpu_config(base_model: str | Path, train_file: str | Path, output_dir: str |
     """An Axolotl config for a CPU run of the plugin.
 
     CPU needs ``bf16: false`` *and* ``fp16: false`` (Axolotl's auto dtype picks fp16 otherwise),
-    no flash attention, and sdpa attention when packing (see docs/axolotl-notes.md).
+    no flash attention, and sdpa attention when packing (see docs/design.md).
     """
     output_dir = Path(output_dir)
     cfg: dict[str, Any] = {
