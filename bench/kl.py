@@ -115,6 +115,7 @@ def main() -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -122,21 +123,26 @@ def main() -> int:
         return 0
 
     results = {}
-    for variant in VARIANTS:
-        proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--preset", args.preset,
-                               "--device", args.device, "--steps", str(args.steps)],
-                              capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[variant]
-        print(f"{variant:17s} step {r['step_s'] * 1000:9.1f} ms   peak +{r['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+    for round_ in range(args.rounds):  # alternate variants, keep each one's best round (noisy machines)
+        for variant in VARIANTS:
+            proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--preset", args.preset,
+                                   "--device", args.device, "--steps", str(args.steps)],
+                                  capture_output=True, text=True,
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"round {round_ + 1} {variant:17s} step {r['step_s'] * 1000:9.1f} ms   "
+                  f"peak +{r['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+            best = results.setdefault(variant, r)
+            best["step_s"] = min(best["step_s"], r["step_s"])
+            best["peak_bytes"] = min(best["peak_bytes"], r["peak_bytes"])
 
     def ratio(a, b, key):
         return results[a][key] / results[b][key]
 
-    print(f"\npreset {args.preset} on {args.device}, {args.steps} measured steps per variant "
+    print(f"\npreset {args.preset} on {args.device}, best of {args.rounds} rounds of {args.steps} steps per variant "
           f"({results['im_full']['params'] / 1e6:.1f}M parameters)")
     print(f"{'':34s}{'step time':>10s}{'peak memory':>13s}")
     for name, a, b in (("IM+KL adapter / IM (LoRA)", "kl_adapter", "im_lora"),
