@@ -75,6 +75,7 @@ def cmd_nlp(args) -> None:
 
 def cmd_humaneval(args) -> None:
     from eval_suite.humaneval import bench
+    from eval_suite.humaneval.sandbox import SandboxLimits
     from eval_suite.records import write_jsonl
 
     problems = bench.load_problems(args.problems)
@@ -93,7 +94,8 @@ def cmd_humaneval(args) -> None:
     samples = bench.read_samples(samples_path, problems)
     result, executed = bench.score(samples, problems, allow_code_execution=True,
                                    model=getattr(args, "model_name", None) or str(samples_path),
-                                   workers=args.workers, ks=args.k)
+                                   workers=args.workers, ks=args.k, limits=SandboxLimits(
+                                       wall_seconds=args.timeout, cpu_seconds=max(1, int(args.timeout))))
     write_jsonl(Path(str(samples_path) + "_results.jsonl"), executed)
     _finish(result, args.run_dir, list(result.metrics))
 
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--allow-code-execution", action="store_true", help="required: runs model-written code")
             p.add_argument("--workers", type=int, default=2)
             p.add_argument("--k", type=int, nargs="+", default=[1, 10, 100])
+            p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program (CPU limit too)")
         p.add_argument("--samples", type=Path, help="samples JSONL {task_id, completion[, temperature]}")
         p.set_defaults(func=cmd_humaneval)
 
@@ -268,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:  # one line per judge request otherwise
+        for noisy in ("httpx", "httpx2", "openai"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:  # bad input: one clear line, no traceback

@@ -11,8 +11,8 @@ How strong the isolation is depends on the machine, and :func:`isolation_mode` s
 
 ``namespaces`` (running as root, Linux): a fresh network namespace (no usable interface) and mount
 namespace (private tmpfs over /tmp, /var/tmp, /dev/shm); the program runs under an unprivileged uid
-reserved for its worker slot, so RLIMIT_NPROC holds, root-owned files are read-only and every
-process left behind is killed by uid afterwards.
+reserved for its worker slot, so RLIMIT_NPROC holds and root-owned files are read-only; the program is pid 1 of its own pid
+namespace, so everything it started dies with it.
 
 ``basic`` (any other user): the same rlimits, process-group kill on timeout, and a Python audit hook
 that refuses sockets, process creation, ctypes and writes outside the working directory. The hook
@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 CHILD = Path(sandbox_child.__file__)
 # uids/gids reserved for sandbox slots when running as root: one per concurrent worker, so a fork
-# bomb in one slot cannot exhaust another slot's RLIMIT_NPROC and leftovers can be killed by uid.
+# bomb in one slot cannot exhaust another slot's RLIMIT_NPROC.
 FIRST_SLOT_UID = 61000
 
 
@@ -69,9 +70,18 @@ class ExecutionResult:
     detail: str  # last line of the program's output, e.g. "AssertionError"
 
 
-@functools.cache
+_mode_lock = threading.Lock()
+
+
 def isolation_mode() -> str:
     """``namespaces`` when this process may create them (root on Linux and the probe works), else ``basic``."""
+    # Decide once, before any worker starts: the probe itself runs a program in slot 0.
+    with _mode_lock:
+        return _probe_isolation_mode()
+
+
+@functools.cache
+def _probe_isolation_mode() -> str:
     if os.name != "posix" or os.geteuid() != 0:
         return "basic"
     probe = _run("pass", SandboxLimits(), mode="namespaces", slot=0, audit_hook=True)
@@ -136,7 +146,7 @@ def _run(program: str, limits: SandboxLimits, *, mode: str, slot: int, audit_hoo
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                _kill_tree(proc, uid)
+                _kill_tree(proc)
             out.seek(max(0, out.seek(0, os.SEEK_END) - 4096))
             tail = out.read().decode(errors="replace").strip()
     last = tail.splitlines()[-1] if tail else ""
@@ -147,15 +157,21 @@ def _run(program: str, limits: SandboxLimits, *, mode: str, slot: int, audit_hoo
     passed = proc.returncode == 0 and (last == nonce or not audit_hook)
     if passed:
         return ExecutionResult(True, "passed", "")
-    if proc.returncode < 0:
-        last = f"killed by {signal.Signals(-proc.returncode).name}"
+    # A signal death shows as a negative code, or as 128 + signal when relayed by the namespace launcher.
+    signum = -proc.returncode if proc.returncode < 0 else proc.returncode - 128 if mode == "namespaces" else 0
+    if signum in signal.valid_signals():
+        last = f"killed by {signal.Signals(signum).name}"
     return ExecutionResult(False, "failed", last[-300:])
 
 
-def _kill_tree(proc: subprocess.Popen, uid: int | None) -> None:
-    """Stop the program and everything it started, even processes that left its process group."""
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Stop the program and everything it started.
+
+    With namespaces the launcher kills the pid namespace's init on SIGTERM, and the kernel then
+    kills and reaps every process in it; in basic mode the program is the process group leader.
+    """
     if proc.poll() is None:
-        proc.terminate()  # the launcher kills its pid namespace and reaps it (see sandbox_child)
+        proc.terminate()
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -165,11 +181,6 @@ def _kill_tree(proc: subprocess.Popen, uid: int | None) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-    if uid is not None:
-        # kill(-1) from a process running as the slot uid reaches exactly that uid's processes; the
-        # kernel delivers it atomically with respect to fork, so a fork bomb cannot outrun it.
-        subprocess.run(["kill", "-9", "-1"], user=uid, group=uid, extra_groups=[],
-                       env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def leftover_processes(slots: int = 1) -> list[int]:

@@ -11,8 +11,7 @@ interpreter on the program, so nothing of this file survives into the untrusted 
    everything it starts dies with it.
 2. resource limits: RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_CORE=0.
 3. when running as root: drop to an unprivileged uid/gid reserved for this sandbox slot, so that
-   RLIMIT_NPROC is enforced (root ignores it), files owned by root are read-only, and the parent can
-   kill every leftover process by uid.
+   RLIMIT_NPROC is enforced (root ignores it) and files owned by root are read-only.
 4. the program runs under a Python audit hook (:data:`PRELUDE`) that refuses writes outside the
    working directory, sockets, process creation and ctypes. It is a second layer, not a security
    boundary on its own (a C extension can bypass it); the OS layers above are the boundary.
@@ -172,10 +171,10 @@ def run_program(config: dict, program: bytes, workdir: str) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
     python = config["interpreter"]
     if config["audit_hook"]:
-        argv = [python, "-I", "-B", "-c", PRELUDE, program_path]
+        argv = [python, "-I", "-B", "-S", "-c", PRELUDE, program_path]
         env["SANDBOX_NONCE"] = config["nonce"]
     else:  # only used to test the OS layers on their own
-        argv = [python, "-I", "-B", program_path]
+        argv = [python, "-I", "-B", "-S", program_path]
     os.execve(python, argv, env)
 
 

@@ -114,6 +114,8 @@ class ServerState:
     requests: int = 0
     failed: int = 0
     answered: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0  # most requests being answered at once (checks a client's concurrency limit)
     answered_by_request: dict[str, int] = field(default_factory=dict)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -121,7 +123,8 @@ class ServerState:
         with self.cond:
             counts = self.answered_by_request.values()
             return {"requests": self.requests, "failed": self.failed, "answered": self.answered,
-                    "distinct_requests": len(counts), "repeated_answers": sum(c - 1 for c in counts)}
+                    "distinct_requests": len(counts), "repeated_answers": sum(c - 1 for c in counts),
+                    "max_in_flight": self.max_in_flight}
 
 
 def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[BaseHTTPRequestHandler]:
@@ -159,11 +162,14 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
                     code = 500 if n <= state.fail_first else 429
                     return self._send(code, {"error": {"message": "injected failure", "type": "server_error"}})
                 state.cond.wait_for(lambda: state.hang_after is None or state.answered < state.hang_after)
+                state.in_flight += 1
+                state.max_in_flight = max(state.max_in_flight, state.in_flight)
             time.sleep(state.delay_seconds)
             completion = judge(body["messages"], body.get("max_tokens") or 2048, body.get("temperature") or 0.0)
             key = hashlib.sha256(json.dumps([body.get("model"), body["messages"]], sort_keys=True).encode()).hexdigest()
             self._send(200, _response(body, completion))
             with state.cond:
+                state.in_flight -= 1
                 state.answered += 1
                 state.answered_by_request[key] = state.answered_by_request.get(key, 0) + 1
                 state.cond.notify_all()
