@@ -64,7 +64,7 @@ def cmd_nlp(args) -> None:
     suite = bench.Suite.load(args.suite) if args.suite else None
     include = [bench.TASKS_DIR, *args.include_path]
     result = bench.run(args.model, args.run_dir, suite=suite, tasks=args.tasks, include_paths=include,
-                       dataset_overrides=args.dataset_overrides, limit=args.limit, batch_size=args.batch_size,
+                       include_defaults=not args.no_builtin_tasks, dataset_overrides=args.dataset_overrides, limit=args.limit, batch_size=args.batch_size,
                        device=args.device, model_name=args.model_name or Path(args.model.rstrip("/")).name,
                        humaneval=humaneval)
     result.metrics = {"mean": result.headline, **{f"category/{k}": v for k, v in result.breakdown["categories"].items()}}
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-overrides", type=Path, help="YAML: lm-eval task -> dataset fields (local copies)")
     p.add_argument("--suite", type=Path, help="aggregation file (default: eval_suite/nlp/suite.yaml)")
     p.add_argument("--include-path", type=Path, nargs="*", default=[], help="more lm-eval task directories")
+    p.add_argument("--no-builtin-tasks", action="store_true",
+                   help="index only eval_suite's and --include-path tasks (faster; for suites of local tasks)")
     p.add_argument("--batch-size", default="8")
     p.add_argument("--device")
     p.set_defaults(func=cmd_nlp)

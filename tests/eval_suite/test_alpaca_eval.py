@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import benchmarks_dir, run_cli
 
 from eval_suite.alpacaeval import bench
 from eval_suite.judge import JudgeClient, JudgeEndpoint
+from eval_suite.records import RecordError
 
 
 def test_rescoring_alpaca_7b_reproduces_the_leaderboard():
@@ -27,12 +29,19 @@ def test_rescoring_alpaca_7b_reproduces_the_leaderboard():
 @pytest.mark.parametrize("row, message", [
     ({"preference": "best"}, "row 2: field 'preference' should be a number in [0, 2], got 'best'"),
     ({"preference": 3}, "row 2: field 'preference' should be in [0, 2]"),
+    ({"preference": None}, "no row has a usable 'preference'"),
 ])
-def test_bad_annotations_name_the_row_and_field(tmp_path, row, message):
+def test_bad_annotations_name_the_row_and_field(row, message):
+    first = {"preference": None if row["preference"] is None else 1, "annotator": "alpaca_eval_gpt4"}
+    with pytest.raises(RecordError, match=re.escape(f"A.json: {message}" if "row" in message else message)):
+        bench.score([first, {**row, "annotator": "alpaca_eval_gpt4"}], source="A.json")
+
+
+def test_bad_annotations_through_the_cli(tmp_path):
     path = tmp_path / "annotations.json"
-    path.write_text(json.dumps([{"preference": 1, "annotator": "alpaca_eval_gpt4"}, {**row, "annotator": "alpaca_eval_gpt4"}]))
+    path.write_text(json.dumps([{"preference": 1, "annotator": "x"}, {"preference": "best", "annotator": "x"}]))
     proc = run_cli("alpaca-eval", "score", "--annotations", str(path))
-    assert proc.returncode != 0 and str(path) in proc.stderr and message in proc.stderr
+    assert proc.returncode != 0 and f"{path}: row 2: field 'preference'" in proc.stderr
 
 
 def expected_win_rates(model_outputs, references):
