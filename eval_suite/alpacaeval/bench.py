@@ -18,7 +18,6 @@ import argparse
 import logging
 import math
 import time
-from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -182,16 +181,12 @@ def _length_controlled(annotations: list[dict], lc_data: Path) -> float | None:
     return float(out["length_controlled_winrate"])
 
 
-@cache
-def _reference_hint() -> str:
-    return ", ".join(f"{v}: {spec['reference']}" for v, spec in VERSIONS.items())
-
-
 def add_arguments(parser: argparse.ArgumentParser, with_generation: bool, with_judge: bool) -> None:
     parser.add_argument("--version", choices=list(VERSIONS), help="alpaca_eval_1 (paper: vs text-davinci-003, "
                         "GPT-4 judge) or alpaca_eval_2 (vs GPT-4 Turbo, GPT-4 Turbo judge)")
     parser.add_argument("--lc-data", type=Path, help="local df_gamed.csv for the length-controlled win rate")
     if with_generation or with_judge:
         parser.add_argument("--reference-outputs", type=Path, required=True,
-                            help=f"reference outputs JSON (805 rows; {_reference_hint()})")
+                            help="reference outputs JSON (805 rows; " + ", ".join(
+                                f"{v}: {spec['reference']}" for v, spec in VERSIONS.items()) + ")")
         parser.add_argument("--limit", type=int, help="only the first N instructions")
