@@ -64,9 +64,9 @@ def cmd_nlp(args) -> None:
     suite = bench.Suite.load(args.suite) if args.suite else None
     include = [bench.TASKS_DIR, *args.include_path]
     result = bench.run(args.model, args.run_dir, suite=suite, tasks=args.tasks, include_paths=include,
-                       include_defaults=not args.no_builtin_tasks, dataset_overrides=args.dataset_overrides, limit=args.limit, batch_size=args.batch_size,
-                       device=args.device, model_name=args.model_name or Path(args.model.rstrip("/")).name,
-                       humaneval=humaneval)
+                       include_defaults=not args.no_builtin_tasks, dataset_overrides=args.dataset_overrides,
+                       limit=args.limit, batch_size=args.batch_size, device=args.device,
+                       model_name=_model_name(args), humaneval=humaneval)
     result.metrics = {"mean": result.headline, **{f"category/{k}": v for k, v in result.breakdown["categories"].items()}}
     _finish(result, args.run_dir, list(result.metrics))
 
@@ -108,7 +108,7 @@ def cmd_alpaca_eval(args) -> None:
 
     if args.action == "score":
         result = bench.score(read_records(args.annotations, {}), args.version, args.lc_data, source=str(args.annotations))
-        return _finish(result, args.run_dir, [k for k in result.metrics if k != "win_rate"] + ["win_rate"])
+        return _finish(result, args.run_dir, list(result.metrics))  # win_rate is last
     if not args.version:
         raise SystemExit(f"alpaca-eval {args.action}: --version is required (alpaca_eval_1 or alpaca_eval_2)")
     out_dir = Path(args.run_dir) / args.version
@@ -130,7 +130,7 @@ def cmd_alpaca_eval(args) -> None:
     finally:
         client.close()
     result.config.update(judge_config(args, result.config["judge_model"]))
-    _finish(result, args.run_dir, [k for k in result.metrics if k != "win_rate"] + ["win_rate"])
+    _finish(result, args.run_dir, list(result.metrics))  # win_rate is last
 
 
 # ---- MT-Bench ----------------------------------------------------------------------------------

@@ -110,10 +110,11 @@ class ServerState:
     delay_seconds: float = 0.0
     fail_first: int = 0  # answer the first N requests with HTTP 500
     rate_limit_first: int = 0  # then the next N with HTTP 429
-    hang_after: int | None = None  # stop answering once this many requests were answered
+    hang_after: int | None = None  # stop answering once this many requests were let through
     requests: int = 0
     failed: int = 0
     answered: int = 0
+    admitted: int = 0
     in_flight: int = 0
     max_in_flight: int = 0  # most requests being answered at once (checks a client's concurrency limit)
     answered_by_request: dict[str, int] = field(default_factory=dict)
@@ -161,7 +162,9 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
                     state.failed += 1
                     code = 500 if n <= state.fail_first else 429
                     return self._send(code, {"error": {"message": "injected failure", "type": "server_error"}})
-                state.cond.wait_for(lambda: state.hang_after is None or state.answered < state.hang_after)
+                # Admission is counted, not answers: two requests waiting at once must not both slip through.
+                state.cond.wait_for(lambda: state.hang_after is None or state.admitted < state.hang_after)
+                state.admitted += 1
                 state.in_flight += 1
                 state.max_in_flight = max(state.max_in_flight, state.in_flight)
             time.sleep(state.delay_seconds)

@@ -11,7 +11,7 @@ import yaml
 from conftest import run_cli
 
 from eval_suite.nlp import bench
-from eval_suite.nlp.bench import Suite, TaskSpec, aggregate
+from eval_suite.nlp.bench import Suite, aggregate
 from eval_suite.results import BenchmarkResult
 
 MC_ROWS = [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "seven"], "label": 0}

@@ -57,14 +57,18 @@ def test_killed_judging_run_resumes_without_repeating_calls(tmp_path, job):
     answered_first = 5
     with JudgeServer() as first:
         first.state.hang_after = answered_first  # answer 5 requests, then hold every further one
-        proc = subprocess.Popen([sys.executable, "-m", "eval_suite", *args, "--judge-base-url", first.url,
-                                 "--judge-concurrency", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        log = tmp_path / "first_run.log"
+        with open(log, "w") as out:  # a file, not a pipe: an unread pipe would stall the child when full
+            proc = subprocess.Popen([sys.executable, "-m", "eval_suite", *args, "--judge-base-url", first.url,
+                                     "--judge-concurrency", "2"], env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: first.state.answered == answered_first and first.state.requests > answered_first
-                     and cache_rows(cache) == answered_first)
+            wait_for(lambda: proc.poll() is not None or (
+                first.state.answered == answered_first and first.state.requests > answered_first
+                and cache_rows(cache) == answered_first))
+            assert proc.poll() is None, f"the first run ended on its own:\n{log.read_text()[-3000:]}"
         finally:
             proc.send_signal(signal.SIGKILL)  # no chance to clean up, like a crash or a lost machine
-            proc.communicate()
+            proc.wait()
         answered_before_kill = dict(first.state.answered_by_request)
     assert len(answered_before_kill) == answered_first
 
