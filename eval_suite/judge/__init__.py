@@ -1,0 +1,37 @@
+"""Judging: one OpenAI-compatible client (:mod:`.client`) and a local test/demo server (:mod:`.server`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from eval_suite.judge.client import JudgeClient, JudgeEndpoint, JudgeReply, JudgeRequest
+
+__all__ = ["JudgeClient", "JudgeEndpoint", "JudgeReply", "JudgeRequest", "add_judge_arguments", "client_from_args"]
+
+CACHE_FILE = "judge_cache.sqlite"
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The judge options shared by AlpacaEval and MT-Bench."""
+    g = parser.add_argument_group("judge")
+    g.add_argument("--judge-model", help="judge model name sent to the server (default: the paper's judge for "
+                   "each benchmark, e.g. gpt-4)")
+    g.add_argument("--judge-base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 "
+                   "(default: OpenAI)")
+    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    g.add_argument("--judge-concurrency", type=int, default=4, help="requests in flight at once")
+    g.add_argument("--judge-max-retries", type=int, default=6)
+    g.add_argument("--judge-cache", type=Path, help=f"cache file (default: RUN_DIR/{CACHE_FILE}); a rerun "
+                   "asks the judge only what it has not answered")
+
+
+def client_from_args(args: argparse.Namespace) -> JudgeClient:
+    endpoint = JudgeEndpoint(base_url=args.judge_base_url, api_key_env=args.judge_api_key_env,
+                             concurrency=args.judge_concurrency, max_retries=args.judge_max_retries)
+    return JudgeClient(endpoint, cache_path=args.judge_cache or Path(args.run_dir) / CACHE_FILE)
+
+
+def judge_config(args: argparse.Namespace, model: str) -> dict:
+    """What to record about the judge in a results file (no key, not even its variable's value)."""
+    return {"judge_model": model, "judge_base_url": args.judge_base_url or "https://api.openai.com/v1"}

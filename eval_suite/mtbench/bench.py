@@ -1,0 +1,169 @@
+"""MT-Bench: two-turn answers with the model's chat template, single-answer grading by a judge.
+
+The procedure is FastChat's ``llm_judge`` (fschat 0.2.36): the 80 questions, per-category sampling
+temperatures, the ``single-v1`` / ``single-math-v1`` judge prompts (with GPT-4 reference answers for
+math, reasoning and coding) and the ``[[rating]]`` regexes. Answers and judgments are written in
+FastChat's JSONL formats. The one change: the judge call goes through
+:class:`eval_suite.judge.JudgeClient`, because FastChat's own call uses the openai 0.x API, which
+cannot be installed next to alpaca-eval (``research/eval.md`` §4).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import statistics
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eval_suite.generation import SamplingConfig
+from eval_suite.judge import JudgeClient, JudgeRequest
+from eval_suite.records import RecordError, read_records, write_jsonl
+from eval_suite.results import BenchmarkResult
+
+DATA_DIR = Path(__file__).parent / "data"
+CONFIG: dict[str, Any] = yaml.safe_load((Path(__file__).parent / "config.yaml").read_text())
+ONE_SCORE = re.compile(CONFIG["one_score_pattern"])
+ONE_SCORE_BACKUP = re.compile(CONFIG["one_score_pattern_backup"])
+
+
+def load_questions(path: str | Path | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    path = path or DATA_DIR / "question.jsonl"
+    rows = read_records(path, {"question_id": int, "category": str, "turns": list})
+    for i, row in enumerate(rows, 1):
+        if len(row["turns"]) != 2 or not all(isinstance(t, str) for t in row["turns"]):
+            raise RecordError(f"{path}: row {i}: field 'turns' should be a list of two strings")
+    return rows[:limit] if limit else rows
+
+
+def load_answers(path: str | Path) -> dict[int, list[str]]:
+    """question_id -> [turn 1 answer, turn 2 answer], from FastChat's model_answer JSONL."""
+    answers = {}
+    for i, row in enumerate(read_records(path, {"question_id": int, "choices": list}), 1):
+        turns = row["choices"][0].get("turns") if row["choices"] and isinstance(row["choices"][0], dict) else None
+        if not (isinstance(turns, list) and len(turns) == 2 and all(isinstance(t, str) for t in turns)):
+            raise RecordError(f"{path}: row {i}: field 'choices[0].turns' should be a list of two strings")
+        answers[row["question_id"]] = turns
+    return answers
+
+
+def load_references(path: str | Path | None = None) -> dict[int, list[str]]:
+    return load_answers(path or DATA_DIR / "reference_answer_gpt-4.jsonl")
+
+
+def load_judge_prompts(path: str | Path | None = None) -> dict[str, dict[str, str]]:
+    fields = {"name": str, "system_prompt": str, "prompt_template": str, "output_format": str}
+    return {row["name"]: row for row in read_records(path or DATA_DIR / "judge_prompts.jsonl", fields)}
+
+
+def generate(generator, questions: list[dict], model_id: str, max_new_tokens: int | None = None) -> list[dict]:
+    """Both turns for every question, FastChat's temperature per category, in FastChat's answer format."""
+    max_new_tokens = max_new_tokens or CONFIG["max_new_tokens"]
+    by_temperature: dict[float, list[dict]] = defaultdict(list)
+    for q in questions:
+        by_temperature[CONFIG["temperature_config"].get(q["category"], 0.7)].append(q)
+    answers: dict[int, list[str]] = {q["question_id"]: [] for q in questions}
+    for turn in range(2):
+        for temperature, group in sorted(by_temperature.items()):
+            sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature if temperature >= 1e-4 else 0.0)
+            conversations = [_conversation(q["turns"][: turn + 1], answers[q["question_id"]]) for q in group]
+            replies = generator.chat(conversations, sampling, desc=f"MT-Bench turn {turn + 1}, T={temperature}")
+            for q, reply in zip(group, replies):
+                answers[q["question_id"]].append(reply.strip())
+    return [{"question_id": qid, "answer_id": uuid.uuid4().hex, "model_id": model_id,
+             "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()} for qid, turns in answers.items()]
+
+
+def _conversation(user_turns: list[str], assistant_turns: list[str]) -> list[dict[str, str]]:
+    messages = []
+    for i, user in enumerate(user_turns):
+        messages.append({"role": "user", "content": user})
+        if i < len(user_turns) - 1:
+            messages.append({"role": "assistant", "content": assistant_turns[i]})
+    return messages
+
+
+@dataclass(frozen=True)
+class Match:
+    question: dict[str, Any]
+    turn: int  # 1 or 2
+    prompt_name: str
+    request: JudgeRequest
+
+
+def make_matches(questions: list[dict], answers: dict[int, list[str]], judge_model: str,
+                 prompts: dict[str, dict] | None = None, references: dict[int, list[str]] | None = None) -> list[Match]:
+    """One judge request per question and turn, as FastChat's ``run_judge_single`` formats it."""
+    prompts = prompts or load_judge_prompts()
+    references = references if references is not None else load_references()
+    matches = []
+    for q in questions:
+        qid = q["question_id"]
+        if qid not in answers:
+            raise RecordError(f"model answers: no answer for question_id {qid}")
+        a1, a2 = answers[qid]
+        needs_ref = q["category"] in CONFIG["need_ref_categories"]
+        if needs_ref and qid not in references:
+            raise RecordError(f"reference answers: question_id {qid} ({q['category']}) needs a reference answer")
+        ref = dict(ref_answer_1=references[qid][0], ref_answer_2=references[qid][1]) if needs_ref else {}
+        names = CONFIG["prompts"]["with_reference" if needs_ref else "general"]
+        fills = [dict(question=q["turns"][0], answer=a1, **{k: v for k, v in ref.items() if k == "ref_answer_1"}),
+                 dict(question_1=q["turns"][0], question_2=q["turns"][1], answer_1=a1, answer_2=a2, **ref)]
+        for turn, (name, fill) in enumerate(zip(names, fills), 1):
+            template = prompts[name]
+            messages = [{"role": "system", "content": template["system_prompt"]},
+                        {"role": "user", "content": template["prompt_template"].format(**fill)}]
+            request = JudgeRequest(model=judge_model, messages=messages, max_tokens=CONFIG["judge_max_tokens"],
+                                   temperature=CONFIG["judge_temperature"])
+            matches.append(Match(q, turn, name, request))
+    return matches
+
+
+def parse_rating(judgment: str) -> float:
+    """FastChat's rule: ``[[x]]``, else ``[x]``, else -1 (unparsed, left out of the averages)."""
+    match = ONE_SCORE.search(judgment) or ONE_SCORE_BACKUP.search(judgment)
+    return float(ast.literal_eval(match.groups()[0])) if match else -1.0
+
+
+def judge(questions: list[dict], answers: dict[int, list[str]], client: JudgeClient, out_dir: Path, model_id: str,
+          judge_model: str | None = None) -> BenchmarkResult:
+    """Grade every answer and write FastChat-format judgments plus the results record."""
+    judge_model = judge_model or CONFIG["judge_model"]
+    start = time.monotonic()
+    matches = make_matches(questions, answers, judge_model)
+    replies = client.complete_many([m.request for m in matches], desc="MT-Bench judge")
+    judgments = [{"question_id": m.question["question_id"], "model": model_id, "judge": [judge_model, m.prompt_name],
+                  "user_prompt": m.request.messages[1]["content"], "judgment": r.text, "score": parse_rating(r.text),
+                  "turn": m.turn, "category": m.question["category"], "tstamp": time.time()}
+                 for m, r in zip(matches, replies)]
+    write_jsonl(out_dir / "judgments.jsonl", judgments)
+    result = summarise(judgments, model_id)
+    result.duration_seconds = time.monotonic() - start
+    result.config.update(judge_model=judge_model, judge_calls=client.calls, judge_cache_hits=client.cache_hits)
+    return result
+
+
+def summarise(judgments: list[dict], model_id: str) -> BenchmarkResult:
+    """Average score overall, per turn and per category, leaving out unparsed ratings as FastChat does."""
+    valid = [j for j in judgments if j["score"] != -1]
+
+    def mean(rows):
+        return statistics.fmean(j["score"] for j in rows) if rows else None
+
+    categories = sorted({j["category"] for j in judgments})
+    notes = [f"{len(judgments) - len(valid)} of {len(judgments)} judgments had no [[rating]] and are left out"] \
+        if len(valid) < len(judgments) else []
+    return BenchmarkResult(
+        benchmark="mt_bench", model=model_id, headline=mean(valid),
+        metrics={"turn_1": mean([j for j in valid if j["turn"] == 1]), "turn_2": mean([j for j in valid if j["turn"] == 2]),
+                 "n_judgments": float(len(judgments)), "n_unparsed": float(len(judgments) - len(valid)),
+                 "average": mean(valid)},
+        breakdown={"categories": {c: mean([j for j in valid if j["category"] == c]) for c in categories}},
+        notes=notes,
+    )

@@ -1,0 +1,182 @@
+"""The paper's NLP suite through lm-eval, and Table 1's aggregation.
+
+What runs is lm-eval task/group YAML (``eval_suite/nlp/tasks``, group ``im_sft_eval``); how the
+scores are averaged is ``eval_suite/nlp/suite.yaml``. Tasks are pointed at other data (a
+script-free mirror, or a local copy for offline runs) by *dataset overrides*: small YAML files
+generated at run time that ``include:`` the registered task config and replace its dataset fields,
+placed on lm-eval's include path after everything else so they win.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from eval_suite.results import BenchmarkResult
+
+HERE = Path(__file__).parent
+TASKS_DIR = HERE / "tasks"
+SUITE_FILE = HERE / "suite.yaml"
+DEFAULT_OVERRIDES = HERE / "dataset_overrides.yaml"
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    result: str | None = Field(None, description="lm-eval task or group whose metric is read")
+    source: Literal["lm_eval", "humaneval"] = "lm_eval"
+    metric: str = Field(description="lm-eval metric key, e.g. 'acc_norm,none', or 'pass@1' for HumanEval")
+    higher_is_better: bool = True
+    scale: float = Field(100.0, description="multiplier to percent (100 for fractions, 1 for TER)")
+
+    def percent(self, value: float) -> float:
+        return self.scale * value if self.higher_is_better else 100.0 - self.scale * value
+
+
+class Category(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str
+    tasks: dict[str, TaskSpec]
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lm_eval_group: str
+    categories: dict[str, Category]
+
+    @classmethod
+    def load(cls, path: str | Path = SUITE_FILE) -> Suite:
+        try:
+            return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+        except Exception as e:
+            raise ValueError(f"{path}: not a valid suite file: {e}") from None
+
+    def lm_eval_tasks(self) -> dict[str, TaskSpec]:
+        return {name: spec for c in self.categories.values() for name, spec in c.tasks.items() if spec.source == "lm_eval"}
+
+
+def raw_scores(lm_eval_output: dict[str, Any], suite: Suite) -> dict[str, float | None]:
+    """Each suite task's metric as lm-eval reported it (task results, then group results)."""
+    tables = {**lm_eval_output.get("results", {}), **lm_eval_output.get("groups", {})}
+    return {name: _number(tables.get(spec.result, {}).get(spec.metric)) for name, spec in suite.lm_eval_tasks().items()}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None  # lm-eval writes "N/A" for missing
+
+
+def aggregate(raw: dict[str, float | None], suite: Suite) -> tuple[dict[str, float], dict[str, float | None], float | None, list[str]]:
+    """Table 1's numbers from raw task scores.
+
+    Returns:
+        (task percents, category means, mean of categories, notes on anything missing). A category
+        averages the tasks it has; the Mean averages the categories that have a score.
+    """
+    tasks: dict[str, float] = {}
+    categories: dict[str, float | None] = {}
+    notes = []
+    for cat_name, cat in suite.categories.items():
+        have = {name: spec.percent(raw[name]) for name, spec in cat.tasks.items() if raw.get(name) is not None}
+        missing = sorted(set(cat.tasks) - set(have))
+        if missing:
+            notes.append(f"{cat.label}: no score for {', '.join(missing)}; averaged over the other tasks")
+        tasks.update(have)
+        categories[cat_name] = statistics.fmean(have.values()) if have else None
+    present = [v for v in categories.values() if v is not None]
+    return tasks, categories, statistics.fmean(present) if present else None, notes
+
+
+def overrides_include_dir(overrides: dict[str, dict[str, Any]], task_manager, out_dir: Path) -> Path:
+    """Write one YAML per overridden task that includes its registered config and replaces fields."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for task, fields in overrides.items():
+        entry = task_manager.task_index.get(task)
+        if entry is None or entry["type"] not in ("task", "python_task") or entry["yaml_path"] == -1:
+            raise ValueError(f"dataset override: {task!r} is not an lm-eval task with a YAML config")
+        config = {"include": str(entry["yaml_path"]), "task": task, **fields}
+        (out_dir / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return out_dir
+
+
+def load_overrides(*paths: str | Path | None) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for path in filter(None, paths):
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        for task, fields in data.items():
+            if not isinstance(fields, dict):
+                raise ValueError(f"{path}: entry {task!r} should map field names to values, got {fields!r}")
+            merged.setdefault(task, {}).update(fields)
+    return merged
+
+
+def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] | None = None,
+        include_paths: list[Path] = (TASKS_DIR,), include_defaults: bool = True,
+        dataset_overrides: Path | None = None, limit: int | float | None = None, batch_size: int | str = 8,
+        device: str | None = None, model_name: str | None = None, humaneval: BenchmarkResult | None = None) -> BenchmarkResult:
+    """Evaluate ``model`` (a model directory, or an ``lm_eval`` LM object) on the suite's lm-eval group.
+
+    Args:
+        tasks: lm-eval tasks/groups to run; default the suite's group (``im_sft_eval``).
+        include_defaults: index lm-eval's built-in tasks too (4 s); off only for suites of local tasks.
+        dataset_overrides: YAML of task -> dataset fields, applied on top of the shipped overrides.
+        limit: examples per task (lm-eval ``--limit``), for smoke runs.
+        humaneval: the HumanEval result of the same model, to fill the Math & Coding category.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    suite = suite or Suite.load()
+    start = time.monotonic()
+    overrides = load_overrides(DEFAULT_OVERRIDES if include_defaults else None, dataset_overrides)
+    with tempfile.TemporaryDirectory(prefix="eval_suite_overrides_") as tmp:
+        paths = [str(p) for p in include_paths]
+        if overrides:
+            index = TaskManager(include_path=paths, include_defaults=include_defaults)
+            paths.append(str(overrides_include_dir(overrides, index, Path(tmp))))
+        task_manager = TaskManager(include_path=paths, include_defaults=include_defaults)
+        if isinstance(model, (str, Path)):
+            model_name = model_name or str(model)
+            model_args = f"pretrained={model}"
+            model = "hf"
+        else:
+            model_args = None
+        output = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks or [suite.lm_eval_group],
+                                         task_manager=task_manager, limit=limit, batch_size=batch_size, device=device,
+                                         log_samples=False, confirm_run_unsafe_code=False)
+    keep = {k: output.get(k) for k in ("results", "groups", "group_subtasks", "n-shot", "versions", "higher_is_better")}
+    lm_eval_file = Path(run_dir) / "nlp" / "lm_eval_results.json"
+    lm_eval_file.parent.mkdir(parents=True, exist_ok=True)
+    lm_eval_file.write_text(json.dumps(keep, indent=2, default=handle_non_serializable))
+    raw = raw_scores(output, suite)
+    result = table1(raw, suite, humaneval)
+    result.model = model_name or "model"
+    result.duration_seconds = time.monotonic() - start
+    result.config.update(suite=suite.model_dump(), tasks=tasks or [suite.lm_eval_group], limit=limit, n_shot=output.get("n-shot", {}),
+                         dataset_overrides=overrides, lm_eval_results=str(lm_eval_file))
+    if limit is not None:
+        result.notes.append(f"--limit {limit}: a smoke run on a subset, not comparable to the paper")
+    return result
+
+
+def table1(raw: dict[str, float | None], suite: Suite, humaneval: BenchmarkResult | None = None) -> BenchmarkResult:
+    """The NLP result: raw scores plus HumanEval's pass@1, aggregated as in Table 1."""
+    raw = dict(raw)
+    for name, spec in _humaneval_tasks(suite).items():
+        raw[name] = humaneval.metrics.get(spec.metric) if humaneval else None
+    tasks, categories, mean, notes = aggregate(raw, suite)
+    return BenchmarkResult(benchmark="nlp", model="", headline=mean,
+                           breakdown={"raw": raw, "tasks": tasks, "categories": categories}, notes=notes)
+
+
+def _humaneval_tasks(suite: Suite) -> dict[str, TaskSpec]:
+    return {n: s for c in suite.categories.values() for n, s in c.tasks.items() if s.source == "humaneval"}

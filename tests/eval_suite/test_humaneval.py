@@ -1,0 +1,104 @@
+"""HumanEval: re-scoring sample files through the CLI, the estimator, the opt-in, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from eval_suite.humaneval import bench
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return bench.load_problems()
+
+
+def write_samples(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_canonical_solutions_pass_and_wrong_ones_fail(tmp_path, problems):
+    canonical = [{"task_id": t, "completion": p["canonical_solution"]} for t, p in problems.items()]
+    wrong = [{"task_id": t, "completion": "    return None\n"} for t in problems]
+    for rows, expected in ((canonical, 1.0), (wrong, 0.0)):
+        samples = write_samples(tmp_path / f"samples_{expected}.jsonl", rows)
+        proc = run_cli("humaneval", "score", "--samples", str(samples), "--allow-code-execution", "--k", "1")
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary == {"pass@1": expected}
+    per_sample = [json.loads(line) for line in open(str(tmp_path / "samples_1.0.jsonl") + "_results.jsonl")]
+    assert len(per_sample) == 164 and all(r["passed"] for r in per_sample)
+
+
+def test_pass_at_k_per_temperature_and_best_of_temperatures(tmp_path, problems):
+    """Two problems, 4 samples each: unbiased pass@k per temperature; the headline is the better one."""
+    ids = list(problems)[:2]
+    good = {t: problems[t]["canonical_solution"] for t in ids}
+    rows = []
+    for temperature, n_correct in ((0.1, 1), (0.7, 3)):
+        for t in ids:
+            rows += [{"task_id": t, "completion": good[t] if i < n_correct else "    return None\n",
+                      "temperature": temperature} for i in range(4)]
+    result, _ = bench.score(rows, problems, allow_code_execution=True, ks=(1, 2))
+    # pass@1 = c/n; pass@2 = 1 - C(n-c, 2)/C(n, 2)
+    assert result.breakdown["T=0.1"] == pytest.approx({"pass@1": 0.25, "pass@2": 0.5})
+    assert result.breakdown["T=0.7"] == pytest.approx({"pass@1": 0.75, "pass@2": 1.0})
+    assert result.metrics == pytest.approx({"pass@1": 0.75, "pass@2": 1.0})
+    assert result.headline == pytest.approx(75.0)
+
+
+def test_hostile_samples_are_reported_as_failures(tmp_path, problems):
+    task = "HumanEval/0"
+    hostile = {
+        "loop": "    while True:\n        pass\n",
+        "fork_bomb": "    import os\n    while True:\n        os.fork()\n",
+        "allocation": "    return bytearray(50 * 1024**3)\n",
+        "escape": f"    open({str(tmp_path / 'escaped.txt')!r}, 'w').write('x')\n    return True\n",
+        "socket": "    import socket\n    socket.create_connection(('127.0.0.1', 80), timeout=1)\n    return True\n",
+    }
+    samples = write_samples(tmp_path / "hostile.jsonl", [{"task_id": task, "completion": c} for c in hostile.values()]
+                            + [{"task_id": task, "completion": problems[task]["canonical_solution"]}])
+    proc = run_cli("humaneval", "score", "--samples", str(samples), "--allow-code-execution", "--k", "1",
+                   "--timeout", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"pass@1": pytest.approx(1 / 6)}
+    results = [json.loads(line) for line in open(str(samples) + "_results.jsonl")]
+    assert [r["passed"] for r in results] == [False] * 5 + [True]
+    assert results[0]["result"].startswith("timeout")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_scoring_refuses_without_the_opt_in(tmp_path, problems):
+    samples = write_samples(tmp_path / "s.jsonl", [{"task_id": "HumanEval/0", "completion": "    return True\n"}])
+    proc = run_cli("humaneval", "score", "--samples", str(samples))
+    assert proc.returncode != 0 and "--allow-code-execution" in proc.stderr
+    with pytest.raises(PermissionError, match="--allow-code-execution"):
+        bench.execute([{"task_id": "HumanEval/0", "completion": ""}], problems, allow_code_execution=False)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"task_id": "HumanEval/0"}', "row 2: missing field 'completion'"),
+    ('{"task_id": "HumanEval/999", "completion": ""}', "row 2: field 'task_id' is 'HumanEval/999'"),
+    ('{"task_id": "HumanEval/0", "completion": 3}', "row 2: field 'completion' should be str"),
+    ("not json", "row 2: not valid JSON"),
+])
+def test_bad_sample_files_name_the_file_row_and_field(tmp_path, line, message):
+    samples = tmp_path / "bad.jsonl"
+    samples.write_text('{"task_id": "HumanEval/0", "completion": ""}\n' + line + "\n")
+    proc = run_cli("humaneval", "score", "--samples", str(samples), "--allow-code-execution")
+    assert proc.returncode != 0
+    assert str(samples) in proc.stderr and message in proc.stderr
+
+
+def test_sampling_with_a_tiny_model(tiny_model_dir, problems):
+    """n samples per problem and temperature, cut at the paper's stop sequences."""
+    from eval_suite.generation import Generator
+
+    rows = bench.sample(Generator(str(tiny_model_dir), batch_size=4), problems, temperatures=(0.1, 0.7), n=3,
+                        limit=2, max_new_tokens=24)
+    assert len(rows) == 2 * 2 * 3
+    assert {(r["task_id"], r["temperature"]) for r in rows} == {(t, T) for t in list(problems)[:2] for T in (0.1, 0.7)}
+    assert not any(stop in r["completion"] for r in rows for stop in bench.PAPER_SAMPLING["stop"])
