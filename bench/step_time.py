@@ -8,7 +8,8 @@ of the quickstart data, and a full step (forward, loss, backward, AdamW) for:
 * ``stock``: the model's own loss on IT labels (what Axolotl's chat_template type trains);
 * ``IT``, ``IM``, ``weighted`` (0.3/1.0): ``losses.segment_weighted_loss`` with those tables.
 
-Variants run interleaved, round after round, and the median step time of each is kept. Prints
+Variants run interleaved, in a rotating order, round after round, and the median step time of
+each is kept. Prints
 ratios against IT measured in the same run (target: IM/IT and weighted/IT <= 1.05).
 """
 
@@ -75,8 +76,8 @@ def main() -> int:
     for v in variants:  # warm-up
         step(v)
     times = {v: [] for v in variants}
-    for _ in range(args.steps):
-        for v in variants:
+    for r in range(args.steps):
+        for v in variants[r % len(variants):] + variants[: r % len(variants)]:  # rotate: no position bias
             times[v].append(step(v))
     med = {v: statistics.median(ts) for v, ts in times.items()}
     print(f"batch {tuple(ids.shape)}, vocab {args.vocab}, {args.steps} interleaved rounds, median step times:")
