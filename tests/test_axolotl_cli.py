@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import run_axolotl, write_jsonl
+from cli_helpers import run_axolotl, write_jsonl
 from instruction_modelling.quickstart.config import cpu_config
 from instruction_modelling.quickstart.sample_data import TRAIN_FILE
 from instruction_modelling.segments import RowEncoder, Segment
@@ -31,7 +31,7 @@ def test_preprocess_writes_segments_that_match_the_core(tmp_path, tiny_model_dir
     data = write_jsonl(tmp_path / "tricky.jsonl", TRICKY_ROWS)
     cfg = cpu_config(tiny_model_dir, data, tmp_path / "out", mode=mode,
                      chat_template="jinja", chat_template_jinja=templates[template_name],
-                     shuffle_merged_datasets=False)
+                     shuffle_merged_datasets=False, dataset_num_proc=2)  # strategy pickled to 2 workers
     run = run_axolotl("preprocess", cfg, tmp_path / "cfg.yml")
     assert run.returncode == 0, run.output[-3000:]
     ds = run.prepared_dataset()

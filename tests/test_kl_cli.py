@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_axolotl, write_jsonl
+from cli_helpers import run_axolotl, write_jsonl
 from instruction_modelling.quickstart.config import cpu_config
 from instruction_modelling.quickstart.sample_data import HELDOUT_FILE, TRAIN_FILE
 

@@ -164,25 +164,28 @@ class SegmentLoss:
 
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
-    """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]``.
+def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]`` and targets ``[B, T]``.
 
-    Only one chunk of the sequence is upcast to fp32 at a time, and each chunk is recomputed in
-    the backward pass (activation checkpointing) instead of keeping its fp32 log-softmax: a
-    whole fp32 copy of large-vocabulary logits is what costs memory (2 GB for 4k tokens of a
-    128k vocabulary).
+    Works on the flattened ``[B·T, V]`` view (no copy of the logits), ``chunk_size`` rows at a
+    time. Only one chunk is upcast to fp32 at a time, and each chunk is recomputed in the
+    backward pass (activation checkpointing) instead of keeping its fp32 log-softmax: a whole
+    fp32 copy of large-vocabulary logits is what costs memory (2 GB for 4k tokens of a 128k
+    vocabulary).
     """
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
     pieces = []
-    for s in range(0, targets.shape[1], chunk_size):
-        chunk, tgt = logits[:, s:s + chunk_size], targets[:, s:s + chunk_size]
+    for s in range(0, flat.shape[0], chunk_size):
+        chunk, tgt = flat[s:s + chunk_size], flat_targets[s:s + chunk_size]
         if chunk.requires_grad and torch.is_grad_enabled():
             pieces.append(checkpoint(_ce, chunk, tgt, use_reentrant=False))
         else:
             pieces.append(_ce(chunk, tgt))
-    return torch.cat(pieces, dim=1)
+    return torch.cat(pieces).view(targets.shape)
 
 
 def segment_weighted_loss(
@@ -220,7 +223,9 @@ def segment_weighted_loss(
         >>> out.loss.backward()  # doctest: +SKIP
     """
     targets, segs, valid = _shifted(input_ids, segment_ids, position_ids)
-    ce = per_token_ce(logits[:, :-1], targets)
+    # Targets padded at the end instead of slicing the logits: slicing [:, :-1] would copy them.
+    padded = F.pad(targets, (0, 1), value=0)
+    ce = per_token_ce(logits, padded)[:, :-1]
     w = effective_weights(input_ids, segment_ids, table, position_ids, normalisation)
     if normaliser is None:
         normaliser = w.sum().detach()

@@ -46,6 +46,11 @@ class InstructionModellingPlugin(BasePlugin):
     def get_input_args(self):
         return "instruction_modelling.args.IMArgs"
 
+    def pre_model_load(self, cfg):
+        from .strategy import REPORT
+
+        REPORT.log()  # datasets are ready: report what preprocessing skipped before training starts
+
     def get_trainer_cls(self, cfg):
         from .trainer import IMTrainer
 

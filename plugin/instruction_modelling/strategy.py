@@ -192,9 +192,15 @@ class PreprocessReport:
         return "\n".join(lines)
 
     def log(self):
-        if self.entries:
-            skipped = any(bad for _, _, bad, _ in self.entries)
+        """Log the report once (at the end of preprocessing, or before the model loads in training)."""
+        if not self.entries:
+            return
+        skipped = any(bad for _, _, bad, _ in self.entries)
+        try:
             (LOG.warning if skipped else LOG.info)(self.summary())
+        except ValueError:  # stream already closed at interpreter exit
+            pass
+        self.entries = []
 
 
 REPORT = PreprocessReport()
