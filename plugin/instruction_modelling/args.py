@@ -66,6 +66,14 @@ class IMArgs(BaseModel):
         },
     )
 
+    im_loss_chunk_size: int = Field(
+        default=256,
+        json_schema_extra={
+            "description": "Tokens per chunk when computing the cross-entropy (and KL): only one chunk is "
+            "upcast to fp32 at a time and the backward pass recomputes it, so no fp32 copy of the whole "
+            "logits is kept (lower it for very large vocabularies)."
+        },
+    )
     im_kl_coef: float = Field(
         default=0.0,
         json_schema_extra={
@@ -97,20 +105,12 @@ class IMArgs(BaseModel):
             "`adapter:` is set, else copy."
         },
     )
-    im_kl_chunk_size: int = Field(
-        default=128,
-        json_schema_extra={
-            "description": "Positions per chunk of the KL computation: only one chunk's fp32 log-softmaxes "
-            "exist at a time (lower it for very large vocabularies)."
-        },
-    )
-
     @model_validator(mode="after")
     def _check_kl(self):
         if not math.isfinite(self.im_kl_coef) or self.im_kl_coef < 0:
             raise ValueError(f"im_kl_coef must be a finite number >= 0, got {self.im_kl_coef}")
-        if self.im_kl_chunk_size < 1:
-            raise ValueError(f"im_kl_chunk_size must be >= 1, got {self.im_kl_chunk_size}")
+        if self.im_loss_chunk_size < 1:
+            raise ValueError(f"im_loss_chunk_size must be >= 1, got {self.im_loss_chunk_size}")
         # `adapter` exists once Axolotl merges this model into its config schema.
         if self.im_kl_coef > 0 and self.im_kl_reference == "adapter" and "adapter" in type(self).model_fields:
             if getattr(self, "adapter", None) not in ("lora", "qlora"):

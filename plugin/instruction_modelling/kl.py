@@ -10,31 +10,29 @@ the vocabulary, per target position. Two variants:
   ablation can be re-run as released.
 
 Memory: a full-vocabulary log-softmax of policy and reference in fp32 costs ``2·B·T·V·4`` bytes
-(plus what autograd saves). ``token_kl`` never materialises them whole: it walks the sequence in
-chunks, asks ``reference(start, end)`` for that chunk's reference logits (e.g. the reference's
-hidden states times its output embedding), and recomputes each chunk in the backward pass
-(activation checkpointing), so only one chunk's fp32 tensors exist at a time.
+(plus what autograd saves). The KL is computed by ``losses.token_losses`` together with the
+cross-entropy, a chunk of positions at a time; the reference provides its logits per chunk
+(its hidden states times its output embedding) and the backward pass recomputes each chunk and
+writes the gradient of both terms into one buffer, so only one chunk's fp32 tensors exist at a
+time and the KL adds no full-size tensor.
 
 Pure PyTorch, no Axolotl import.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
 
+from .losses import DEFAULT_CHUNK, KL_TYPES, ReferenceRows, token_losses
 from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, Segment
 
-KL_TYPES = ("full", "target_token")
 KL_SEGMENTS = {
     "output": OUTPUT_SEGMENTS,
     "instruction": INSTRUCTION_SEGMENTS,
     "all": INSTRUCTION_SEGMENTS + OUTPUT_SEGMENTS,
 }
 
-ReferenceLogits = Callable[[int, int], torch.Tensor]
 
 
 def kl_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor | None, segments: str) -> torch.Tensor:
@@ -58,47 +56,25 @@ def _chunk_kl(policy: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor, ki
 
 def token_kl(
     policy_logits: torch.Tensor,
-    reference: ReferenceLogits,
+    reference: ReferenceRows,
     input_ids: torch.Tensor,
     kind: str = "full",
-    chunk_size: int = 128,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Per-target KL ``[B, T-1]`` between the policy and the reference.
+    """Per-target KL ``[B, T-1]`` between the policy and the reference (chunked, see module doc).
 
     Args:
-        policy_logits: ``[B, T, V]`` policy logits (any dtype; upcast per chunk).
-        reference: ``reference(start, end)`` returns the reference logits ``[B, end-start, V]``
-            for positions ``start..end-1``. Called under ``no_grad``; it may be called twice per
-            chunk (forward and recomputation in backward) and must return the same values.
+        policy_logits: ``[B, T, V]`` policy logits.
+        reference: ``reference(start, end)`` returns the reference logits for rows
+            ``start..end-1`` of the flattened ``[B·T]`` positions.
         input_ids: ``[B, T]``; targets are ``input_ids[:, 1:]`` (used by ``target_token``).
         kind: ``"full"`` or ``"target_token"``.
-        chunk_size: positions per chunk.
-
-    Returns:
-        ``[B, T-1]`` KL per target (unmasked; multiply by ``kl_mask``).
 
     Example:
-        >>> kl = token_kl(policy_logits, lambda s, e: ref_logits[:, s:e], ids)  # doctest: +SKIP
+        >>> kl = token_kl(logits, lambda s, e: ref_logits.flatten(0, 1)[s:e], ids)  # doctest: +SKIP
     """
-    if kind not in KL_TYPES:
-        raise ValueError(f"unknown KL type {kind!r}; expected one of {KL_TYPES}")
-    n = policy_logits.shape[1] - 1
-    targets = input_ids[:, 1:]
-    pieces = []
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-
-        def chunk(pol: torch.Tensor, tgt: torch.Tensor, s: int = s, e: int = e) -> torch.Tensor:
-            with torch.no_grad():
-                ref = reference(s, e)
-            return _chunk_kl(pol, ref, tgt, kind)
-
-        pol = policy_logits[:, s:e]
-        if pol.requires_grad and torch.is_grad_enabled():
-            pieces.append(checkpoint(chunk, pol, targets[:, s:e], use_reentrant=False))
-        else:
-            pieces.append(chunk(pol, targets[:, s:e]))
-    return torch.cat(pieces, dim=1)
+    padded = F.pad(input_ids[:, 1:], (0, 1), value=0)
+    return token_losses(policy_logits, padded, reference, kind, chunk_size)[1][:, :-1]
 
 
 class _EvalMode:
@@ -136,15 +112,16 @@ class AdapterReference:
             raise ValueError("im_kl_reference: adapter needs a PEFT model (adapter: lora or qlora)")
         self.model = model
 
-    def __call__(self, forward_inputs: dict) -> ReferenceLogits:
-        """Run the reference backbone once; return ``reference(start, end)`` for ``token_kl``."""
+    def __call__(self, forward_inputs: dict) -> ReferenceRows:
+        """Run the reference backbone once; return ``reference(start, end)`` over flat positions."""
         backbone, head = _backbone_and_head(self.model)
         with torch.no_grad(), self.model.disable_adapter(), _EvalMode(self.model):
             hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
 
         def reference(start: int, end: int) -> torch.Tensor:
             with self.model.disable_adapter():  # an adapted lm_head must be bypassed too
-                return head(hidden[:, start:end])
+                return head(hidden[start:end])
 
         return reference
 
@@ -171,11 +148,12 @@ class CopyReference:
         ref.requires_grad_(False)
         return ref
 
-    def __call__(self, forward_inputs: dict) -> ReferenceLogits:
+    def __call__(self, forward_inputs: dict) -> ReferenceRows:
         backbone, head = _backbone_and_head(self.model)
         with torch.no_grad():
             hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state
-        return lambda start, end: head(hidden[:, start:end])
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        return lambda start, end: head(hidden[start:end])
 
 
 def naive_token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, input_ids: torch.Tensor,

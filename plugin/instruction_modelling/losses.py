@@ -23,11 +23,10 @@ never predicting the first token of an example from the previous one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, Segment
 
@@ -163,29 +162,107 @@ class SegmentLoss:
     kl_count: torch.Tensor | None = None
 
 
-def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+ReferenceRows = Callable[[int, int], torch.Tensor]
+KL_TYPES = ("full", "target_token")
+DEFAULT_CHUNK = 256
 
 
-def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]`` and targets ``[B, T]``.
+class _TokenLosses(torch.autograd.Function):
+    """Per-token CE (and KL to a reference) over a flat ``[N, V]`` logits view, in chunks.
 
-    Works on the flattened ``[B·T, V]`` view (no copy of the logits), ``chunk_size`` rows at a
-    time. Only one chunk is upcast to fp32 at a time, and each chunk is recomputed in the
-    backward pass (activation checkpointing) instead of keeping its fp32 log-softmax: a whole
-    fp32 copy of large-vocabulary logits is what costs memory (2 GB for 4k tokens of a 128k
-    vocabulary).
+    Forward and backward each walk the rows ``chunk`` at a time, with only that chunk upcast to
+    fp32; the backward recomputes the chunk's log-softmax and writes the analytic gradient of
+    both terms straight into one gradient buffer. Nothing of size ``N × V`` is stored besides the
+    logits the model returned (autograd's slicing would allocate a full-size gradient per chunk).
     """
+
+    @staticmethod
+    def forward(ctx, logits, targets, reference, kind, chunk):
+        n = logits.shape[0]
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        ce = torch.empty(n, dtype=dtype, device=logits.device)
+        kl = torch.zeros(n if reference is not None else 0, dtype=dtype, device=logits.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            logp = logits[s:e].to(dtype).log_softmax(-1)
+            t = targets[s:e].unsqueeze(-1)
+            ce[s:e] = -logp.gather(-1, t).squeeze(-1)
+            if reference is not None:
+                logq = reference(s, e).to(dtype).log_softmax(-1)
+                if kind == "full":
+                    kl[s:e] = (logp.exp() * (logp - logq)).sum(-1)
+                else:
+                    kl[s:e] = (logp.gather(-1, t) - logq.gather(-1, t)).squeeze(-1)
+        ctx.save_for_backward(logits, targets)
+        ctx.reference, ctx.kind, ctx.chunk = reference, kind, chunk
+        if reference is None:
+            ctx.mark_non_differentiable(kl)
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kl):
+        logits, targets = ctx.saved_tensors
+        reference, kind = ctx.reference, ctx.kind
+        grad = torch.empty_like(logits)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            e = min(s + ctx.chunk, logits.shape[0])
+            logp = logits[s:e].to(dtype).log_softmax(-1)
+            p = logp.exp()
+            t = targets[s:e].unsqueeze(-1)
+            g = torch.zeros_like(p)
+            if grad_ce is not None:  # d(−log p_t)/dz = p − onehot(t)
+                gc = grad_ce[s:e].unsqueeze(-1)
+                g += p * gc
+                g.scatter_add_(-1, t, -gc)
+            if reference is not None and grad_kl is not None:
+                gk = grad_kl[s:e].unsqueeze(-1)
+                with torch.no_grad():
+                    logq = reference(s, e).to(dtype).log_softmax(-1)
+                if kind == "full":  # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
+                    diff = logp - logq
+                    g += gk * p * (diff - (p * diff).sum(-1, keepdim=True))
+                else:  # d(log p_t − log q_t)/dz = onehot(t) − p
+                    g -= gk * p
+                    g.scatter_add_(-1, t, gk)
+            grad[s:e] = g.to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def token_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    reference: ReferenceRows | None = None,
+    kl_type: str = "full",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position cross-entropy and, optionally, KL to a reference, both ``[B, T]``.
+
+    Args:
+        logits: ``[B, T, V]`` (any dtype; each chunk is upcast to fp32).
+        targets: ``[B, T]`` token ids scored at each position.
+        reference: ``reference(start, end)`` returns the reference logits ``[end-start, V]`` for
+            rows ``start..end-1`` of the flattened ``[B·T]`` positions (e.g. the reference's
+            hidden states times its output embedding). Called under ``no_grad``, once in forward
+            and once in backward; it must return the same values both times.
+        kl_type: ``full`` (KL(p‖q) over the vocabulary, Eq. 5) or ``target_token``
+            (``log p(t) − log q(t)``, the released code's variant).
+        chunk_size: positions per chunk (only one chunk's fp32 tensors exist at a time).
+
+    Returns:
+        ``(ce, kl)``; ``kl`` is None without a reference.
+    """
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"unknown KL type {kl_type!r}; expected one of {KL_TYPES}")
+    shape = targets.shape
     flat = logits.reshape(-1, logits.shape[-1])
-    flat_targets = targets.reshape(-1)
-    pieces = []
-    for s in range(0, flat.shape[0], chunk_size):
-        chunk, tgt = flat[s:s + chunk_size], flat_targets[s:s + chunk_size]
-        if chunk.requires_grad and torch.is_grad_enabled():
-            pieces.append(checkpoint(_ce, chunk, tgt, use_reentrant=False))
-        else:
-            pieces.append(_ce(chunk, tgt))
-    return torch.cat(pieces).view(targets.shape)
+    ce, kl = _TokenLosses.apply(flat, targets.reshape(-1), reference, kl_type, chunk_size)
+    return ce.view(shape), (kl.view(shape) if reference is not None else None)
+
+
+def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]`` and targets ``[B, T]``."""
+    return token_losses(logits, targets, chunk_size=chunk_size)[0]
 
 
 def segment_weighted_loss(
@@ -196,9 +273,11 @@ def segment_weighted_loss(
     position_ids: torch.Tensor | None = None,
     normalisation: str = "token",
     normaliser: torch.Tensor | float | None = None,
-    kl: torch.Tensor | None = None,
+    kl_reference: ReferenceRows | None = None,
     kl_mask: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    kl_type: str = "full",
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> SegmentLoss:
     """Segment-weighted next-token cross-entropy.
 
@@ -211,9 +290,12 @@ def segment_weighted_loss(
         normalisation: ``"token"`` or ``"sequence"``.
         normaliser: the window's total (``loss_normaliser`` summed over its micro-batches and
             ranks); defaults to this batch's own.
-        kl, kl_mask, kl_coef: optional per-target KL ``[B, T-1]`` (``kl.token_kl``), the targets
-            it applies to (``kl.kl_mask``) and λ: adds ``λ Σ mask·kl`` to the CE sum before the
-            shared normalisation (Eq. 5), with the same per-example scaling as the CE.
+        kl_reference, kl_mask, kl_coef, kl_type: optional KL to a reference (see
+            ``token_losses``; ``kl.AdapterReference`` / ``kl.CopyReference`` build one), the
+            targets ``[B, T-1]`` it applies to (``kl.kl_mask``), λ and the KL variant: adds
+            ``λ Σ mask·kl`` to the CE sum before the shared normalisation (Eq. 5), with the same
+            per-example scaling as the CE.
+        chunk_size: positions per chunk of the CE/KL computation.
 
     Returns:
         ``SegmentLoss``; ``loss`` is 0 (with a graph) when nothing carries weight.
@@ -225,7 +307,9 @@ def segment_weighted_loss(
     targets, segs, valid = _shifted(input_ids, segment_ids, position_ids)
     # Targets padded at the end instead of slicing the logits: slicing [:, :-1] would copy them.
     padded = F.pad(targets, (0, 1), value=0)
-    ce = per_token_ce(logits, padded)[:, :-1]
+    ce, kl = token_losses(logits, padded, kl_reference, kl_type, chunk_size)
+    ce = ce[:, :-1]
+    kl = kl[:, :-1] if kl is not None else None
     w = effective_weights(input_ids, segment_ids, table, position_ids, normalisation)
     if normaliser is None:
         normaliser = w.sum().detach()

@@ -22,7 +22,7 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from .args import IMArgs
-from .kl import AdapterReference, CopyReference, kl_mask, token_kl
+from .kl import AdapterReference, CopyReference, kl_mask
 from .losses import loss_normaliser, segment_weighted_loss, weight_table
 
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
@@ -189,10 +189,9 @@ class IMTrainer(AxolotlTrainer):
     def _segment_loss(self, outputs, labels, num_items_in_batch=None):
         b = self._batch
         a = self.im_args
-        kl = mask = None
+        reference = mask = None
         if self.kl_enabled:
             reference = self.kl_reference(b["forward"])
-            kl = token_kl(outputs.logits, reference, b["input_ids"], a.im_kl_type, a.im_kl_chunk_size)
             mask = kl_mask(b["segment_ids"], b["position_ids"], a.im_kl_segments)
         out = segment_weighted_loss(
             outputs.logits,
@@ -202,9 +201,11 @@ class IMTrainer(AxolotlTrainer):
             b["position_ids"],
             a.im_loss_normalization,
             normaliser=num_items_in_batch,
-            kl=kl,
+            kl_reference=reference,
             kl_mask=mask,
             kl_coef=a.im_kl_coef,
+            kl_type=a.im_kl_type,
+            chunk_size=a.im_loss_chunk_size,
         )
         b["meter"].add(out)
         return out.loss
