@@ -230,3 +230,14 @@ def test_recommendation(ratio, size, choice, weight):
         assert f"im_instruction_weight: {weight}" in rec["config"]
     if size > 35_000:
         assert any("extrapolated" in n for n in rec["extrapolation"])
+
+
+def test_axolotl_yaml_field_mappings(tmp_path):
+    """ShareGPT-style rows read through the YAML's `field_messages` / `message_property_mappings`."""
+    rows = [{"conversations": [{"from": "human", "value": "Say one two three."}, {"from": "gpt", "value": "One two."}]}]
+    (tmp_path / "sharegpt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "cfg.yml").write_text(
+        "datasets:\n  - path: sharegpt.jsonl\n    type: instruction_modelling\n    field_messages: conversations\n"
+        "    message_property_mappings: {role: from, content: value}\n")
+    rep = diagnose(tmp_path / "cfg.yml")
+    assert rep["examples"] == 1 and rep["ratio"] == pytest.approx(4 / 2)
