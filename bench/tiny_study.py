@@ -1,6 +1,6 @@
 """A tiny end-to-end IT-vs-IM study on CPU: does the paper's Figure 3 pattern appear at this scale?
 
-    python bench/tiny_study.py [--out runs/tiny_study] [--pretrain-steps 120] [--seed 0] [--figure bench/tiny_study_losses.png]
+    python bench/tiny_study.py [--out runs/tiny_study] [--pretrain-steps 600] [--seed 0] [--figure bench/tiny_study_losses.png]
 
 1. Pre-training text: the docstrings of the Python standard library installed with the
    interpreter running this script (module, class and function docstrings, read with ``ast``).
@@ -8,7 +8,7 @@
    are read at run time and never redistributed, and they contain no LIMA text.
 2. A byte-level BPE tokenizer (trained on those docstrings and the LIMA training subset only) and
    a tiny Llama (``quickstart.tiny``), pre-trained with a plain PyTorch loop on packed docstring
-   text (120 steps of 16 x 256 tokens by default: one pass, about 2.5 minutes on 2 cores).
+   text (600 steps of 16 x 256 tokens by default: about 6 passes, 2.5 minutes on 2 idle cores).
 3. LIMA (``../shared/data/lima.jsonl``): a seeded shuffle gives ``--train-rows`` training rows
    and ``--heldout-rows`` other rows as held-out data (the paper used a Tulu V2 sample as its
    test set; we have none, so held-out LIMA rows play that role).
@@ -121,8 +121,8 @@ def lima_split(train_rows: int, heldout_rows: int, out: Path, seed: int) -> tupl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "tiny_study"), help="working directory")
-    parser.add_argument("--pretrain-steps", type=int, default=120,
-                        help="pre-training steps of 16 x 256 tokens (default: %(default)s, about 2.5 minutes on 2 cores)")
+    parser.add_argument("--pretrain-steps", type=int, default=600,
+                        help="pre-training steps of 16 x 256 tokens (default: %(default)s: about 6 passes over the corpus, 2.5 minutes on 2 idle cores)")
     parser.add_argument("--train-rows", type=int, default=200)
     parser.add_argument("--heldout-rows", type=int, default=100)
     parser.add_argument("--seq-len", type=int, default=512, help="fine-tuning and scoring length in tokens")
