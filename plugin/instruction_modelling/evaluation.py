@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .losses import segment_weighted_loss, weight_table
-from .segments import RowEncoder
+from .segments import RowEncoder, RowError
 
 
 @dataclass
@@ -32,7 +32,10 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from exc
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
         return data
@@ -54,7 +57,12 @@ def example_losses(model: Any, encoder: RowEncoder, rows: Sequence[dict], batch_
     device = next(model.parameters()).device
     pad = encoder.tokenizer.pad_token_id or 0
     table = weight_table(1.0, 1.0)
-    encoded = [encoder.encode(r) for r in rows]
+    encoded = []
+    for i, row in enumerate(rows):
+        try:
+            encoded.append(encoder.encode(row))
+        except RowError as exc:
+            raise ValueError(f"row {i}: {exc}") from exc  # which row: the encoder only knows the field
     if max_length:
         encoded = [e.truncate(max_length) for e in encoded]
     results = []
