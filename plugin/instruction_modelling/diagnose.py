@@ -52,7 +52,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .segments import (
     INSTRUCTION_SEGMENTS,
@@ -60,11 +60,10 @@ from .segments import (
     RowError,
     RowFields,
     Segment,
-    alpaca_pieces,
+    describe_row,
     detect_format,
-    normalize_messages,
-    prompt_completion_pieces,
 )
+from .stats import side_texts, word_count
 
 # Figure 2 of the paper: relative AlpacaEval 1.0 gain (%) = slope·ln(x) + intercept.
 RATIO_FIT = (18.85, 25.83)
@@ -152,26 +151,12 @@ def recommend(ratio: float, examples: int) -> dict[str, Any]:
 
 
 def instruction_and_output(row: Mapping[str, Any], fields: RowFields) -> tuple[str, list[str], list[str]]:
-    """``(format, instruction_texts, output_texts)`` of a row, validated as training validates it.
-
-    Chat: every non-assistant message is instruction, every assistant message output.
-    Alpaca: system + instruction + input vs output. Prompt/completion: prompt vs completion.
-    """
+    """``(format, instruction_texts, output_texts)`` of a row (``stats.side_texts``), validated as
+    training validates it."""
     if not isinstance(row, Mapping):
         raise RowError("<row>", f"must be a JSON object, got {type(row).__name__}")
-    fmt = detect_format(row, fields)
-    if fmt == "messages":
-        messages = normalize_messages(row, fields)
-        return (fmt, [m.content for m in messages if m.role != "assistant"],
-                [m.content for m in messages if m.role == "assistant"])
-    pieces = alpaca_pieces(row, fields) if fmt == "alpaca" else prompt_completion_pieces(row, fields)
-    return (fmt, [p.text for p in pieces if p.segment in INSTRUCTION_SEGMENTS],
-            [p.text for p in pieces if p.segment in OUTPUT_SEGMENTS])
-
-
-def word_count(texts: Iterable[str]) -> int:
-    """Whitespace-separated words, the paper's Table 5 unit."""
-    return sum(len(t.split()) for t in texts)
+    instruction, output = side_texts(row, fields)
+    return detect_format(row, fields), instruction, output
 
 
 def distribution(values: Sequence[float]) -> dict[str, float]:
@@ -212,8 +197,7 @@ class BadRowsError(ValueError):
 
 
 def _where(path: Path, index: int) -> str:
-    where = f"{path.name} row {index}"
-    return where + f" (line {index + 1})" if path.suffix == ".jsonl" else where
+    return describe_row(str(path), index)
 
 
 @dataclass
@@ -376,17 +360,13 @@ def load_sources(path: str | Path) -> list[Source]:
 def row_encoder(tokenizer: Any, fields: RowFields | None = None) -> tuple[Any, str]:
     """``(RowEncoder, template name)`` with the tokenizer's chat template, or the paper's tulu one.
 
-    Renders with ``apply_chat_template`` directly (what ``strategy.ChatRenderer`` does) so that
-    the analysis commands do not import Axolotl.
+    The analysis commands do not import Axolotl.
     """
-    from functools import partial
-
     from .quickstart.tiny import TULU_TEMPLATE
-    from .segments import RowEncoder
+    from .segments import ChatRenderer, RowEncoder
 
     template, name = (tokenizer.chat_template, "tokenizer's") if tokenizer.chat_template else (TULU_TEMPLATE, "tulu (paper)")
-    render = partial(tokenizer.apply_chat_template, tokenize=False, add_generation_prompt=False, chat_template=template)
-    return RowEncoder(tokenizer, render, fields or RowFields()), name
+    return RowEncoder(tokenizer, ChatRenderer(tokenizer, template), fields or RowFields()), name
 
 
 def _encoder(tokenizer_path: str):

@@ -7,7 +7,6 @@ Segments come from ``segments.RowEncoder`` (the same masking as training) and th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -28,25 +27,10 @@ class ExampleLoss:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file, or of a JSON file holding a list of rows."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-        return data
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {n}: not valid JSON ({exc.msg})") from exc
-    return rows
+    """Rows of a JSONL file, or of a JSON file holding a list of rows (``data.read.read_local``)."""
+    from .data.read import read_local
+
+    return read_local(path).rows
 
 
 @torch.no_grad()

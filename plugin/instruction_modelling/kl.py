@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .losses import DEFAULT_CHUNK, KL_TYPES, ReferenceRows, token_losses
+from .losses import DEFAULT_CHUNK, ReferenceRows, token_losses
 from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, Segment
 
 KL_SEGMENTS = {

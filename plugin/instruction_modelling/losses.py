@@ -88,6 +88,23 @@ def _example_ids(segment_ids: torch.Tensor, position_ids: torch.Tensor | None) -
     return ids[:, 1:]
 
 
+def _segment_weights(input_ids, segment_ids, table, position_ids) -> torch.Tensor:
+    """The segment weight of every valid target ``[B, T-1]`` (0 for template, padding, boundaries)."""
+    _, segs, valid = _shifted(input_ids, segment_ids, position_ids)
+    return table.to(device=segs.device)[segs] * valid
+
+
+def _scale(w: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None, normalisation: str):
+    if normalisation == "token":
+        return torch.ones_like(w)
+    if normalisation != "sequence":
+        raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}")
+    ex = _example_ids(segment_ids, position_ids)
+    totals = torch.zeros(int(ex.max()) + 1, dtype=w.dtype, device=w.device).scatter_add_(0, ex.flatten(), w.flatten())
+    denom = totals[ex]
+    return torch.where(denom > 0, 1.0 / denom.clamp_min(1e-12), torch.zeros_like(denom))
+
+
 def example_scale(
     input_ids: torch.Tensor,
     segment_ids: torch.Tensor,
@@ -97,16 +114,8 @@ def example_scale(
 ) -> torch.Tensor:
     """Per-target factor ``[B, T-1]`` that turns token sums into this normalisation's sums:
     1 for ``token``; ``1 / Σ w`` of the target's example for ``sequence`` (0 where that is 0)."""
-    _, segs, valid = _shifted(input_ids, segment_ids, position_ids)
-    if normalisation == "token":
-        return torch.ones(segs.shape, dtype=torch.float32, device=segs.device)
-    if normalisation != "sequence":
-        raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}")
-    w = table.to(device=segs.device)[segs] * valid
-    ex = _example_ids(segment_ids, position_ids)
-    totals = torch.zeros(int(ex.max()) + 1, dtype=w.dtype, device=w.device).scatter_add_(0, ex.flatten(), w.flatten())
-    denom = totals[ex]
-    return torch.where(denom > 0, 1.0 / denom.clamp_min(1e-12), torch.zeros_like(denom))
+    w = _segment_weights(input_ids, segment_ids, table, position_ids)
+    return _scale(w, segment_ids, position_ids, normalisation)
 
 
 def effective_weights(
@@ -122,11 +131,8 @@ def effective_weights(
     ``token``: the segment weight. ``sequence``: the segment weight divided by the summed
     weight of the target's example, so every example with any weight contributes 1.
     """
-    _, segs, valid = _shifted(input_ids, segment_ids, position_ids)
-    w = table.to(device=segs.device)[segs] * valid
-    if normalisation == "token":
-        return w
-    return w * example_scale(input_ids, segment_ids, table, position_ids, normalisation)
+    w = _segment_weights(input_ids, segment_ids, table, position_ids)
+    return w * _scale(w, segment_ids, position_ids, normalisation)
 
 
 def loss_normaliser(

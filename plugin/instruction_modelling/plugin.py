@@ -21,8 +21,11 @@ class InstructionModellingPlugin(BasePlugin):
     def register(self, cfg):
         """Make ``type: instruction_modelling`` resolvable and put the trained roles into the
         dataset hash (Axolotl hashes ``roles_to_train`` but not plugin options)."""
+        from axolotl.prompt_tokenizers import DatasetWrappingStrategy
+
         from . import strategy
 
+        DatasetWrappingStrategy.register(strategy.InstructionModellingStrategy)
         sys.modules.setdefault(_STRATEGY_ALIAS, strategy)
         from .args import IMArgs
 

@@ -237,7 +237,7 @@ def normalize_messages(row: Mapping[str, Any], fields: RowFields) -> list[Messag
 # Renderers: rows -> pieces of (text, segment).
 # ----------------------------------------------------------------------------------------
 
-ChatRenderer = Callable[[list[dict[str, str]]], str]
+RenderFn = Callable[[list[dict[str, str]]], str]
 
 
 class TemplateError(RowError):
@@ -248,7 +248,7 @@ def _sentinel(i: int) -> str:
     return f"{_SENTINEL_OPEN}{i}{_SENTINEL_CLOSE}"
 
 
-def chat_pieces(messages: Sequence[Message], render: ChatRenderer, messages_field: str = "messages") -> list[Piece]:
+def chat_pieces(messages: Sequence[Message], render: RenderFn, messages_field: str = "messages") -> list[Piece]:
     """Split a rendered conversation into template and content pieces.
 
     Args:
@@ -555,7 +555,7 @@ class RowEncoder:
     """
 
     tokenizer: Any
-    render: ChatRenderer | None
+    render: RenderFn | None
     fields: RowFields = field(default_factory=RowFields)
     end_tokens: Sequence[str] = ()
     add_bos_to_plain: bool = True
@@ -584,3 +584,31 @@ class RowEncoder:
         return encode_pieces(
             pieces, self.tokenizer, self.end_ids, add_bos=plain and self.add_bos_to_plain, add_eos=plain
         )
+
+
+@dataclass
+class ChatRenderer:
+    """The ``render`` of a ``RowEncoder``: a conversation rendered with a chat template (picklable)."""
+
+    tokenizer: Any
+    chat_template: str
+    template_kwargs: dict = field(default_factory=dict)
+
+    def __call__(self, messages):
+        return self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=False,
+            chat_template=self.chat_template,
+            **self.template_kwargs,
+        )
+
+
+def describe_row(path: str | None, index: int) -> str:
+    """``lima.jsonl row 12 (line 13)``: how errors name a row of a data file."""
+    import os
+
+    where = f"{os.path.basename(str(path)) if path else '<dataset>'} row {index}"
+    if path and str(path).endswith(".jsonl"):
+        where += f" (line {index + 1})"
+    return where

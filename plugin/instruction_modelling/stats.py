@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .segments import RowError, RowFields, detect_format, normalize_messages
+from .segments import (
+    INSTRUCTION_SEGMENTS,
+    OUTPUT_SEGMENTS,
+    RowError,
+    RowFields,
+    alpaca_pieces,
+    detect_format,
+    normalize_messages,
+    prompt_completion_pieces,
+)
 
 
 def side_texts(row: Mapping[str, Any], fields: RowFields = RowFields()) -> tuple[list[str], list[str]]:
@@ -31,21 +40,21 @@ def side_texts(row: Mapping[str, Any], fields: RowFields = RowFields()) -> tuple
         messages = normalize_messages(row, fields)
         return ([m.content for m in messages if m.role != "assistant"],
                 [m.content for m in messages if m.role == "assistant"])
-    if fmt == "alpaca":
-        names, out_name = (fields.system, fields.instruction, fields.input), fields.output
-    else:
-        names, out_name = (fields.prompt,), fields.completion
-    for name in (*names, out_name):
-        if row.get(name) is not None and not isinstance(row[name], str):
-            raise RowError(name, f"must be a string, got {type(row[name]).__name__}")
-    instruction = "\n".join(row[n] for n in names if row.get(n))
-    return [instruction], [row.get(out_name) or ""]
+    # The renderers training uses validate the fields (missing, empty, mistyped).
+    pieces = alpaca_pieces(row, fields) if fmt == "alpaca" else prompt_completion_pieces(row, fields)
+    instruction = "\n".join(p.text for p in pieces if p.segment in INSTRUCTION_SEGMENTS)
+    return [instruction], ["".join(p.text for p in pieces if p.segment in OUTPUT_SEGMENTS)]
+
+
+def word_count(texts: Iterable[str]) -> int:
+    """Whitespace-separated words, the paper's Table 5 unit."""
+    return sum(len(t.split()) for t in texts)
 
 
 def count_words(row: Mapping[str, Any], fields: RowFields = RowFields()) -> tuple[int, int]:
     """``(instruction_words, output_words)`` of one row, words = ``len(text.split())``."""
     instruction, output = side_texts(row, fields)
-    return sum(len(t.split()) for t in instruction), sum(len(t.split()) for t in output)
+    return word_count(instruction), word_count(output)
 
 
 def dataset_stats(rows: Iterable[Mapping[str, Any]], fields: RowFields = RowFields(),
@@ -64,8 +73,8 @@ def dataset_stats(rows: Iterable[Mapping[str, Any]], fields: RowFields = RowFiel
         except RowError as exc:
             raise ValueError(f"{source} row {i}: {exc}") from exc
         n += 1
-        instruction += sum(len(t.split()) for t in ins)
-        output += sum(len(t.split()) for t in outs)
+        instruction += word_count(ins)
+        output += word_count(outs)
         instruction_msgs += len(ins)
         output_msgs += len(outs)
     if n == 0:

@@ -8,12 +8,19 @@ truncation that keeps ``segment_ids`` aligned with ``input_ids``.
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
-from typing import Any
 
 from .args import IMArgs
-from .segments import DEFAULT_ROLE_ALIASES, ROLE_SEGMENT, RowEncoder, RowError, RowFields, Segment, detect_format
+from .segments import (  # noqa: F401  (ChatRenderer, describe_row: re-exported for callers)
+    DEFAULT_ROLE_ALIASES,
+    ROLE_SEGMENT,
+    ChatRenderer,
+    RowEncoder,
+    RowError,
+    RowFields,
+    Segment,
+    describe_row,
+    detect_format,
+)
 
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
@@ -23,24 +30,6 @@ STRADDLED_COLUMN = "_im_straddled"
 
 class BadRowsError(ValueError):
     """Rows that could not be segmented, with their file, row and field."""
-
-
-@dataclass
-class ChatRenderer:
-    """Renders a conversation with a chat template (picklable for multiprocessing)."""
-
-    tokenizer: Any
-    chat_template: str
-    template_kwargs: dict = field(default_factory=dict)
-
-    def __call__(self, messages):
-        return self.tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=False,
-            chat_template=self.chat_template,
-            **self.template_kwargs,
-        )
 
 
 def row_fields_from_dataset_config(ds_cfg: dict) -> RowFields:
@@ -60,15 +49,9 @@ def row_fields_from_dataset_config(ds_cfg: dict) -> RowFields:
     )
 
 
-def describe_row(path: str | None, index: int) -> str:
-    where = f"{os.path.basename(path) if path else '<dataset>'} row {index}"
-    if path and str(path).endswith(".jsonl"):
-        where += f" (line {index + 1})"
-    return where
-
-
 class InstructionModellingStrategy:
-    """Dataset wrapping strategy (Axolotl's ``DatasetWrappingStrategy`` protocol)."""
+    """Dataset wrapping strategy (Axolotl's ``DatasetWrappingStrategy`` protocol; the plugin registers
+    it as a virtual subclass, so importing this module does not import Axolotl)."""
 
     def __init__(self, encoder: RowEncoder, *, path: str | None, sequence_len: int, truncate: bool,
                  on_bad_rows: str, trained_roles: list[str], drop_system_message: bool = False):
@@ -238,14 +221,3 @@ def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
     )
     return strategy
 
-
-def _register_as_axolotl_strategy():
-    """Make this module a subclass of Axolotl's DatasetWrappingStrategy when Axolotl is present."""
-    try:
-        from axolotl.prompt_tokenizers import DatasetWrappingStrategy
-    except ImportError:
-        return
-    DatasetWrappingStrategy.register(InstructionModellingStrategy)
-
-
-_register_as_axolotl_strategy()

@@ -37,9 +37,9 @@ def _parse(text: str, source: str, as_jsonl: bool) -> Records:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{source}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+            raise InputError(f"{source} line {exc.lineno}: not valid JSON ({exc.msg})") from exc
         if not isinstance(data, list):
-            raise InputError(f"{source}: expected a JSON list of records, got {type(data).__name__}")
+            raise InputError(f"{source}: expected a JSON list of rows, got {type(data).__name__}")
         return Records(data, source)
     rows, lines = [], []
     for n, line in enumerate(text.splitlines(), start=1):
