@@ -24,11 +24,10 @@ class InstructionModellingPlugin(BasePlugin):
         from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 
         from . import strategy
+        from .args import IMArgs
 
         DatasetWrappingStrategy.register(strategy.InstructionModellingStrategy)
         sys.modules.setdefault(_STRATEGY_ALIAS, strategy)
-        from .args import IMArgs
-
         try:
             args = IMArgs.from_cfg(cfg)
         except Exception:  # reported properly by Axolotl's validation of get_input_args()
