@@ -19,6 +19,8 @@ from instruction_modelling.segments import (
 )
 from instruction_modelling.strategy import ChatRenderer
 
+from cli_helpers import axolotl_template
+
 TEMPLATES = ("tulu", "chatml", "llama3")
 
 
@@ -139,6 +141,38 @@ def test_property_im_and_it(tokenizer, templates, template_name, messages):
     check_runs(tokenizer, ex, messages, ("assistant",))
 
 
+def _axolotl_template_names():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("axolotl")
+    if spec is None:
+        return []
+    return sorted(p.stem for p in (Path(spec.origin).parent / "utils/chat_templates/templates").glob("*.jinja"))
+
+
+# These render the system prompt only before a final user turn (or not at all).
+SYSTEM_DROPPED = {"gemma", "mistral_v2v3", "mistral_v3_tekken", "pixtral"}
+
+
+@pytest.mark.parametrize("name", _axolotl_template_names())
+def test_every_template_axolotl_ships(tokenizer, name):
+    """Contents are found in every template Axolotl 0.19.0 ships (end-of-turn tokens that this tiny
+    vocabulary lacks, such as <end_of_turn>, are checked by the three templates above)."""
+    enc = encoder(tokenizer, axolotl_template(name))
+    end_ids = end_of_turn_ids(tokenizer)
+    for conversation in ("single_turn", "system_multi_turn"):
+        messages = CONVERSATIONS[conversation]
+        if conversation == "system_multi_turn" and name in SYSTEM_DROPPED:
+            with pytest.raises(TemplateError, match="messages\\[0\\].content|rejected"):
+                enc.encode({"messages": messages})
+            continue
+        ex = enc.encode({"messages": messages})
+        got = [(seg, [t for t in ids if t not in end_ids]) for seg, ids in runs(ex, {1, 2, 3})]
+        expected = [({"system": 1, "user": 2, "assistant": 3}[m["role"]], m["content"]) for m in messages]
+        assert [(seg, tokenizer.decode(ids).strip()) for seg, ids in got] == expected, name
+
+
 # -- Alpaca and prompt/completion -------------------------------------------------------------
 
 
@@ -239,3 +273,19 @@ def test_slow_tokenizer_is_refused(tokenizer):
 
     with pytest.raises(ValueError, match="fast"):
         RowEncoder(Slow(), None)
+
+
+def test_template_that_moves_the_system_prompt(tokenizer):
+    """Contents may appear out of message order (here the system prompt after the first user turn)."""
+    moved = ("{% for m in messages %}{% if m['role'] == 'user' %}U: {{ m['content'] }}"
+             "{% if loop.index0 == 1 %}\nS: {{ messages[0]['content'] }}{% endif %}\n"
+             "{% elif m['role'] == 'assistant' %}A: {{ m['content'] }}</s>\n{% endif %}{% endfor %}")
+    ex = encoder(tokenizer, moved).encode({"messages": CONVERSATIONS["system_multi_turn"]})
+    got = [(int(seg), tokenizer.decode(ids).strip()) for seg, ids in runs(ex, {1, 2, 3})]  # " Which": glue
+    assert got == [(2, "Can brain cells move?"), (1, "Be brief."), (3, "Yes, some do.</s>"),
+                   (2, "Which ones?"), (3, "Neural stem cells.</s>")]
+
+
+def test_dropped_system_prompt_error_suggests_drop_system_message(tokenizer):
+    with pytest.raises(TemplateError, match="drop_system_message: true"):
+        encoder(tokenizer, axolotl_template("mistral_v2v3")).encode({"messages": CONVERSATIONS["system_multi_turn"]})

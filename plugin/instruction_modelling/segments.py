@@ -11,8 +11,9 @@ How a chat example is segmented
    every message's content replaced by a unique sentinel. The sentinel render is the
    *skeleton*: the text between sentinels is template text (role tags, separators, BOS,
    default system prompts, ...).
-2. Walking both renders in step gives the exact character span of every message's content in
-   the real render. Templates that ``trim`` content are handled (the stripped content is
+2. Walking both renders in step (in render order, so templates that move a content, such as
+   Mistral v3 putting the system prompt into the last user turn, work) gives the exact
+   character span of every message's content in the real render. Templates that ``trim`` content are handled (the stripped content is
    matched); a template that drops, repeats or rewrites a message's content is an error, so
    no example is ever trained with a mask we cannot justify.
 3. The whole text is tokenised once, as ``apply_chat_template`` would, and each token takes the
@@ -267,33 +268,36 @@ def chat_pieces(messages: Sequence[Message], render: RenderFn, messages_field: s
     except Exception as exc:  # jinja raise_exception(), bad role order, ...
         raise TemplateError(messages_field, f"the chat template rejected the conversation: {exc}") from exc
 
-    # Template text between consecutive sentinels in the skeleton.
-    positions = []
-    cursor = 0
+    # Where each message's content sits in the skeleton. Templates may move a content (Mistral v3
+    # puts the system prompt into the last user turn), so pieces follow render order.
+    located = []
     for i in range(len(messages)):
         s = _sentinel(i)
-        j = skeleton.find(s, cursor)
+        j = skeleton.find(s)
         if j < 0:
+            hint = (" (some templates, e.g. Mistral v3's, place the system prompt only before a final user "
+                    "turn); set the dataset's drop_system_message: true to train without it"
+                    if messages[i].role == "system" else "")
             raise TemplateError(
                 f"{messages_field}[{i}].content",
-                "the chat template does not render this message's content (dropped or reordered); "
-                "its tokens could not be assigned a segment",
+                f"the chat template does not render this message's content{hint}; refusing to guess its segment",
             )
         if skeleton.find(s, j + len(s)) >= 0:
             raise TemplateError(f"{messages_field}[{i}].content", "the chat template renders this content twice")
-        positions.append((j, j + len(s)))
-        cursor = j + len(s)
+        located.append((j, j + len(s), i))
+    located.sort()
     template_texts = []
     prev = 0
-    for start, end in positions:
+    for start, end, _ in located:
         template_texts.append(skeleton[prev:start])
         prev = end
     template_texts.append(skeleton[prev:])
 
     pieces: list[Piece] = []
     pos = 0
-    for i, msg in enumerate(messages):
-        tpl, nxt = template_texts[i], template_texts[i + 1]
+    for k, (_, _, i) in enumerate(located):
+        msg = messages[i]
+        tpl, nxt = template_texts[k], template_texts[k + 1]
         if not real.startswith(tpl, pos):
             raise TemplateError(
                 f"{messages_field}[{i}].content",
@@ -302,7 +306,7 @@ def chat_pieces(messages: Sequence[Message], render: RenderFn, messages_field: s
         pos += len(tpl)
         if tpl:
             pieces.append(Piece(tpl, Segment.TEMPLATE))
-        is_last = i == len(messages) - 1
+        is_last = k == len(located) - 1
         for candidate in dict.fromkeys((msg.content, msg.content.strip(), msg.content.lstrip(), msg.content.rstrip())):
             end = pos + len(candidate)
             follows = real.startswith(nxt, end) and (not is_last or end + len(nxt) == len(real))
