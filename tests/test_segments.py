@@ -289,3 +289,15 @@ def test_template_that_moves_the_system_prompt(tokenizer):
 def test_dropped_system_prompt_error_suggests_drop_system_message(tokenizer):
     with pytest.raises(TemplateError, match="drop_system_message: true"):
         encoder(tokenizer, axolotl_template("mistral_v2v3")).encode({"messages": CONVERSATIONS["system_multi_turn"]})
+
+
+def test_batched_encoding_equals_row_by_row(tokenizer, templates):
+    enc = encoder(tokenizer, templates["tulu"])
+    rows = [{"messages": m} for m in CONVERSATIONS.values()] + [
+        {"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"prompt": "Q?", "completion": "A"},
+        {"messages": []}]
+    batched = enc.encode_rows(rows)
+    for row, got in zip(rows[:-1], batched[:-1]):
+        ex = enc.encode(row)
+        assert (got.input_ids, got.segment_ids) == (ex.input_ids, ex.segment_ids)
+    assert isinstance(batched[-1], RowError) and batched[-1].field == "messages"

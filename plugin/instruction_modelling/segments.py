@@ -589,6 +589,25 @@ class RowEncoder:
             pieces, self.tokenizer, self.end_ids, add_bos=plain and self.add_bos_to_plain, add_eos=plain
         )
 
+    def encode_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[EncodedExample | RowError]:
+        """``encode`` for many rows with one batched tokenizer call; a bad row yields its ``RowError``."""
+        results: list[EncodedExample | RowError | None] = [None] * len(rows)
+        good, batch, plain = [], [], []
+        for i, row in enumerate(rows):
+            try:
+                pieces, is_plain = self.pieces(row)
+            except RowError as exc:
+                results[i] = exc
+                continue
+            good.append(i)
+            batch.append(pieces)
+            plain.append(is_plain)
+        encoded = encode_many(batch, self.tokenizer, self.end_ids,
+                              add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain)
+        for i, ex in zip(good, encoded):
+            results[i] = ex
+        return results
+
 
 @dataclass
 class ChatRenderer:

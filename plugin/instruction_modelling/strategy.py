@@ -66,28 +66,24 @@ class InstructionModellingStrategy:
     # -- one batch of rows -------------------------------------------------------------
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(next(iter(batch.values())))
+        rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+        if self.drop_system_message:
+            rows = [self._without_system(row) for row in rows]
         out = {k: [] for k in ("input_ids", "attention_mask", "labels", "segment_ids", ERROR_COLUMN, STRADDLED_COLUMN)}
-        for i in range(n):
-            row = {k: v[i] for k, v in batch.items()}
-            if self.drop_system_message:
-                row = self._without_system(row)
-            try:
-                ex = self.encoder.encode(row)
+        for row, ex in zip(rows, self.encoder.encode_rows(rows)):
+            error = ""
+            if isinstance(ex, RowError):
+                error = str(ex)
+            else:
                 if self.truncate and len(ex.input_ids) > self.sequence_len:
                     ex = ex.truncate(self.sequence_len)
                 if Segment.OUTPUT not in ex.segment_ids:
-                    raise RowError(
+                    error = str(RowError(
                         self._output_field(row),
                         f"no output token left (sequence_len={self.sequence_len}, {len(ex.input_ids)} tokens); "
                         "nothing to learn from this row",
-                    )
-                error = ""
-            except RowError as exc:
-                ex, error = None, str(exc)
-            if ex is None:
-                ids, segs, straddled = [], [], 0
-            else:
-                ids, segs, straddled = ex.input_ids, ex.segment_ids, ex.straddled
+                    ))
+            ids, segs, straddled = ([], [], 0) if error else (ex.input_ids, ex.segment_ids, ex.straddled)
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
             out["labels"].append(self._labels(ids, segs))
