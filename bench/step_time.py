@@ -36,8 +36,7 @@ def main() -> int:
     from instruction_modelling.losses import segment_weighted_loss, weight_table
     from instruction_modelling.quickstart.sample_data import TRAIN_FILE
     from instruction_modelling.quickstart.tiny import build_tokenizer, corpus_from_jsonl
-    from instruction_modelling.segments import RowEncoder, Segment
-    from instruction_modelling.strategy import ChatRenderer
+    from instruction_modelling.segments import ChatRenderer, RowEncoder, Segment
 
     tok = build_tokenizer(corpus_from_jsonl(TRAIN_FILE))
     enc = RowEncoder(tok, ChatRenderer(tok, tok.chat_template))

@@ -12,8 +12,7 @@ import pytest
 from cli_helpers import run_axolotl, write_jsonl
 from instruction_modelling.quickstart.config import cpu_config
 from instruction_modelling.quickstart.sample_data import TRAIN_FILE
-from instruction_modelling.segments import RowEncoder, Segment
-from instruction_modelling.strategy import ChatRenderer
+from instruction_modelling.segments import ChatRenderer, RowEncoder, Segment
 from test_segments import CONVERSATIONS
 
 pytest.importorskip("axolotl")

@@ -50,8 +50,7 @@ def _model_kl_to_base(model_dir, base_dir, rows) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from instruction_modelling.kl import kl_mask, naive_token_kl
-    from instruction_modelling.segments import RowEncoder
-    from instruction_modelling.strategy import ChatRenderer
+    from instruction_modelling.segments import ChatRenderer, RowEncoder
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     enc = RowEncoder(tok, ChatRenderer(tok, tok.chat_template))

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from instruction_modelling.segments import (
+    ChatRenderer,
     INSTRUCTION_SEGMENTS,
     RowEncoder,
     RowError,
@@ -17,7 +18,6 @@ from instruction_modelling.segments import (
     TemplateError,
     end_of_turn_ids,
 )
-from instruction_modelling.strategy import ChatRenderer
 
 from cli_helpers import axolotl_template
 

@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, Segment
+from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, ROLE_SEGMENT, Segment
 
 NORMALISATIONS = ("token", "sequence")
 
@@ -56,8 +56,6 @@ def weight_table(
         table[seg] = instruction_weight
     for seg in OUTPUT_SEGMENTS:
         table[seg] = output_weight
-    from .segments import ROLE_SEGMENT
-
     for role, w in (role_weights or {}).items():
         table[ROLE_SEGMENT[role]] = w
     return table
@@ -316,7 +314,9 @@ def segment_weighted_loss(
     ce, kl = token_losses(logits, padded, kl_reference, kl_type, chunk_size)
     ce = ce[:, :-1]
     kl = kl[:, :-1] if kl is not None else None
-    w = effective_weights(input_ids, segment_ids, table, position_ids, normalisation)
+    seg_w = _segment_weights(input_ids, segment_ids, table, position_ids)
+    scale = _scale(seg_w, segment_ids, position_ids, normalisation)
+    w = seg_w * scale  # = effective_weights(...)
     if normaliser is None:
         normaliser = w.sum().detach()
     normaliser = torch.as_tensor(normaliser, dtype=torch.float32, device=ce.device)
@@ -325,7 +325,6 @@ def segment_weighted_loss(
     if kl is not None:
         mask = kl_mask if kl_mask is not None else valid
         if kl_coef:
-            scale = example_scale(input_ids, segment_ids, table, position_ids, normalisation)
             objective = objective + kl_coef * (kl * mask * scale).sum()
         kl_sum, kl_count = (kl.detach() * mask).sum(), mask.sum()
     loss = objective / normaliser.clamp_min(1e-12)

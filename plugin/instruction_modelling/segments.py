@@ -584,10 +584,11 @@ class RowEncoder:
         return prompt_completion_pieces(row, self.fields), True
 
     def encode(self, row: Mapping[str, Any]) -> EncodedExample:
-        pieces, plain = self.pieces(row)
-        return encode_pieces(
-            pieces, self.tokenizer, self.end_ids, add_bos=plain and self.add_bos_to_plain, add_eos=plain
-        )
+        """One row; raises ``RowError`` naming the bad field."""
+        result = self.encode_rows([row])[0]
+        if isinstance(result, RowError):
+            raise result
+        return result
 
     def encode_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[EncodedExample | RowError]:
         """``encode`` for many rows with one batched tokenizer call; a bad row yields its ``RowError``."""

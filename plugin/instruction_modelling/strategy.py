@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from .args import IMArgs
-from .segments import (  # noqa: F401  (ChatRenderer, describe_row: re-exported for callers)
+from .segments import (
     DEFAULT_ROLE_ALIASES,
     ROLE_SEGMENT,
     ChatRenderer,

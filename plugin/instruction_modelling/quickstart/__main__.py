@@ -40,8 +40,7 @@ def _losses(model_dir: Path, files: dict[str, Path]) -> dict[str, dict[str, floa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..evaluation import example_losses, pooled, read_rows
-    from ..segments import RowEncoder
-    from ..strategy import ChatRenderer
+    from ..segments import ChatRenderer, RowEncoder
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
