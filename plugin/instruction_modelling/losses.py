@@ -146,6 +146,45 @@ def loss_normaliser(
 
 
 @dataclass
+class LossCoefficients:
+    """How each target enters the loss: ``loss = Σ ce·ce_coef + λ Σ kl·kl_coef``.
+
+    Attributes:
+        ce_coef: ``[B, T-1]`` coefficient of every target's cross-entropy (0 for untrained targets).
+        kl_coef: ``[B, T-1]`` factor for the KL of every target before its mask and λ (the
+            per-example scale divided by the window normaliser).
+    """
+
+    ce_coef: torch.Tensor
+    kl_coef: torch.Tensor
+
+
+def target_coefficients(
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    table: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    normalisation: str = "token",
+    normaliser: torch.Tensor | float | None = None,
+) -> LossCoefficients:
+    """The one place that turns segments, weights and the window normaliser into the loss's
+    per-target coefficients; every loss implementation (logits, chunked hidden states, kernels)
+    multiplies its per-target CE by ``ce_coef`` and sums.
+
+    Args:
+        normaliser: the window's total of ``loss_normaliser`` (summed over micro-batches and
+            data-parallel ranks; any shape ``loss_normaliser`` returns); defaults to this batch's own.
+    """
+    seg_w = _segment_weights(input_ids, segment_ids, table, position_ids)
+    scale = _scale(seg_w, segment_ids, position_ids, normalisation)
+    w = seg_w * scale  # = effective_weights(...)
+    if normaliser is None:
+        normaliser = w.sum().detach()
+    normaliser = torch.as_tensor(normaliser, dtype=torch.float32, device=w.device).clamp_min(1e-12)
+    return LossCoefficients(ce_coef=w / normaliser, kl_coef=scale / normaliser)
+
+
+@dataclass
 class SegmentLoss:
     """Result of ``segment_weighted_loss``.
 
@@ -314,20 +353,14 @@ def segment_weighted_loss(
     ce, kl = token_losses(logits, padded, kl_reference, kl_type, chunk_size)
     ce = ce[:, :-1]
     kl = kl[:, :-1] if kl is not None else None
-    seg_w = _segment_weights(input_ids, segment_ids, table, position_ids)
-    scale = _scale(seg_w, segment_ids, position_ids, normalisation)
-    w = seg_w * scale  # = effective_weights(...)
-    if normaliser is None:
-        normaliser = w.sum().detach()
-    normaliser = torch.as_tensor(normaliser, dtype=torch.float32, device=ce.device)
-    objective = (ce * w).sum()
+    coef = target_coefficients(input_ids, segment_ids, table, position_ids, normalisation, normaliser)
+    loss = (ce * coef.ce_coef).sum()
     kl_sum = kl_count = None
     if kl is not None:
         mask = kl_mask if kl_mask is not None else valid
         if kl_coef:
-            objective = objective + kl_coef * (kl * mask * scale).sum()
+            loss = loss + kl_coef * (kl * mask * coef.kl_coef).sum()
         kl_sum, kl_count = (kl.detach() * mask).sum(), mask.sum()
-    loss = objective / normaliser.clamp_min(1e-12)
 
     ce_d = ce.detach()
     is_instr = valid & torch.isin(segs, torch.tensor(INSTRUCTION_SEGMENTS, device=segs.device))
