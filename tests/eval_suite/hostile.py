@@ -128,16 +128,17 @@ def unhooked(code: str, then: str = CORRECT_BODY) -> str:
     """
     return body(f"""
         import _posixsubprocess, os, sys
-        errpipe_read, errpipe_write = os.pipe()
-        args = [[sys.executable, "-I", "-S", "-c", {code!r}], [os.fsencode(sys.executable)], True, (), None,
-                None, -1, -1, -1, -1, -1, -1, errpipe_read, errpipe_write, True, False, -1, None, None, None, -1, None]
-        try:
-            pid = _posixsubprocess.fork_exec(*args, False)
-        except TypeError:
-            pid = _posixsubprocess.fork_exec(*args)
-        os.close(errpipe_write)
-        _, status = os.waitpid(pid, 0)
-        if status != 0:
+        if "_hostile_status" not in globals():  # once per program, not once per test call
+            errpipe_read, errpipe_write = os.pipe()
+            args = [[sys.executable, "-I", "-S", "-c", {code!r}], [os.fsencode(sys.executable)], True, (), None,
+                    None, -1, -1, -1, -1, -1, -1, errpipe_read, errpipe_write, True, False, -1, None, None, None, -1, None]
+            try:
+                pid = _posixsubprocess.fork_exec(*args, False)
+            except TypeError:
+                pid = _posixsubprocess.fork_exec(*args)
+            os.close(errpipe_write)
+            globals()["_hostile_status"] = os.waitpid(pid, 0)[1]
+        if globals()["_hostile_status"] != 0:
             return None
     """) + then
 

@@ -1,0 +1,168 @@
+"""Hostile HumanEval samples through the real CLI (`eval-suite humaneval score --allow-code-execution`).
+
+Each forge from the adversarial round fails, correct-but-noisy code passes, nothing is left on the
+host, concurrent runs cannot reach each other, the memory cap holds for a multi-process sample, and
+bad arguments fail before any work. test_sandbox.py has the same attacks against the API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import REPO_ROOT, run_cli
+from hostile import CORRECT_BODY, FORGES, NOISY, TASK, host_leftovers, leaks, marker, unhooked
+
+from eval_suite.humaneval import bench, sandbox
+
+MODE = sandbox.isolation_mode()
+ISOLATED = pytest.mark.skipif(MODE == "basic", reason="needs namespaces (root) or unprivileged user namespaces")
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return bench.load_problems()
+
+
+def write_samples(path, completions, task=TASK):
+    path.write_text("".join(json.dumps({"task_id": task, "completion": c}) + "\n" for c in completions))
+    return path
+
+
+def score(samples, *extra):
+    proc = run_cli("humaneval", "score", "--samples", str(samples), "--allow-code-execution", "--k", "1", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in open(str(samples) + "_results.jsonl")]
+
+
+def test_forged_passes_fail_and_noisy_correct_code_passes(tmp_path):
+    names = [*FORGES, "correct", *NOISY]
+    samples = write_samples(tmp_path / "forges.jsonl", [*FORGES.values(), CORRECT_BODY, *NOISY.values()])
+    results = score(samples, "--timeout", "5")
+    passed = {name for name, r in zip(names, results) if r["passed"]}
+    assert passed == {"correct", *NOISY}, [(n, r["result"]) for n, r in zip(names, results)]
+
+
+@ISOLATED
+def test_nothing_is_left_on_the_host(tmp_path):
+    """Files (also via dir_fd, symlinks, mkfifo, mknod, unix sockets), SysV shm/msg/sem, daemons: none outlive the run."""
+    mark, key = marker(), 0x5EED4000 + os.getpid() % 0x1000 * 4
+    samples = write_samples(tmp_path / "leaks.jsonl", [unhooked(leaks(mark, key))])
+    [result] = score(samples, "--timeout", "8")
+    assert result["passed"], result  # the hostile code ran to its end inside the sandbox
+    assert host_leftovers(mark, key) == {"files": [], "ipc": [], "processes": []}
+    if MODE == "namespaces":
+        assert sandbox.leftover_processes() == []
+        owners = {line.split()[7] for kind in ("shm", "msg") for line in open(f"/proc/sysvipc/{kind}").read().splitlines()[1:]}
+        assert not owners & {str(u) for u in sandbox.SANDBOX_UIDS}
+
+
+PROC_SCAN = textwrap.dedent("""
+    import os, signal, time
+    foreign = set()
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                command = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            # The launchers and scorers of either run (NUL-separated argv; the escapes keep these bytes
+            # out of this program's own command line).
+            if b"sandbox_child.py\\x00" in command or b"humaneval\\x00score" in command:
+                foreign.add(pid)
+                try:  # what the adversarial round did to another run's program
+                    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as memory:
+                        memory.seek(0x400000)
+                        memory.write(b"\\xcc" * 64)
+                except OSError:
+                    pass
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    raise SystemExit(1 if foreign else 0)
+""")
+FORK_BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+
+
+@ISOLATED
+def test_two_concurrent_runs_cannot_touch_each_other(tmp_path, problems):
+    """A hostile run (scanning /proc for the other run, writing its memory, fork-bombing) beside a correct one."""
+    task_ids = list(problems)[:8]
+    correct = tmp_path / "correct.jsonl"
+    correct.write_text("".join(json.dumps({"task_id": t, "completion": problems[t]["canonical_solution"]}) + "\n"
+                               for t in task_ids))
+    hostile = write_samples(tmp_path / "hostile.jsonl", [unhooked(PROC_SCAN)] * 2 + [unhooked(FORK_BOMB)])
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    runs = [subprocess.Popen([sys.executable, "-m", "eval_suite", "humaneval", "score", "--samples", str(path),
+                              "--allow-code-execution", "--k", "1", "--timeout", "4"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+            for path in (hostile, correct)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert json.loads(outputs[1][0].strip().splitlines()[-1]) == {"pass@1": 1.0}
+    hostile_results = [json.loads(line) for line in open(str(hostile) + "_results.jsonl")]
+    # The scanners ran to their end and saw no process of the other run (or of the scorer) to attack.
+    assert [r["passed"] for r in hostile_results[:2]] == [True] * 2, hostile_results
+
+
+HOGS = textwrap.dedent("""
+    import os, time
+    r, w = os.pipe()
+    kids = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            block = bytearray(MB << 20)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            os.write(w, b"k")
+            time.sleep(0.5)
+            os._exit(0)
+        kids.append(pid)
+    os.close(w)
+    got = b""
+    while chunk := os.read(r, 8):
+        got += chunk
+    for pid in kids:
+        os.waitpid(pid, 0)
+    raise SystemExit(0 if len(got) == 4 else 1)
+""")
+
+
+@pytest.mark.skipif(MODE != "namespaces", reason="the whole-tree cap is a cgroup, made as root")
+def test_the_memory_cap_holds_for_a_multi_process_sample(tmp_path):
+    if not sandbox._cgroup_parents():
+        pytest.skip("no usable cgroup on this machine (the bound is RLIMIT_AS x RLIMIT_NPROC)")
+    # 4 processes x 300 MiB: each is under RLIMIT_AS (1 GiB), together over the 1 GiB sandbox cap.
+    samples = write_samples(tmp_path / "hogs.jsonl", [unhooked(HOGS.replace("MB", "300")),
+                                                      unhooked(HOGS.replace("MB", "64"))])
+    over, under = score(samples, "--timeout", "15")
+    assert not over["passed"] and under["passed"], (over, under)
+
+
+@pytest.mark.parametrize("case", ["k_without_1", "timeout_0", "timeout_negative", "empty_file", "lone_surrogate"])
+def test_bad_arguments_and_files_fail_before_any_work(tmp_path, case):
+    samples = write_samples(tmp_path / "s.jsonl", [CORRECT_BODY])
+    args, expected = {
+        "k_without_1": (["--k", "10"], "--k must include 1"),
+        "timeout_0": (["--timeout", "0"], "--timeout: 0 should be above 0"),
+        "timeout_negative": (["--timeout", "-1"], "--timeout: -1 should be above 0"),
+        "empty_file": ([], "no samples"),
+        "lone_surrogate": ([], "row 2: field 'completion' holds a lone surrogate"),
+    }[case]
+    if case == "empty_file":
+        samples.write_text("")
+    if case == "lone_surrogate":
+        with open(samples, "a") as f:
+            f.write('{"task_id": "%s", "completion": "    return \\ud800\\n"}\n' % TASK)
+    proc = run_cli("humaneval", "score", "--samples", str(samples), "--allow-code-execution", *args)
+    assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(str(samples) + "_results.jsonl")  # nothing ran
