@@ -199,8 +199,8 @@ class _Channel:
 
     def _wait(self, fd: int, writing: bool) -> None:
         remaining = self.deadline - time.monotonic()
-        ready = select.select([], [fd], [], max(remaining, 0)) if writing else select.select([fd], [], [], max(remaining, 0))
-        if remaining <= 0 or not any(ready):
+        watched = ([], [fd], []) if writing else ([fd], [], [])
+        if remaining <= 0 or not any(select.select(*watched, remaining)):
             raise _Timeout
 
     def _read(self, n: int) -> bytes:
@@ -255,9 +255,11 @@ def _execute(source: str, entry_point: str | None, judge: Callable[[Callable], N
         reply_r, reply_w = os.pipe()
         config = {"mode": mode, "workdir": str(workdir), "uid": identity.uid, "cgroup_procs": identity.procs_files,
                   "limits": asdict(limits) | {"wall_seconds": None}, "audit_hook": audit_hook,
-                  "entry_point": entry_point or "", "hidden_paths": _hidden_paths(), "request_fd": request_r, "reply_fd": reply_w,
+                  "entry_point": entry_point or "", "hidden_paths": _hidden_paths(),
+                  "request_fd": request_r, "reply_fd": reply_w,
                   # The base interpreter, not a venv: the program gets the standard library only.
-                  "interpreter": os.path.realpath(sys.executable), "interpreter_prefix": os.path.realpath(sys.base_prefix)}
+                  "interpreter": os.path.realpath(sys.executable),
+                  "interpreter_prefix": os.path.realpath(sys.base_prefix)}
         with open(Path(tmp, "output"), "w+b") as out:
             try:
                 proc = subprocess.Popen(
@@ -306,7 +308,8 @@ def _judge(channel: _Channel, judge: Callable[[Callable], None] | None) -> Execu
     except AssertionError as e:
         return ExecutionResult(False, "failed", f"AssertionError: {e}"[:300].rstrip(": "))
     except Exception as e:  # CandidateError, or the test tripping over a returned value
-        return ExecutionResult(False, "failed", str(e) if isinstance(e, CandidateError) else f"{type(e).__name__}: {e}"[:300])
+        detail = str(e) if isinstance(e, CandidateError) else f"{type(e).__name__}: {e}"
+        return ExecutionResult(False, "failed", detail[:300])
 
 
 def _explain(outcome: ExecutionResult | None, returncode: int, last_line: str, mode: str,
@@ -450,17 +453,7 @@ def sweep(uid: int) -> dict[str, int]:
 
 def processes_of(uid: int) -> list[int]:
     """Pids whose real, effective, saved or filesystem uid is ``uid``."""
-    pids = []
-    for d in os.scandir("/proc"):
-        if d.name.isdigit():
-            try:
-                with open(f"/proc/{d.name}/status") as f:
-                    uid_line = next(line for line in f if line.startswith("Uid:"))
-            except (OSError, StopIteration):
-                continue
-            if str(uid) in uid_line.split()[1:]:
-                pids.append(int(d.name))
-    return pids
+    return [pid for pid in _all_pids() if str(uid) in _uids_of(pid)]
 
 
 def files_of(uid: int, roots=WORLD_WRITABLE_DIRS) -> list[Path]:
@@ -594,7 +587,8 @@ def _remove_cgroup(group: Path) -> None:
 
 def leftover_processes() -> list[int]:
     """Pids running under any sandbox uid (for tests and checks)."""
-    return [pid for pid in _all_pids() if _uids_of(pid) & set(map(str, SANDBOX_UIDS))]
+    sandbox_uids = set(map(str, SANDBOX_UIDS))
+    return [pid for pid in _all_pids() if _uids_of(pid) & sandbox_uids]
 
 
 def _all_pids() -> list[int]:
