@@ -66,6 +66,7 @@ LOCK_DIR = Path("/run/eval_suite_sandbox")
 # World-writable host directories the sweep checks for files a sandbox uid left behind.
 WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue", "/run/shm")
 CGROUP_NAME = "eval_suite_sandbox"
+MODES = ("namespaces", "userns", "basic")  # strongest first
 
 
 @dataclass(frozen=True)
@@ -112,20 +113,30 @@ _mode_lock = threading.Lock()
 
 
 def isolation_mode() -> str:
-    """``namespaces`` as root, else ``userns`` where user namespaces work, else ``basic``."""
+    """``namespaces`` as root, else ``userns`` where user namespaces work, else ``basic``.
+
+    ``EVAL_SUITE_SANDBOX=namespaces|userns|basic`` asks for one mode; it is an error when that mode
+    cannot be set up (no silent fallback).
+    """
     with _mode_lock:  # decide once, before any worker starts
-        return _probe_isolation_mode()
+        return _probe_isolation_mode(os.environ.get("EVAL_SUITE_SANDBOX", ""))
 
 
 @functools.cache
-def _probe_isolation_mode() -> str:
-    if os.name != "posix" or not sys.platform.startswith("linux"):
+def _probe_isolation_mode(requested: str) -> str:
+    if requested and requested not in MODES:
+        raise ValueError(f"EVAL_SUITE_SANDBOX={requested!r}: expected one of {', '.join(MODES)}")
+    if requested == "basic" or os.name != "posix" or not sys.platform.startswith("linux"):
         return "basic"
-    for mode in ("namespaces",) if os.geteuid() == 0 else ("userns",):
+    candidates = (requested,) if requested else ("namespaces", "userns") if os.geteuid() == 0 else ("userns",)
+    for mode in candidates:
         probe = _execute("pass", None, None, SandboxLimits(), mode=mode, audit_hook=True)
         if probe.status != "setup_error":
             return mode
-        log.warning("sandbox: %s isolation unavailable (%s); falling back to basic isolation", mode, probe.detail)
+        if requested:
+            raise ValueError(f"EVAL_SUITE_SANDBOX={requested}: the sandbox cannot be set up here ({probe.detail})")
+        log.warning("sandbox: %s isolation unavailable (%s)", mode, probe.detail)
+    log.warning("sandbox: falling back to basic isolation (rlimits and an audit hook only; see docs/eval_suite.md)")
     return "basic"
 
 

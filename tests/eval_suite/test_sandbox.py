@@ -303,6 +303,12 @@ def test_environment_is_scrubbed(monkeypatch):
     assert result.passed, result.detail
 
 
+def test_a_requested_mode_is_checked():
+    with pytest.raises(ValueError, match="expected one of namespaces, userns, basic"):
+        sandbox._probe_isolation_mode("chroot")
+    assert sandbox._probe_isolation_mode("basic") == "basic"
+
+
 def test_os_layer_only_mode_is_refused_without_namespaces():
     with pytest.raises(ValueError, match="namespace"):
         run_program("pass", mode="basic", audit_hook=False)
