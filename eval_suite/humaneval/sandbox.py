@@ -554,18 +554,26 @@ def _cgroup_parents() -> tuple[Path, ...]:
 
 
 def _make_cgroups(uid: int, limits: SandboxLimits) -> list[Path]:
+    """The program's cgroups with its limits set; [] (logged) when they cannot be made."""
     made = []
-    for parent in _cgroup_parents():
-        group = parent / f"uid{uid}"
-        if group.exists():
+    settings = {"memory.max": limits.memory_bytes, "memory.swap.max": 0, "pids.max": limits.max_processes,
+                "memory.limit_in_bytes": limits.memory_bytes, "memory.memsw.limit_in_bytes": limits.memory_bytes}
+    try:
+        for parent in _cgroup_parents():
+            group = parent / f"uid{uid}"
+            if group.exists():
+                _remove_cgroup(group)
+            group.mkdir()
+            made.append(group)
+            for name, value in settings.items():  # each file exists in one cgroup version only
+                if (group / name).exists():
+                    (group / name).write_text(str(value))
+    except OSError as e:
+        log.warning("sandbox: could not make a cgroup for uid %d (%s); this program's memory bound is "
+                    "RLIMIT_AS x RLIMIT_NPROC", uid, e)
+        for group in made:
             _remove_cgroup(group)
-        group.mkdir()
-        made.append(group)
-        settings = {"memory.max": limits.memory_bytes, "memory.swap.max": 0, "pids.max": limits.max_processes,
-                    "memory.limit_in_bytes": limits.memory_bytes, "memory.memsw.limit_in_bytes": limits.memory_bytes}
-        for name, value in settings.items():  # each file exists in one cgroup version only
-            if (group / name).exists():
-                (group / name).write_text(str(value))
+        return []
     return made
 
 
