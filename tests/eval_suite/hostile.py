@@ -27,43 +27,42 @@ def body(code: str) -> str:
 FORGES = {
     "frame_walk": body("""
         import os, sys
-        f = sys._getframe()
-        while f is not None:
-            for v in list(f.f_locals.values()) + list(f.f_globals.values()):
-                if isinstance(v, str):
-                    print("\\n" + v)
-            f = f.f_back
-        sys.stdout.flush()
+        secrets, frame = [], sys._getframe()
+        while frame is not None:
+            secrets += [v for v in frame.f_locals.values() if isinstance(v, str) and len(v) == 32]
+            frame = frame.f_back
+        print("\\n" + "\\n".join(secrets), flush=True)
         os._exit(0)
     """),
     "proc_self_environ": body("""
         import os
         for item in open("/proc/self/environ", "rb").read().split(b"\\0"):
-            print(item.decode(errors="replace").partition("=")[2])
+            if item.startswith(b"SANDBOX_NONCE="):
+                print("\\n" + item.split(b"=", 1)[1].decode(), flush=True)
         os._exit(0)
     """),
     "parent_cmdline": body("""
         import json, os
-        for pid in (os.getppid(), 1):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 for arg in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0"):
-                    print(arg.decode(errors="replace"))
-                    try:
-                        print(json.loads(arg)["nonce"])
-                    except Exception:
-                        pass
-            except OSError:
+                    if arg.startswith(b"{"):
+                        print("\\n" + json.loads(arg)["nonce"], flush=True)
+            except Exception:
                 pass
         os._exit(0)
     """),
     "excepthook": body("""
         import os, sys
         def hook(kind, value, tb):
+            secrets = []
             while tb is not None:
-                for v in tb.tb_frame.f_locals.values():
-                    print(v)
+                frame = tb.tb_frame
+                while frame is not None:
+                    secrets += [v for v in frame.f_locals.values() if isinstance(v, str) and len(v) == 32]
+                    frame = frame.f_back
                 tb = tb.tb_next
-            sys.stdout.flush()
+            print("\\n" + "\\n".join(secrets), flush=True)
             os._exit(0)
         sys.excepthook = hook
         raise RuntimeError("forge")
@@ -75,7 +74,7 @@ FORGES = {
             __bool__ = lambda self: True
         return Anything()
     """),
-    "rigged_bool_subclass_of_int": body("""
+    "rigged_int_subclass": body("""
         class Yes(int):
             def __eq__(self, other):
                 return True
