@@ -51,12 +51,13 @@ EXIT_SETUP_FAILED = 97
 REQUEST_FD, REPLY_FD = 3, 4
 OUTPUT_CAP = 64 * 1024  # bytes of print output kept per stream; the rest is dropped
 
-PLAIN_DATA = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "plain_data.py")).read()
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "plain_data.py")) as _source:
+    PLAIN_DATA = _source.read()  # the codec, as source for the untrusted interpreter (it cannot import it)
 
-# Runs inside the untrusted interpreter: argv = [-c, program_path, entry_point]. It runs the program,
-# says "ready" (or the error), then calls the entry point for each request until the channel closes.
+# Runs inside the untrusted interpreter, after PLAIN_DATA: argv = [-c, program_path, entry_point]. It runs
+# the program, says "ready" (or the error), then calls the entry point for each request until the channel closes.
 # Nothing here decides the verdict, so it does not matter that the program can change it.
-RUNNER = PLAIN_DATA + r"""
+RUNNER = r"""
 import io, os, sys
 
 class _CappedStream(io.TextIOBase):
@@ -282,7 +283,7 @@ def run_program(config: dict, program: bytes, workdir: str) -> None:
         _setup_failed(e)
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
     python = config["interpreter"]
-    runner = RUNNER % {"request_fd": REQUEST_FD, "reply_fd": REPLY_FD, "output_cap": OUTPUT_CAP,
+    runner = PLAIN_DATA + RUNNER % {"request_fd": REQUEST_FD, "reply_fd": REPLY_FD, "output_cap": OUTPUT_CAP,
                        "audit_hook": config["audit_hook"]}
     os.execve(python, [python, "-I", "-B", "-S", "-c", runner, program_path, config["entry_point"]], env)
 
