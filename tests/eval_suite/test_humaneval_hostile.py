@@ -100,10 +100,11 @@ def test_two_concurrent_runs_cannot_touch_each_other(tmp_path, problems):
                                for t in task_ids))
     hostile = write_samples(tmp_path / "hostile.jsonl", [unhooked(PROC_SCAN)] * 2 + [unhooked(FORK_BOMB)])
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    # The hostile run's fork bomb competes for the CPUs until its 4 s limit; the correct run keeps the default 10 s.
     runs = [subprocess.Popen([sys.executable, "-m", "eval_suite", "humaneval", "score", "--samples", str(path),
-                              "--allow-code-execution", "--k", "1", "--timeout", "4"],
+                              "--allow-code-execution", "--k", "1", "--timeout", timeout],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
-            for path in (hostile, correct)]
+            for path, timeout in ((hostile, "4"), (correct, "10"))]
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     assert json.loads(outputs[1][0].strip().splitlines()[-1]) == {"pass@1": 1.0}
