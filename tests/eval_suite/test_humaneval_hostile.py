@@ -64,7 +64,7 @@ def test_nothing_is_left_on_the_host(tmp_path):
 PROC_SCAN = textwrap.dedent("""
     import os, signal, time
     foreign = set()
-    end = time.monotonic() + 1.5
+    end = time.monotonic() + 2
     while time.monotonic() < end:
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -97,19 +97,20 @@ def test_two_concurrent_runs_cannot_touch_each_other(tmp_path, problems):
     task_ids = list(problems)[:8]
     correct = tmp_path / "correct.jsonl"
     correct.write_text("".join(json.dumps({"task_id": t, "completion": problems[t]["canonical_solution"]}) + "\n"
-                               for t in task_ids))
+                               for t in task_ids for _ in range(3)))  # long enough to overlap the scans
     hostile = write_samples(tmp_path / "hostile.jsonl", [unhooked(PROC_SCAN)] * 2 + [unhooked(FORK_BOMB)])
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    # The hostile run's fork bomb competes for the CPUs until its 4 s limit; the correct run keeps the default 10 s.
+    # The hostile run's fork bomb competes for the CPUs until its 6 s limit; the correct run keeps the default 10 s.
     runs = [subprocess.Popen([sys.executable, "-m", "eval_suite", "humaneval", "score", "--samples", str(path),
                               "--allow-code-execution", "--k", "1", "--timeout", timeout],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
-            for path, timeout in ((hostile, "4"), (correct, "10"))]
+            for path, timeout in ((hostile, "6"), (correct, "10"))]
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     assert json.loads(outputs[1][0].strip().splitlines()[-1]) == {"pass@1": 1.0}
     hostile_results = [json.loads(line) for line in open(str(hostile) + "_results.jsonl")]
-    # The scanners ran to their end and saw no process of the other run (or of the scorer) to attack.
+    # The scanners ran to their end and saw no process of either run's scorer or launchers to attack
+    # (with a shared /proc they would at least see their own run's scorer).
     assert [r["passed"] for r in hostile_results[:2]] == [True] * 2, hostile_results
 
 
