@@ -10,6 +10,7 @@ in-process with no memory limit and no opt-in.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ from eval_suite.generation import SamplingConfig
 from eval_suite.humaneval.sandbox import SandboxLimits, check_completion, isolation_mode
 from eval_suite.records import RecordError, read_records
 from eval_suite.results import BenchmarkResult
+
+log = logging.getLogger(__name__)
 
 PAPER_TEMPERATURES = (0.1, 0.7)
 PAPER_SAMPLES = 20
@@ -82,6 +85,10 @@ def execute(samples: list[dict], problems: dict[str, dict], allow_code_execution
     with ThreadPoolExecutor(max_workers=workers) as threads:
         outcomes = list(tqdm(threads.map(lambda s: check_completion(problems[s["task_id"]], s["completion"], limits),
                                          samples), total=len(samples), desc="HumanEval execution"))
+    setup_errors = [o.detail for o in outcomes if o.status == "setup_error"]
+    if setup_errors:  # counted as failures, so the score is too low: say so
+        log.warning("HumanEval: the sandbox could not be set up for %d of %d samples (first: %s); they count as failed",
+                    len(setup_errors), len(samples), setup_errors[0])
     return [{**s, "passed": o.passed, "result": o.status if o.passed else f"{o.status}: {o.detail}"}
             for s, o in zip(samples, outcomes)]
 
