@@ -615,8 +615,10 @@ def _all_pids() -> list[int]:
 
 
 def _uids_of(pid: int) -> set[str]:
+    """The real, effective, saved and filesystem uids of a live process (none for a zombie: it holds nothing)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return set(next(line for line in f if line.startswith("Uid:")).split()[1:])
-    except (OSError, StopIteration):
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("State:", "Uid:")))
+    except (OSError, ValueError):
         return set()
+    return set() if fields.get("State", "").split()[:1] == ["Z"] else set(fields.get("Uid", "").split())

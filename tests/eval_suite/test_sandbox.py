@@ -217,14 +217,25 @@ def test_each_program_holds_its_own_uid_across_processes(monkeypatch):
 
 
 @ROOT
-def test_sweep_removes_what_a_uid_left_in_world_writable_directories():
+def test_sweep_removes_what_a_uid_left_behind():
+    """Files in world-writable directories, SysV IPC objects and processes of the uid."""
     uid = 62999
     path = Path("/tmp") / f"eval_suite_sweep_{uuid.uuid4().hex}"
     path.write_text("left behind")
     os.chown(path, uid, uid)
+    python = _interpreter_for(uid)
+    if python:  # a shared-memory segment and a sleeping process owned by the uid
+        leaver = ("import ctypes, os, time\nctypes.CDLL(None).shmget(0, 4096, 0o1600)\n"
+                  "print(flush=True)\ntime.sleep(60)")
+        process = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", python, "-c", leaver],
+                                   stdout=subprocess.PIPE)
+        process.stdout.readline()
     assert path in sandbox.files_of(uid)
     found = sandbox.sweep(uid)
     assert found["files"] == 1 and not path.exists()
+    if python:
+        assert found["ipc"] == 1 and found["processes"] == 1 and process.wait(timeout=5) == -9
+        assert sandbox.ipc_objects_of(uid) == [] and sandbox.processes_of(uid) == []
 
 
 @ROOT
