@@ -67,7 +67,11 @@ def make_row(label: str, results: dict[str, BenchmarkResult], suite: Suite) -> R
         combined = table1(nlp.breakdown.get("raw", {}) if nlp else {}, suite, humaneval)
         notes += [f"NLP: {n}" for n in combined.notes + (nlp.notes if nlp else [])]
         values.update({suite.categories[c].label: v for c, v in combined.breakdown["categories"].items()})
-        values["Mean"] = combined.headline
+        present = [v for v in combined.breakdown["categories"].values() if v is not None]
+        # Table 1's Mean is over all six categories; a mean of fewer is not that number, so it is not shown.
+        values["Mean"] = combined.headline if len(present) == len(suite.categories) else None
+        if len(present) < len(suite.categories):
+            notes.append(f"Mean: not shown, only {len(present)} of {len(suite.categories)} categories have a score")
         row.tasks = dict(combined.breakdown["tasks"])
         if nlp:
             specs = {n: s for c in suite.categories.values() for n, s in c.tasks.items()}
@@ -341,8 +345,8 @@ def bar_charts(sections: list[Section]) -> dict[str, bytes]:
                     ax.text(p, 0, "n/a", ha="center", va="bottom", fontsize=7, color="#8c959f", rotation=90)
         ax.set_xticks(x + 0.4 - width / 2, cols, fontsize=8)
         ax.set_ylabel(unit)
-        if name == "mt_bench.png":
-            ax.set_ylim(0, 10)
+        shown = [v for r in rows for c in cols if (v := r.values.get(c)) is not None]
+        ax.set_ylim(0, 10 if name == "mt_bench.png" else max([1.0, *shown]) * 1.15)
         ax.set_title(title)
         ax.legend(fontsize="x-small")
         fig.tight_layout()
