@@ -261,7 +261,9 @@ def preflight(run: Run, benchmarks: list[str]) -> list[str]:
     for version in ("alpaca_eval_1", "alpaca_eval_2"):
         if version in benchmarks:
             flag = f"--{version.replace('_', '-')}-reference"
-            attempt(pf.check_file, getattr(a, f"{version}_reference"), version, flag, version)
+            path = attempt(pf.check_file, getattr(a, f"{version}_reference"), version, flag, version)
+            if path is not None:
+                attempt(_check_reference, version, path)
     if not Path(run.model_dir).is_dir():
         failures.append(f"model {run.model_dir}: no such directory; pass a local Hugging Face model folder")
     device = attempt(pf.check_device, a.device)
@@ -283,6 +285,15 @@ def preflight(run: Run, benchmarks: list[str]) -> list[str]:
         attempt(pf.check_nlp_datasets, [bench.TASKS_DIR, *a.include_path], a.tasks or [bench.Suite.load().lm_eval_group],
                 overrides, not a.no_builtin_tasks, run.run_dir / "nlp" / "dataset_overrides.todo.yaml")
     return failures
+
+
+def _check_reference(version: str, path: Path) -> None:
+    from eval_suite.alpacaeval import bench
+
+    try:
+        bench.check_reference(version, bench.read_outputs(path), str(path))
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
 
 
 def already_done(run: Run, benchmark: str) -> BenchmarkResult | None:
