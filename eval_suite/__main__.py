@@ -103,6 +103,11 @@ def cmd_humaneval(args) -> None:
     from eval_suite.humaneval.sandbox import SandboxLimits
     from eval_suite.records import write_jsonl
 
+    if args.action == "run":  # the same stage as `eval-suite all`: resumable, with provenance
+        if not args.allow_code_execution:
+            raise SystemExit(bench.CODE_EXECUTION_REFUSED)
+        result = _stage(args, "humaneval")
+        return _finish(result, args.run_dir, list(result.metrics))
     problems = bench.load_problems(args.problems)
     samples_path = args.samples
     if args.action in ("sample", "run"):
@@ -142,6 +147,10 @@ def cmd_alpaca_eval(args) -> None:
         return _finish(result, args.run_dir, list(result.metrics))  # win_rate is last
     if not args.version:
         raise SystemExit(f"alpaca-eval {args.action}: --version is required (alpaca_eval_1 or alpaca_eval_2)")
+    if args.action == "run":  # the same stage as `eval-suite all`: resumable, with provenance
+        setattr(args, f"{args.version}_reference", args.reference_outputs)
+        result = _stage(args, args.version)
+        return _finish(result, args.run_dir, list(result.metrics))
     out_dir = Path(args.run_dir) / args.version
     outputs_file = out_dir / "model_outputs.json"
     if args.action in ("generate", "run"):
@@ -176,6 +185,9 @@ def cmd_mt_bench(args) -> None:
     from eval_suite.mtbench import bench
     from eval_suite.records import write_jsonl
 
+    if args.action == "run" and not args.answers:  # the same stage as `eval-suite all`: resumable, with provenance
+        result = _stage(args, "mt_bench")
+        return _finish(result, args.run_dir, ["turn_1", "turn_2", "n_unparsed", "average"])
     out_dir = Path(args.run_dir) / "mt_bench"
     answers_file = args.answers or out_dir / "model_answer.jsonl"
     questions = bench.load_questions(args.questions, args.limit)
@@ -199,6 +211,27 @@ def cmd_mt_bench(args) -> None:
         client.close()
     result.config.update(judge_config(args, result.config["judge_model"]))
     _finish(result, args.run_dir, ["turn_1", "turn_2", "n_unparsed", "average"])
+
+
+def _stage(args, benchmark: str):
+    """Run one benchmark as ``eval-suite all`` does (the judge probed first, for its reported name)."""
+    from eval_suite import pipeline
+    from eval_suite.preflight import PreflightError, probe_judge
+
+    run = pipeline.Run(args, Path(args.run_dir))
+    try:
+        if benchmark in pipeline.JUDGED:
+            try:
+                run.judge_reported = probe_judge(run.client(), args.judge_model or "gpt-4")
+            except PreflightError as e:
+                raise SystemExit(f"eval-suite {args.command}: {e}") from None
+        if benchmark == "humaneval":
+            return pipeline.humaneval_stage(run)
+        if benchmark == "mt_bench":
+            return pipeline.mt_bench_stage(run)
+        return pipeline.alpaca_eval_stage(run, benchmark)
+    finally:
+        run.close()
 
 
 def _first_model_id(answers_file: Path) -> str:

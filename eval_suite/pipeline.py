@@ -84,7 +84,7 @@ class Run:
             self._client.close()
             self._client = None
 
-    def template(self, prompt_format: str = "chat-template") -> dict[str, Any]:
+    def template(self) -> dict[str, Any]:
         gen = self.generator()
         name = self.args.chat_template or "tokenizer"
         return {"name": name, "sha256": gen.template_hash(), "bos_id": gen.bos_id}

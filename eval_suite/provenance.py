@@ -62,7 +62,13 @@ def record(*, model: dict[str, Any], backend: str | None, template: dict[str, An
 
 
 def protocol(provenance: dict[str, Any]) -> dict[str, Any]:
-    return {k: provenance.get(k) for k in PROTOCOL_FIELDS}
+    """The fields that must agree for two results to share a table (the sampling seed need not)."""
+    out = {k: provenance.get(k) for k in PROTOCOL_FIELDS}
+    if isinstance(out["sampling"], dict):
+        out["sampling"] = {k: v for k, v in out["sampling"].items() if k != "seed"}
+    if isinstance(out["template"], dict):  # the template's text, not the model's BOS id, is the protocol
+        out["template"] = {k: v for k, v in out["template"].items() if k != "bos_id"}
+    return out
 
 
 def smoke_reasons(provenance: dict[str, Any]) -> list[str]:

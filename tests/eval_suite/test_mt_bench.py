@@ -76,7 +76,7 @@ def test_generate_and_judge_through_the_cli(tiny_model_dir, judge_server, tmp_pa
     assert len(answers) == 3 and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["n_unparsed"] == 0 and 1 <= summary["average"] <= 10
-    assert judge_server.state.answered == 6
+    assert judge_server.state.answered == 1 + 6  # the 1-token reachability probe, then 3 questions x 2 turns
 
 
 def test_bad_answer_file_names_the_row_and_field(tmp_path, judge_server):
