@@ -210,8 +210,7 @@ class Generator:
         if tok.bos_token_id is None:
             return None
         adds_bos = tok("a", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
-        template_bos = bool(tok.chat_template) and tok.bos_token is not None and tok.bos_token in tok.chat_template \
-            and "bos_token" in tok.chat_template
+        template_bos = isinstance(tok.chat_template, str) and "bos_token" in tok.chat_template
         return tok.bos_token_id if adds_bos or template_bos else None
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -259,15 +258,14 @@ class Generator:
         prompts = [self.render_chat(c) for c in conversations]
         return [samples[0] for samples in self.complete(prompts, sampling, desc, store=store, keys=keys)]
 
-    def complete(self, prompts: list[str], sampling: SamplingConfig, desc: str = "generating",
-                 template_applied: bool = True, store=None, keys: Sequence[str] | None = None) -> list[list[str]]:
+    def complete(self, prompts: list[str], sampling: SamplingConfig, desc: str = "generating", store=None,
+                 keys: Sequence[str] | None = None) -> list[list[str]]:
         """``sampling.n`` continuations of each prompt, cut at the stop sequences.
 
         Args:
             prompts: prompt texts (chat-rendered or raw; both get exactly one BOS, see :meth:`prompt_ids`).
             store: a :class:`eval_suite.records.SampleStore`; rows already in it are not generated again.
             keys: one key per prompt naming it in the store (default: its position).
-            template_applied: unused, kept for callers of the older signature.
         """
         keys = list(keys) if keys is not None else [str(i) for i in range(len(prompts))]
         row_keys = [(p, j, f"{keys[p]}#{j}") for p in range(len(prompts)) for j in range(sampling.n)]

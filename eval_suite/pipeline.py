@@ -268,6 +268,7 @@ def preflight(run: Run, benchmarks: list[str]) -> list[str]:
         failures.append(f"model {run.model_dir}: no such directory; pass a local Hugging Face model folder")
     device = attempt(pf.check_device, a.device)
     if device and device.startswith("cuda") and Path(run.model_dir).is_dir() and set(benchmarks) - {"nlp"}:
+        # One sample of the longest generation (AlpacaEval's 8,192 new tokens) after a long prompt.
         longest = (a.max_new_tokens or ALPACA_EVAL_MAX_NEW_TOKENS) + 2048
         attempt(pf.gpu_memory_check, run.model_dir, device, longest)
     if set(benchmarks) & set(JUDGED):

@@ -57,7 +57,7 @@ def sample(generator, problems: dict[str, dict], temperatures=PAPER_TEMPERATURES
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                   n=n, stop=PAPER_SAMPLING["stop"])
         completions = generator.complete(prompts, sampling, desc=f"HumanEval samples, T={temperature}", store=store,
-                                         keys=[f"T={temperature:g}/{t}" for t in task_ids], template_applied=False)
+                                         keys=[f"T={temperature:g}/{t}" for t in task_ids])
         rows += [{"task_id": t, "completion": c, "temperature": temperature}
                  for t, samples in zip(task_ids, completions) for c in samples]
     return rows
