@@ -110,19 +110,12 @@ def cmd_humaneval(args) -> None:
         return _finish(result, args.run_dir, list(result.metrics))
     problems = bench.load_problems(args.problems)
     samples_path = args.samples
-    if args.action in ("sample", "run"):
-        from eval_suite.records import SampleStore
+    if args.action == "sample":
+        from eval_suite.pipeline import Run, humaneval_generate
 
-        max_new = args.max_new_tokens or bench.PAPER_SAMPLING["max_new_tokens"]
-        store = SampleStore(Path(args.run_dir) / "humaneval" / "generations.jsonl",
-                            {"model": str(args.model), "n": args.n, "temperatures": args.temperatures, "top_k": args.top_k,
-                             "max_new_tokens": max_new, "seed": args.seed})
-        samples = bench.sample(_generator(args), problems, args.temperatures, args.n, args.limit,
-                               max_new_tokens=max_new, top_k=args.top_k, store=store)
-        samples_path = write_jsonl(Path(args.run_dir) / "humaneval" / "samples.jsonl", samples)
-        print(f"wrote {len(samples)} samples to {samples_path}")
-        if args.action == "sample":
-            return
+        samples_path, _, _ = humaneval_generate(Run(args, Path(args.run_dir)))
+        print(f"wrote samples to {samples_path}")
+        return
     if samples_path is None:
         raise SystemExit("humaneval score: --samples FILE is required")
     if not args.allow_code_execution:
@@ -273,7 +266,6 @@ def cmd_all(args) -> None:
 
 def _all_parser(sub) -> None:
     from eval_suite.alpacaeval.bench import VERSIONS
-    from eval_suite.nlp import bench as nlp
     from eval_suite.results import BENCHMARKS
 
     p = sub.add_parser("all", help="every benchmark for one model with the paper's settings, resumable, then the report")
@@ -309,7 +301,6 @@ def _all_parser(sub) -> None:
     n.add_argument("--nlp-batch-size", default="auto", help="lm-eval batch size (auto: lm-eval finds the largest)")
     n.add_argument("--log-samples", action="store_true", help="lm-eval --log_samples: RUN_DIR/nlp/samples_<task>.jsonl")
     p.set_defaults(func=cmd_all)
-    del nlp
 
 
 def build_parser() -> argparse.ArgumentParser:

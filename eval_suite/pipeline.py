@@ -113,13 +113,12 @@ def store_for(run: Run, folder: str, meta: dict[str, Any]):
 
 # ---- stages ------------------------------------------------------------------------------------
 
-def humaneval_stage(run: Run) -> BenchmarkResult:
+def humaneval_generate(run: Run) -> tuple[Path, dict[str, Any], str]:
+    """Sample HumanEval (resumable); returns the samples file, the sampling settings and the backend."""
     from eval_suite.humaneval import bench
-    from eval_suite.humaneval.sandbox import SandboxLimits
     from eval_suite.records import write_jsonl
 
     a = run.args
-    started = prov.now()
     problems = bench.load_problems(a.problems)
     max_new = a.max_new_tokens or bench.PAPER_SAMPLING["max_new_tokens"]
     sampling = {"n": a.n, "temperatures": list(a.temperatures), "top_p": bench.PAPER_SAMPLING["top_p"], "top_k": a.top_k,
@@ -129,12 +128,23 @@ def humaneval_stage(run: Run) -> BenchmarkResult:
     before = run.mark()
     samples = bench.sample(gen, problems, a.temperatures, a.n, a.limit, max_new_tokens=max_new, top_k=a.top_k, store=store)
     run.count("humaneval", before)
-    samples_path = write_jsonl(run.run_dir / "humaneval" / "samples.jsonl", samples)
+    return write_jsonl(run.run_dir / "humaneval" / "samples.jsonl", samples), sampling, gen.backend
+
+
+def humaneval_stage(run: Run) -> BenchmarkResult:
+    from eval_suite.humaneval import bench
+    from eval_suite.humaneval.sandbox import SandboxLimits
+    from eval_suite.records import write_jsonl
+
+    a = run.args
+    started = prov.now()
+    samples_path, sampling, backend = humaneval_generate(run)
+    problems = bench.load_problems(a.problems)
     result, executed = bench.score(bench.read_samples(samples_path, problems), problems, allow_code_execution=True,
                                    model=run.model_name, workers=a.workers, ks=a.k,
                                    limits=SandboxLimits(wall_seconds=a.timeout, cpu_seconds=max(1, int(a.timeout))))
     write_jsonl(Path(str(samples_path) + "_results.jsonl"), executed)
-    result.provenance = prov.record(model=_fingerprint(run), backend=gen.backend, template=None, sampling=sampling,
+    result.provenance = prov.record(model=_fingerprint(run), backend=backend, template=None, sampling=sampling,
                                     limit=a.limit, started=started, prompt_format="raw")
     return result
 
