@@ -133,8 +133,9 @@ def build_sections(run_dirs: list[Path], baseline: Path | None, labels: list[str
         base = make_row(f"{Path(baseline).name} (baseline)", loaded[Path(baseline)], suite) if baseline else None
         sections.append(Section("Runs", rows, base))
     for dataset, it, im in pairs or []:
-        base = make_row(f"{dataset} IT ({Path(it).name})", loaded[Path(it)], suite)
-        sections.append(Section(dataset, [make_row(f"{dataset} IM ({Path(im).name})", loaded[Path(im)], suite)], base))
+        # The section names the dataset; rows name the method and the run folder.
+        base = make_row(f"IT ({Path(it).name})", loaded[Path(it)], suite)
+        sections.append(Section(dataset, [make_row(f"IM ({Path(im).name})", loaded[Path(im)], suite)], base))
     mixed = check_protocols({str(d): r for d, r in loaded.items()})
     if mixed and not allow_mixed:
         raise ValueError("runs with different protocols in one report (" + "; ".join(mixed) + "); rerun them alike, "
