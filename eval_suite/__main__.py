@@ -1,5 +1,7 @@
 """``python -m eval_suite`` / ``eval-suite``: the paper's 21 benchmarks from the command line.
 
+    eval-suite all DIR --run-dir runs/im --allow-code-execution --judge-base-url URL \
+        --alpaca-eval-1-reference REF1.json --alpaca-eval-2-reference REF2.json [--baseline-run runs/it]
     eval-suite nlp --model DIR --run-dir runs/im                       # 18 NLP tasks via lm-eval
     eval-suite humaneval run --model DIR --run-dir runs/im --allow-code-execution
     eval-suite humaneval score --samples S.jsonl --allow-code-execution
@@ -16,6 +18,7 @@ prints a JSON summary as its last line.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -28,20 +31,37 @@ from eval_suite.results import BenchmarkResult, print_summary
 log = logging.getLogger("eval_suite")
 
 
-def _generation_arguments(p: argparse.ArgumentParser) -> None:
+def _generation_arguments(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--model", required=True, help="model directory (or hub id when online)")
+    if model_positional:
+        g.add_argument("model", help="model directory (or hub id when online)")
+    else:
+        g.add_argument("--model", required=True, help="model directory (or hub id when online)")
     g.add_argument("--model-name", help="name recorded in results (default: the model directory's name)")
     g.add_argument("--chat-template", help="Jinja chat template file, or a name in eval_suite/templates (e.g. tulu)")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto", help="vLLM when installed with a GPU")
-    g.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation length")
+    g.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
+                   help="auto: vLLM when installed (pip install -e '.[vllm]') and a GPU is present, else HF generate")
+    g.add_argument("--batch-size", default="auto",
+                   help="most sequences per HF generate call; auto: as many as --batch-tokens allows")
+    g.add_argument("--batch-tokens", type=int, help="KV-cache tokens per HF generate call (rows x (prompt + new "
+                   "tokens)); default from free GPU memory, 16384 on CPU. Fix it to resume bit-identically on a GPU")
+    g.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation length (smoke runs)")
+    g.add_argument("--top-k", type=int, help="top-k sampling (default: off, as the authors' vLLM runs)")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda, cuda:1 or cpu")
+    g.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM: share of GPU memory it may take")
+    g.add_argument("--max-model-len", type=int, help="vLLM: context length to allocate (default: the model's)")
 
 
 def _generator(args):
-    from eval_suite.generation import Generator, load_chat_template
+    from eval_suite.generation import BackendOptions, Generator, load_chat_template
 
-    return Generator(args.model, load_chat_template(args.chat_template), args.batch_size, args.backend)
+    options = BackendOptions(dtype=args.dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
+                             gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+    return Generator(args.model, load_chat_template(args.chat_template), args.batch_size, args.backend,
+                     batch_tokens=args.batch_tokens, options=options)
 
 
 def _model_name(args) -> str:
@@ -66,7 +86,12 @@ def cmd_nlp(args) -> None:
     result = bench.run(args.model, args.run_dir, suite=suite, tasks=args.tasks, include_paths=include,
                        include_defaults=not args.no_builtin_tasks, dataset_overrides=args.dataset_overrides,
                        limit=args.limit, batch_size=args.batch_size, device=args.device,
-                       model_name=_model_name(args), humaneval=humaneval)
+                       model_name=_model_name(args), humaneval=humaneval, backend=args.backend,
+                       backend_options={k: v for k, v in dict(dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+                                                              gpu_memory_utilization=args.gpu_memory_utilization,
+                                                              max_model_len=args.max_model_len).items() if v is not None}
+                       if args.backend == "vllm" else {},
+                       log_samples=args.log_samples, use_cache=str(Path(args.run_dir) / "nlp" / "lm_eval_cache"))
     result.metrics = {"mean": result.headline, **{f"category/{k}": v for k, v in result.breakdown["categories"].items()}}
     _finish(result, args.run_dir, list(result.metrics))
 
@@ -94,15 +119,19 @@ def cmd_humaneval(args) -> None:
 
     if args.action != "sample" and 1 not in args.k:
         raise SystemExit(f"humaneval {args.action}: --k must include 1 (the headline is pass@1); got {args.k}")
+    if args.action == "run":  # the same stage as `eval-suite all`: resumable, with provenance
+        if not args.allow_code_execution:
+            raise SystemExit(bench.CODE_EXECUTION_REFUSED)
+        result = _stage(args, "humaneval")
+        return _finish(result, args.run_dir, list(result.metrics))
     problems = bench.load_problems(args.problems)
     samples_path = args.samples
-    if args.action in ("sample", "run"):
-        samples = bench.sample(_generator(args), problems, args.temperatures, args.n, args.limit,
-                               max_new_tokens=args.max_new_tokens or bench.PAPER_SAMPLING["max_new_tokens"])
-        samples_path = write_jsonl(Path(args.run_dir) / "humaneval" / "samples.jsonl", samples)
-        print(f"wrote {len(samples)} samples to {samples_path}")
-        if args.action == "sample":
-            return
+    if args.action == "sample":
+        from eval_suite.pipeline import Run, humaneval_generate
+
+        samples_path, _, _ = humaneval_generate(Run(args, Path(args.run_dir)))
+        print(f"wrote samples to {samples_path}")
+        return
     if samples_path is None:
         raise SystemExit("humaneval score: --samples FILE is required")
     if not args.allow_code_execution:
@@ -127,13 +156,23 @@ def cmd_alpaca_eval(args) -> None:
         return _finish(result, args.run_dir, list(result.metrics))  # win_rate is last
     if not args.version:
         raise SystemExit(f"alpaca-eval {args.action}: --version is required (alpaca_eval_1 or alpaca_eval_2)")
+    if args.action == "run":  # the same stage as `eval-suite all`: resumable, with provenance
+        setattr(args, f"{args.version}_reference", args.reference_outputs)
+        result = _stage(args, args.version)
+        return _finish(result, args.run_dir, list(result.metrics))
     out_dir = Path(args.run_dir) / args.version
     outputs_file = out_dir / "model_outputs.json"
     if args.action in ("generate", "run"):
         import json
 
-        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens or 2048, temperature=0.0)
-        outputs = bench.generate(_generator(args), args.reference_outputs, _model_name(args), sampling, args.limit)
+        from eval_suite.pipeline import ALPACA_EVAL_MAX_NEW_TOKENS
+        from eval_suite.records import SampleStore
+
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens or ALPACA_EVAL_MAX_NEW_TOKENS, temperature=0.0,
+                                  top_k=args.top_k, seed=args.seed)
+        store = SampleStore(out_dir / "generations.jsonl", {"model": str(args.model), **sampling.protocol()})
+        outputs = bench.generate(_generator(args), args.reference_outputs, _model_name(args), sampling, args.limit,
+                                 store=store)
         out_dir.mkdir(parents=True, exist_ok=True)
         outputs_file.write_text(json.dumps(outputs, indent=2, ensure_ascii=False))
         print(f"wrote {len(outputs)} outputs to {outputs_file}")
@@ -155,11 +194,19 @@ def cmd_mt_bench(args) -> None:
     from eval_suite.mtbench import bench
     from eval_suite.records import write_jsonl
 
+    if args.action == "run" and not args.answers:  # the same stage as `eval-suite all`: resumable, with provenance
+        result = _stage(args, "mt_bench")
+        return _finish(result, args.run_dir, ["turn_1", "turn_2", "n_unparsed", "average"])
     out_dir = Path(args.run_dir) / "mt_bench"
     answers_file = args.answers or out_dir / "model_answer.jsonl"
     questions = bench.load_questions(args.questions, args.limit)
     if args.action in ("generate", "run"):
-        rows = bench.generate(_generator(args), questions, _model_name(args), args.max_new_tokens)
+        from eval_suite.records import SampleStore
+
+        store = SampleStore(out_dir / "generations.jsonl", {"model": str(args.model), "format": args.mt_bench_format,
+                                                            "top_k": args.top_k, "max_new_tokens": args.max_new_tokens})
+        rows = bench.generate(_generator(args), questions, _model_name(args), args.max_new_tokens, args.mt_bench_format,
+                              args.fastchat_model_path, args.top_k, store=store)
         write_jsonl(answers_file, rows)
         print(f"wrote answers to {answers_file}")
         if args.action == "generate":
@@ -175,6 +222,27 @@ def cmd_mt_bench(args) -> None:
     _finish(result, args.run_dir, ["turn_1", "turn_2", "n_unparsed", "average"])
 
 
+def _stage(args, benchmark: str):
+    """Run one benchmark as ``eval-suite all`` does (the judge probed first, for its reported name)."""
+    from eval_suite import pipeline
+    from eval_suite.preflight import PreflightError, probe_judge
+
+    run = pipeline.Run(args, Path(args.run_dir))
+    try:
+        if benchmark in pipeline.JUDGED:
+            try:
+                run.judge_reported = probe_judge(run.client(), args.judge_model or "gpt-4")
+            except PreflightError as e:
+                raise SystemExit(f"eval-suite {args.command}: {e}") from None
+        if benchmark == "humaneval":
+            return pipeline.humaneval_stage(run)
+        if benchmark == "mt_bench":
+            return pipeline.mt_bench_stage(run)
+        return pipeline.alpaca_eval_stage(run, benchmark)
+    finally:
+        run.close()
+
+
 def _first_model_id(answers_file: Path) -> str:
     import json
 
@@ -187,7 +255,8 @@ def _first_model_id(answers_file: Path) -> str:
 def cmd_report(args) -> None:
     from eval_suite.report import write_report
 
-    for path in write_report(args.run_dirs, args.out, args.baseline, args.labels):
+    for path in write_report(args.run_dirs, args.out, args.baseline, args.labels, pairs=args.pair,
+                             allow_mixed=args.allow_mixed, title=args.title):
         print(f"wrote {path}")
 
 
@@ -197,10 +266,64 @@ def cmd_judge_server(args) -> None:
     server.main(args)
 
 
+def _mt_bench_format_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mt-bench-format", choices=["chat-template", "fastchat"], default="chat-template",
+                   help="MT-Bench prompts: the model's chat template, or FastChat's conversation template for "
+                   "--fastchat-model-path as the authors' FastChat run picked it (one_shot for their paths)")
+    p.add_argument("--fastchat-model-path", help="model path FastChat picks its template by (default: the model path)")
+
+
+def cmd_all(args) -> None:
+    from eval_suite.pipeline import run_all
+
+    results = run_all(args)
+    print(json.dumps({b: r.headline for b, r in results.items()}), flush=True)
+
+
+def _all_parser(sub) -> None:
+    from eval_suite.alpacaeval.bench import VERSIONS
+    from eval_suite.results import BENCHMARKS
+
+    p = sub.add_parser("all", help="every benchmark for one model with the paper's settings, resumable, then the report")
+    _generation_arguments(p, model_positional=True)
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--baseline-run", type=Path, help="the IT run to compare with in the report")
+    p.add_argument("--skip", nargs="+", choices=BENCHMARKS, default=[], help="benchmarks to leave out")
+    p.add_argument("--limit", type=int, help="smoke run: the first N items of every benchmark (marked in results)")
+    p.add_argument("--rerun", action="store_true", help="run benchmarks whose results already exist again")
+    p.add_argument("--allow-mixed", action="store_true", help="report: allow a baseline run with another protocol")
+    h = p.add_argument_group("HumanEval")
+    h.add_argument("--allow-code-execution", action="store_true", help="required for HumanEval: runs model-written code")
+    h.add_argument("--problems", type=Path)
+    h.add_argument("--n", type=int, default=20)
+    h.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.7])
+    h.add_argument("--workers", type=int, default=2)
+    h.add_argument("--k", type=int, nargs="+", default=[1, 10, 100])
+    h.add_argument("--timeout", type=float, default=10.0)
+    ae = p.add_argument_group("AlpacaEval")
+    for version, spec in VERSIONS.items():
+        ae.add_argument(f"--{version.replace('_', '-')}-reference", type=Path, dest=f"{version}_reference",
+                        help=f"{spec['reference']}'s model_outputs.json (805 rows)")
+    ae.add_argument("--lc-data", type=Path, help="local df_gamed.csv for the length-controlled win rate")
+    mt = p.add_argument_group("MT-Bench")
+    mt.add_argument("--questions", type=Path)
+    _mt_bench_format_arguments(mt)
+    add_judge_arguments(p)
+    n = p.add_argument_group("NLP suite (lm-eval)")
+    n.add_argument("--tasks", nargs="+")
+    n.add_argument("--dataset-overrides", type=Path)
+    n.add_argument("--include-path", type=Path, nargs="*", default=[])
+    n.add_argument("--no-builtin-tasks", action="store_true")
+    n.add_argument("--nlp-batch-size", default="auto", help="lm-eval batch size (auto: lm-eval finds the largest)")
+    n.add_argument("--log-samples", action="store_true", help="lm-eval --log_samples: RUN_DIR/nlp/samples_<task>.jsonl")
+    p.set_defaults(func=cmd_all)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eval-suite", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    _all_parser(sub)
 
     p = sub.add_parser("nlp", help="the 18 NLP tasks through lm-eval, aggregated as Table 1")
     p.add_argument("--model", required=True)
@@ -215,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index only eval_suite's and --include-path tasks (faster; for suites of local tasks)")
     p.add_argument("--batch-size", default="8")
     p.add_argument("--device")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="lm-eval's HF or vLLM model backend")
+    p.add_argument("--dtype", help="vLLM: dtype")
+    p.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs per model")
+    p.add_argument("--gpu-memory-utilization", type=float, help="vLLM: share of GPU memory it may take")
+    p.add_argument("--max-model-len", type=int, help="vLLM: context length to allocate")
+    p.add_argument("--log-samples", action="store_true", help="lm-eval --log_samples: RUN_DIR/nlp/samples_<task>.jsonl")
     p.set_defaults(func=cmd_nlp)
 
     he = sub.add_parser("humaneval", help="HumanEval pass@k (sandboxed execution)")
@@ -264,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--answers", type=Path, help="answers JSONL (default: RUN_DIR/mt_bench/model_answer.jsonl)")
         if action != "judge":
             _generation_arguments(p)
+            _mt_bench_format_arguments(p)
         else:
             p.add_argument("--model-name")
         if action != "generate":
@@ -271,11 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_mt_bench)
 
     p = sub.add_parser("report", help="Table-1-style Markdown/HTML report and bar charts")
-    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("run_dirs", type=Path, nargs="*")
     p.add_argument("--baseline", type=Path, help="run to subtract (e.g. the IT run); deltas get arrows")
     p.add_argument("--labels", nargs="+", help="row labels (default: directory names)")
     p.add_argument("--out", type=Path, default=Path("report"))
-    p.set_defaults(func=cmd_report)
+    p.add_argument("--pair", nargs=3, action="append", metavar=("DATASET", "IT_RUN", "IM_RUN"),
+                   help="one Table-1 section: the IT and IM runs of one training set (repeat for several)")
+    p.add_argument("--allow-mixed", action="store_true", help="put runs with different protocols in one table")
+    p.add_argument("--title", default="Instruction Modelling: evaluation results")
+    p.set_defaults(func=cmd_report, run_dirs=[])
 
     from eval_suite.judge.server import add_arguments as server_arguments
 

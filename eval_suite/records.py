@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,58 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+class SampleStore:
+    """Generated texts keyed by row, appended to a JSONL file as they come, so a killed run resumes.
+
+    Each line is ``{"key": ..., "text": ...}``; every append is flushed and fsynced. A last line cut
+    short by a kill is dropped on reading (and counted in ``dropped``); the row is generated again.
+
+    Args:
+        path: the JSONL file (created with its folder).
+        meta: settings the stored rows were generated with; a file written with other settings is
+            refused with a line naming the setting, instead of mixing rows of two protocols.
+    """
+
+    def __init__(self, path: str | Path, meta: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dropped = 0
+        meta_path = self.path.with_suffix(".meta.json")
+        meta = json.loads(json.dumps(meta or {}))  # tuples -> lists, as they come back from the file
+        if meta_path.is_file() and self.path.is_file() and self.path.stat().st_size:
+            old = json.loads(meta_path.read_text())
+            changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            if changed:
+                raise ValueError(f"{self.path} was generated with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {meta.get(k)!r}' for k in changed)}); "
+                                 "delete it to start over, or use another --run-dir")
+        meta_path.write_text(json.dumps(meta, indent=1))
+
+    def texts(self) -> dict[str, str]:
+        """key -> text of every complete row in the file."""
+        if not self.path.is_file():
+            return {}
+        rows: dict[str, str] = {}
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        for line_no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if line_no == len(lines):  # the last line, cut by a kill mid-write
+                    self.dropped += 1
+                    continue
+                raise RecordError(f"{self.path}: row {line_no}: not valid JSON; delete the file to start over") from None
+            rows[row["key"]] = row["text"]
+        if self.dropped:  # rewrite without the torn line, so appends start on a fresh line
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"key": k, "text": t}, ensure_ascii=False) + "\n" for k, t in rows.items())
+        return rows
+
+    def append(self, rows: dict[str, str]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"key": k, "text": t}, ensure_ascii=False) + "\n" for k, t in rows.items())
+            f.flush()
+            os.fsync(f.fileno())

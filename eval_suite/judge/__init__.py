@@ -33,5 +33,8 @@ def client_from_args(args: argparse.Namespace) -> JudgeClient:
 
 
 def judge_config(args: argparse.Namespace, model: str) -> dict:
-    """What to record about the judge in a results file (no key, not even its variable's value)."""
-    return {"judge_model": model, "judge_base_url": args.judge_base_url or "https://api.openai.com/v1"}
+    """What to record about the judge in a results file: the model, and the URL's scheme/host/port only
+    (no key, not even its variable's value; no path or query, where some servers take a token)."""
+    from eval_suite.preflight import judge_host
+
+    return {"judge_model": model, "judge_base_url": judge_host(args.judge_base_url)}

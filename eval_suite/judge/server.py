@@ -69,6 +69,9 @@ def rule_judge(messages: list[dict[str, Any]], max_tokens: int, temperature: flo
     return Completion("OK")
 
 
+
+rule_judge.served_name = "eval-suite-rule-judge"  # reported as the answering model: results show a rule judge
+
 def _two(found: list[str]) -> tuple[str, str]:
     return (found + ["", ""])[0], (found + ["", ""])[1]
 
@@ -170,7 +173,7 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
             time.sleep(state.delay_seconds)
             completion = judge(body["messages"], body.get("max_tokens") or 2048, body.get("temperature") or 0.0)
             key = hashlib.sha256(json.dumps([body.get("model"), body["messages"]], sort_keys=True).encode()).hexdigest()
-            self._send(200, _response(body, completion))
+            self._send(200, _response(body, completion, getattr(judge, "served_name", None)))
             with state.cond:
                 state.in_flight -= 1
                 state.answered += 1
@@ -188,7 +191,7 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
     return Handler
 
 
-def _response(body: dict[str, Any], completion: Completion) -> dict[str, Any]:
+def _response(body: dict[str, Any], completion: Completion, served_name: str | None = None) -> dict[str, Any]:
     logprobs = None
     if body.get("logprobs"):
         top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in
@@ -199,7 +202,7 @@ def _response(body: dict[str, Any], completion: Completion) -> dict[str, Any]:
     completion_tokens = len(completion.text.split())
     return {
         "id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
-        "model": body.get("model", "judge"),
+        "model": served_name or body.get("model", "judge"),  # what answered, as real servers report it
         "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
                      "message": {"role": "assistant", "content": completion.text}}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -62,18 +62,66 @@ def load_judge_prompts(path: str | Path | None = None) -> dict[str, dict[str, st
     return {row["name"]: row for row in read_records(path or DATA_DIR / "judge_prompts.jsonl", fields)}
 
 
-def generate(generator, questions: list[dict], model_id: str, max_new_tokens: int | None = None) -> list[dict]:
-    """Both turns for every question, FastChat's temperature per category, in FastChat's answer format."""
+FORMATS = ("chat-template", "fastchat")
+
+
+def fastchat_template(model_id: str):
+    """FastChat's conversation template for a model path, as ``gen_model_answer.py`` picks it.
+
+    FastChat chooses by substrings of the path (e.g. ``tulu``, ``vicuna``); any other path, such as
+    the paper's fine-tuned LLaMA-2 directories, gets ``one_shot`` (``### Human:``/``### Assistant:``
+    after a one-shot example).
+    """
+    from fastchat.model.model_adapter import get_conversation_template
+
+    return get_conversation_template(model_id)
+
+
+def fastchat_prompt(model_id: str, user_turns: list[str], assistant_turns: list[str]) -> str:
+    """The prompt FastChat's ``gen_model_answer.py`` feeds for the last of ``user_turns``."""
+    conv = fastchat_template(model_id)
+    for i, user in enumerate(user_turns):
+        conv.append_message(conv.roles[0], user)
+        conv.append_message(conv.roles[1], assistant_turns[i] if i < len(user_turns) - 1 else None)
+    return conv.get_prompt()
+
+
+def fastchat_stops(model_id: str) -> tuple[str, ...]:
+    stop = fastchat_template(model_id).stop_str
+    return tuple(stop) if isinstance(stop, list) else (stop,) if stop else ()
+
+
+def generate(generator, questions: list[dict], model_id: str, max_new_tokens: int | None = None,
+             prompt_format: str = "chat-template", fastchat_model_path: str | None = None,
+             top_k: int | None = None, store=None) -> list[dict]:
+    """Both turns for every question, FastChat's temperature per category, in FastChat's answer format.
+
+    Args:
+        prompt_format: ``chat-template`` (the model's own) or ``fastchat`` (FastChat's conversation
+            template for ``fastchat_model_path``, as the authors' FastChat run rendered it).
+        store: a :class:`eval_suite.records.SampleStore`; turns already in it are not generated again.
+    """
+    if prompt_format not in FORMATS:
+        raise ValueError(f"--mt-bench-format {prompt_format!r}: choose one of {', '.join(FORMATS)}")
     max_new_tokens = max_new_tokens or CONFIG["max_new_tokens"]
+    fastchat_model_path = fastchat_model_path or generator.model_dir
+    stop = fastchat_stops(fastchat_model_path) if prompt_format == "fastchat" else ()
     by_temperature: dict[float, list[dict]] = defaultdict(list)
     for q in questions:
         by_temperature[CONFIG["temperature_config"].get(q["category"], 0.7)].append(q)
     answers: dict[int, list[str]] = {q["question_id"]: [] for q in questions}
     for turn in range(2):
         for temperature, group in sorted(by_temperature.items()):
-            sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature if temperature >= 1e-4 else 0.0)
-            conversations = [_conversation(q["turns"][: turn + 1], answers[q["question_id"]]) for q in group]
-            replies = generator.chat(conversations, sampling, desc=f"MT-Bench turn {turn + 1}, T={temperature}")
+            sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature if temperature >= 1e-4 else 0.0,
+                                      top_k=top_k, stop=stop)
+            keys = [f"q{q['question_id']}/turn{turn + 1}" for q in group]
+            desc = f"MT-Bench turn {turn + 1}, T={temperature}"
+            if prompt_format == "fastchat":
+                prompts = [fastchat_prompt(fastchat_model_path, q["turns"][: turn + 1], answers[q["question_id"]]) for q in group]
+                replies = [s[0] for s in generator.complete(prompts, sampling, desc, store=store, keys=keys)]
+            else:
+                conversations = [_conversation(q["turns"][: turn + 1], answers[q["question_id"]]) for q in group]
+                replies = generator.chat(conversations, sampling, desc=desc, store=store, keys=keys)
             for q, reply in zip(group, replies):
                 answers[q["question_id"]].append(reply.strip())
     return [{"question_id": qid, "answer_id": uuid.uuid4().hex, "model_id": model_id,
@@ -164,6 +212,8 @@ def summarise(judgments: list[dict], model_id: str) -> BenchmarkResult:
         metrics={"turn_1": mean([j for j in valid if j["turn"] == 1]), "turn_2": mean([j for j in valid if j["turn"] == 2]),
                  "n_judgments": float(len(judgments)), "n_unparsed": float(len(judgments) - len(valid)),
                  "average": mean(valid)},
-        breakdown={"categories": {c: mean([j for j in valid if j["category"] == c]) for c in categories}},
+        breakdown={"categories": {c: mean([j for j in valid if j["category"] == c]) for c in categories},
+                   "stderr": {"headline": statistics.stdev(j["score"] for j in valid) / len(valid) ** 0.5
+                              if len(valid) > 1 else None}},
         notes=notes,
     )

@@ -64,9 +64,13 @@ class Suite(BaseModel):
         return {name: spec for c in self.categories.values() for name, spec in c.tasks.items() if spec.source == "lm_eval"}
 
 
+def tables_of(lm_eval_output: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {**lm_eval_output.get("results", {}), **lm_eval_output.get("groups", {})}
+
+
 def raw_scores(lm_eval_output: dict[str, Any], suite: Suite) -> dict[str, float | None]:
     """Each suite task's metric as lm-eval reported it (task results, then group results)."""
-    tables = {**lm_eval_output.get("results", {}), **lm_eval_output.get("groups", {})}
+    tables = tables_of(lm_eval_output)
     return {name: _number(tables.get(spec.result, {}).get(spec.metric)) for name, spec in suite.lm_eval_tasks().items()}
 
 
@@ -121,7 +125,9 @@ def load_overrides(*paths: str | Path | None) -> dict[str, dict[str, Any]]:
 def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] | None = None,
         include_paths: list[Path] = (TASKS_DIR,), include_defaults: bool = True,
         dataset_overrides: Path | None = None, limit: int | float | None = None, batch_size: int | str = 8,
-        device: str | None = None, model_name: str | None = None, humaneval: BenchmarkResult | None = None) -> BenchmarkResult:
+        device: str | None = None, model_name: str | None = None, humaneval: BenchmarkResult | None = None,
+        backend: str = "hf", backend_options: dict[str, Any] | None = None, log_samples: bool = False,
+        use_cache: str | None = None) -> BenchmarkResult:
     """Evaluate ``model`` (a model directory, or an ``lm_eval`` LM object) on the suite's lm-eval group.
 
     Args:
@@ -130,6 +136,10 @@ def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] 
         dataset_overrides: YAML of task -> dataset fields, applied on top of the shipped overrides.
         limit: examples per task (lm-eval ``--limit``), for smoke runs.
         humaneval: the HumanEval result of the same model, to fill the Math & Coding category.
+        backend: lm-eval model type for a model directory: ``hf`` or ``vllm`` (lm-eval's vLLM backend).
+        backend_options: more ``model_args`` (e.g. vLLM's dtype, tensor_parallel_size, gpu_memory_utilization).
+        log_samples: lm-eval's ``--log_samples``: every prompt and answer, written to RUN_DIR/nlp/samples_<task>.jsonl.
+        use_cache: lm-eval's request cache (SQLite path prefix): a rerun answers cached requests without the model.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -146,20 +156,27 @@ def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] 
         task_manager = TaskManager(include_path=paths, include_defaults=include_defaults)
         if isinstance(model, (str, Path)):
             model_name = model_name or str(model)
-            model_args = f"pretrained={model}"
-            model = "hf"
+            model_args = ",".join([f"pretrained={model}", *(f"{k}={v}" for k, v in (backend_options or {}).items())])
+            model = backend
         else:
             model_args = None
         output = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks or [suite.lm_eval_group],
                                          task_manager=task_manager, limit=limit, batch_size=batch_size, device=device,
-                                         log_samples=False, confirm_run_unsafe_code=False)
+                                         log_samples=log_samples, use_cache=use_cache, confirm_run_unsafe_code=False)
     keep = {k: output.get(k) for k in ("results", "groups", "group_subtasks", "n-shot", "versions", "higher_is_better")}
     lm_eval_file = Path(run_dir) / "nlp" / "lm_eval_results.json"
     lm_eval_file.parent.mkdir(parents=True, exist_ok=True)
     lm_eval_file.write_text(json.dumps(keep, indent=2, default=handle_non_serializable))
+    if log_samples:
+        for task, samples in (output.get("samples") or {}).items():
+            with open(lm_eval_file.parent / f"samples_{task}.jsonl", "w") as f:
+                f.writelines(json.dumps(x, default=handle_non_serializable, ensure_ascii=False) + "\n" for x in samples)
     raw = raw_scores(output, suite)
+    stderr = {name: _number(tables_of(output).get(spec.result, {}).get(spec.metric.replace(",", "_stderr,", 1)))
+              for name, spec in suite.lm_eval_tasks().items()}
     result = table1(raw, suite, humaneval)
     result.model = model_name or "model"
+    result.breakdown["stderr"] = {k: v for k, v in stderr.items() if v is not None}
     result.duration_seconds = time.monotonic() - start
     result.config.update(suite=suite.model_dump(), tasks=tasks or [suite.lm_eval_group], limit=limit, n_shot=output.get("n-shot", {}),
                          dataset_overrides=overrides, lm_eval_results=str(lm_eval_file))

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED = REPO_ROOT.parent / "shared"
+SHARED = Path(os.environ.get("IM_SHARED_DIR", REPO_ROOT.parent / "shared"))  # a worktree elsewhere sets it
 BENCHMARKS = SHARED / "benchmarks"
 TULU_TEMPLATE = (REPO_ROOT / "eval_suite" / "templates" / "tulu.jinja").read_text()
 

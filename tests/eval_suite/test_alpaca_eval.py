@@ -82,7 +82,10 @@ def test_generate_and_judge_through_the_cli(tiny_model_dir, judge_server, tmp_pa
     expected, _ = expected_win_rates(outputs, bench.read_outputs(refs, 4))
     assert json.loads(proc.stdout.strip().splitlines()[-1])["win_rate"] == pytest.approx(expected)
     result = json.loads((tmp_path / "results" / "alpaca_eval_1.json").read_text())
-    assert result["benchmark"] == "alpaca_eval_1" and result["config"]["judge_base_url"] == judge_server.url
+    host = judge_server.url.removesuffix("/v1")  # scheme, host and port: never a path, query or key
+    assert result["benchmark"] == "alpaca_eval_1" and result["config"]["judge_base_url"] == host
+    assert result["provenance"]["judge"] == {"model": "eval-suite-rule-judge", "requested": None, "host": host}
+    assert result["provenance"]["sampling"]["max_new_tokens"] == 8
 
 
 def test_length_controlled_win_rate_runs_from_a_local_df_gamed(tmp_path):

@@ -76,7 +76,7 @@ def test_generate_and_judge_through_the_cli(tiny_model_dir, judge_server, tmp_pa
     assert len(answers) == 3 and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["n_unparsed"] == 0 and 1 <= summary["average"] <= 10
-    assert judge_server.state.answered == 6
+    assert judge_server.state.answered == 1 + 6  # the 1-token reachability probe, then 3 questions x 2 turns
 
 
 def test_bad_answer_file_names_the_row_and_field(tmp_path, judge_server):
@@ -86,3 +86,48 @@ def test_bad_answer_file_names_the_row_and_field(tmp_path, judge_server):
                    "--judge-base-url", judge_server.url)
     assert proc.returncode != 0
     assert re.search(rf"{re.escape(str(answers))}: row 2: field 'choices\[0\]\.turns'", proc.stderr)
+
+
+PAPER_MODEL_PATH = "/checkpoints/llama2_7b_alpagasus_dolly_3k_im"  # a path like the authors'; FastChat: one_shot
+
+
+def test_fastchat_format_equals_fastchat_get_conversation_template(tiny_model_dir):
+    """--mt-bench-format fastchat feeds what FastChat's gen_model_answer.py builds, turn by turn, for the
+    paper's kind of model path (its one_shot template), as the same token ids."""
+    from fastchat.model.model_adapter import get_conversation_template
+    from transformers import AutoTokenizer
+
+    from eval_suite.generation import Generator
+
+    question = bench.load_questions(limit=1)[0]
+    answers = ["First answer.", "Second answer."]
+    conv = get_conversation_template(PAPER_MODEL_PATH)  # FastChat's own loop (gen_model_answer.get_model_answers)
+    assert conv.name == "one_shot"
+    expected = []
+    for j, turn in enumerate(question["turns"]):
+        conv.append_message(conv.roles[0], turn)
+        conv.append_message(conv.roles[1], None)
+        expected.append(conv.get_prompt())
+        conv.update_last_message(answers[j])
+    ours = [bench.fastchat_prompt(PAPER_MODEL_PATH, question["turns"][:1], []),
+            bench.fastchat_prompt(PAPER_MODEL_PATH, question["turns"], answers[:1])]
+    assert ours == expected
+    assert "### Human: " + question["turns"][1] in ours[1] and ours[1].endswith("### Assistant:")
+    assert bench.fastchat_stops(PAPER_MODEL_PATH) == ("###",)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # FastChat tokenises with tokenizer([prompt])
+    gen = Generator(str(tiny_model_dir), load_model=False)
+    assert [gen.prompt_ids(p) for p in ours] == tokenizer(ours).input_ids
+
+
+def test_fastchat_format_generates_and_resumes(tiny_model_dir, tmp_path):
+    from eval_suite.generation import Generator
+    from eval_suite.records import SampleStore
+
+    gen = Generator(str(tiny_model_dir))
+    questions = bench.load_questions(limit=2)
+    store = SampleStore(tmp_path / "generations.jsonl")
+    rows = bench.generate(gen, questions, "m", 8, "fastchat", PAPER_MODEL_PATH, store=store)
+    assert [len(r["choices"][0]["turns"]) for r in rows] == [2, 2] and gen.generated == 4
+    again = bench.generate(gen, questions, "m", 8, "fastchat", PAPER_MODEL_PATH, store=store)
+    assert gen.generated == 4 and gen.reused == 4  # nothing generated a second time
+    assert [r["choices"] for r in again] == [r["choices"] for r in rows]

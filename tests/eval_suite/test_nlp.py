@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -86,6 +87,23 @@ def test_limit_through_the_cli(tiny_model_dir, tmp_path):
     assert summary["category/code"] is None  # no HumanEval result in this run dir
     result = json.loads((tmp_path / "run" / "results" / "nlp.json").read_text())
     assert any("--limit 2" in n for n in result["notes"]) and any("HumanEval" in n for n in result["notes"])
+
+
+def test_log_samples_passes_through_and_a_rerun_answers_from_lm_evals_cache(tiny_model_dir, tmp_path):
+    tasks = write_local_tasks(tmp_path)
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(yaml.safe_dump(TINY_SUITE.model_dump()))
+    args = ["nlp", "--model", str(tiny_model_dir), "--run-dir", str(tmp_path / "run"), "--suite", str(suite_file),
+            "--include-path", str(tasks), "--no-builtin-tasks", "--limit", "2", "--batch-size", "2", "--device", "cpu",
+            "--log-samples"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    logged = sorted(p.name for p in (tmp_path / "run" / "nlp").glob("samples_*.jsonl"))
+    assert logged and all(len((tmp_path / "run" / "nlp" / n).read_text().splitlines()) == 2 for n in logged)
+    again = run_cli(*args)  # a killed or repeated run: every request comes from RUN_DIR/nlp/lm_eval_cache
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"Cached requests: [1-9]\d*, Requests remaining: 0", again.stderr), again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == json.loads(first.stdout.strip().splitlines()[-1])
 
 
 def test_aggregation_flips_lower_is_better_and_skips_missing_tasks():

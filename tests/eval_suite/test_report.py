@@ -36,16 +36,67 @@ def test_report_from_two_run_directories(tmp_path):
     proc = run_cli("report", str(im), "--baseline", str(it), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
-    header, _, base_row, im_row, delta_row = md.splitlines()[:5]
-    assert header == "| Run | U&K | Multi | CR | M&C | BBH | S&H | Mean | MT-Bench | AlpacaEval 1.0 | AlpacaEval 2.0 |"
-    assert base_row.startswith("| it (baseline) | 40.00 | 40.00 | 40.00 | 25.00 | 40.00 | 40.00 | 37.50 | 4.00 | 20.00 | 2.00 |")
-    assert im_row.startswith("| im | 42.00 | 42.00 | 42.00 | 36.00 | 42.00 | 42.00 | 41.00 | 3.50 | 25.00 | – |")
+    title, _, header, _, base_row, im_row, delta_row = md.splitlines()[:7]
+    assert title == "# Instruction Modelling: evaluation results"
+    assert header == ("| Run | U&K | Multi | CR | M&C | BBH | S&H | Mean | HumanEval | MT-Bench | AlpacaEval 1.0 "
+                      "| AlpacaEval 2.0 |")
+    assert base_row == "| it (baseline) | 40.00 | 40.00 | 40.00 | 25.00 | 40.00 | 40.00 | 37.50 | 10.00 | 4.00 | 20.00 | 2.00 |"
+    assert im_row == "| im | 42.00 | 42.00 | 42.00 | 36.00 | 42.00 | 42.00 | 41.00 | 30.00 | 3.50 | 25.00 | – |"
     assert delta_row == ("| Δ im − it | ▲ +2.00 | ▲ +2.00 | ▲ +2.00 | ▲ +11.00 | ▲ +2.00 | ▲ +2.00 | ▲ +3.50 "
-                         "| ▼ -0.50 | ▲ +5.00 | – |")
+                         "| ▲ +20.00 | ▼ -0.50 | ▲ +5.00 | – |")
     page = (out / "report.html").read_text()
-    assert "<table>" in page and "▼ -0.50" in page and 'style="color:#cf222e"' in page
-    for png in ("nlp.png", "open_ended.png"):
+    assert "<table>" in page and "▼ -0.50" in page and "class='loss'" in page and "class='gain'" in page
+    assert page.count("src='data:image/png;base64,") == 3  # charts inline: %, win rate %, MT-Bench 1-10
+    assert "<td class='missing' title='not run or no score'>missing</td>" in page  # AlpacaEval 2.0 of im
+    for png in ("nlp.png", "alpaca_eval.png", "mt_bench.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def with_provenance(run_dir, benchmark: str, **fields):
+    path = run_dir / "results" / f"{benchmark}.json"
+    result = load_result(path)
+    result.provenance = {"model": {"path": str(run_dir)}, "template": {"name": "tokenizer", "sha256": "abc"},
+                         "sampling": {"n": 20, "temperatures": [0.1, 0.7], "top_k": None}, "limit": None,
+                         "judge_model": "gpt-4-0613", **fields}
+    result.write(run_dir)
+
+
+def test_report_refuses_mixed_protocols_unless_allowed_and_marks_smoke_runs(tmp_path):
+    it, im = tmp_path / "it", tmp_path / "im"
+    make_run(it, nlp_scale=40.0, mt=4.0, ae1=20.0, ae2=2.0, pass1=0.10)
+    make_run(im, nlp_scale=42.0, mt=3.5, ae1=25.0, ae2=None, pass1=0.30)
+    with_provenance(it, "humaneval")
+    with_provenance(im, "humaneval", sampling={"n": 1, "temperatures": [0.1, 0.7], "top_k": None})
+    with_provenance(im, "mt_bench", limit=3, judge_model="eval-suite-rule-judge")
+    out = tmp_path / "report"
+    proc = run_cli("report", str(im), "--baseline", str(it), "--out", str(out))
+    assert proc.returncode != 0
+    assert "runs with different protocols in one report (humaneval:" in proc.stderr and "differ in sampling" in proc.stderr
+    assert "--allow-mixed" in proc.stderr
+    proc = run_cli("report", str(im), "--baseline", str(it), "--out", str(out), "--allow-mixed")
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text()
+    assert "| im [smoke] |" in md
+    page = (out / "report.html").read_text()
+    assert "Smoke runs, not comparable with the paper:</b> im (mt_bench: --limit 3, rule-based test judge)" in page
+    assert "Mixed protocols (--allow-mixed):</b> humaneval:" in page
+
+
+def test_several_pairs_get_one_section_each_and_notes_once(tmp_path):
+    runs = {}
+    for name, scale in [("dolly_it", 40.0), ("dolly_im", 44.0), ("lima_it", 30.0), ("lima_im", 33.0)]:
+        runs[name] = tmp_path / name
+        make_run(runs[name], nlp_scale=scale, mt=4.0, ae1=20.0, ae2=None, pass1=0.1)
+    out = tmp_path / "report"
+    proc = run_cli("report", "--pair", "Alpagasus Dolly 3k", str(runs["dolly_it"]), str(runs["dolly_im"]),
+                   "--pair", "LIMA", str(runs["lima_it"]), str(runs["lima_im"]), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text()
+    assert "## Alpagasus Dolly 3k" in md and "## LIMA" in md
+    dolly, lima = md.split("## LIMA")
+    assert "| IT (dolly_it) | 40.00 |" in dolly and "| Δ IM (dolly_im) − IT | ▲ +4.00 |" in dolly
+    assert "| IT (lima_it) | 30.00 |" in lima and "| Δ IM (lima_im) − IT | ▲ +3.00 |" in lima
+    assert md.count("- NLP: M&C: no score for GSM8K") == 0  # every task has a score here: no notes to repeat
 
 
 def test_results_schema_rejects_bad_files_with_file_and_field(tmp_path):
@@ -67,3 +118,44 @@ def test_eval_suite_never_imports_axolotl():
            "assert 'axolotl' not in sys.modules, sorted(m for m in sys.modules if 'axolotl' in m)\nprint('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(REPO_ROOT)})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("headless Chromium not installed (Debian: apt-get install -y chromium)")
+
+
+def test_report_page_renders_in_headless_chromium(tmp_path):
+    """The page as a reader sees it: rendered by Chromium, with the title, every column and the charts."""
+    import matplotlib.image
+
+    it, im = tmp_path / "it", tmp_path / "im"
+    make_run(it, nlp_scale=40.0, mt=4.0, ae1=20.0, ae2=2.0, pass1=0.10)
+    make_run(im, nlp_scale=42.0, mt=3.5, ae1=25.0, ae2=None, pass1=0.30)
+    out = tmp_path / "report"
+    assert run_cli("report", "--pair", "Alpagasus Dolly 3k", str(it), str(im), "--out", str(out)).returncode == 0
+    page = (out / "report.html").as_uri()
+    common = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*common, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert "<title>Instruction Modelling: evaluation results</title>" in html
+    assert "<h1>Instruction Modelling: evaluation results</h1>" in html and "<h2>Alpagasus Dolly 3k</h2>" in html
+    for column in ("U&amp;K", "Multi", "CR", "M&amp;C", "BBH", "S&amp;H", "Mean", "HumanEval", "MT-Bench",
+                   "AlpacaEval 1.0", "AlpacaEval 2.0"):
+        assert f"<th>{column}<br>" in html, column
+    assert html.count('src="data:image/png;base64,') == 3
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run([*common, "--window-size=1280,1400", f"--screenshot={shot}", page], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (1400, 1280) and pixels.std() > 0.05  # not a blank page

@@ -1,0 +1,354 @@
+"""``eval-suite all MODEL --run-dir DIR``: every benchmark for one model, resumable, then the report.
+
+Order: preflight (all checks, before anything loads), then HumanEval, AlpacaEval 1.0 and 2.0 and
+MT-Bench on one loaded model (generation resumable per sample), judging (cached), the NLP suite
+(lm-eval with its request cache, so it resumes too), and the report. A benchmark whose results file
+already holds the same protocol is not run again.
+
+The stage functions are also what the single-benchmark commands call, so every results file carries
+the same provenance.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eval_suite import provenance as prov
+from eval_suite.preflight import PreflightError
+from eval_suite.results import BENCHMARKS, BenchmarkResult, load_result
+
+log = logging.getLogger(__name__)
+
+GENERATION_FILE = "generations.jsonl"  # per benchmark folder: SampleStore rows, appended as they come
+JUDGED = ("alpaca_eval_1", "alpaca_eval_2", "mt_bench")
+# The authors' generation lengths (paper.md §4.1): AlpacaEval 8,192 (open-instruct), HumanEval 512,
+# MT-Bench 1,024 (FastChat's default).
+ALPACA_EVAL_MAX_NEW_TOKENS = 8192
+
+
+@dataclass
+class Run:
+    """One model's run: the parsed options plus what is loaded lazily and shared between stages."""
+
+    args: Any
+    run_dir: Path
+    judge_reported: str | None = None
+    _generator: Any = None
+    _client: Any = None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def model_dir(self) -> str:
+        return str(self.args.model)
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.args, "model_name", None) or Path(self.model_dir.rstrip("/")).name
+
+    def generator(self):
+        if self._generator is None:
+            from eval_suite.generation import BackendOptions, Generator, load_chat_template
+
+            a = self.args
+            options = BackendOptions(dtype=a.dtype, device=a.device, tensor_parallel_size=a.tensor_parallel_size,
+                                     gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len)
+            self._generator = Generator(self.model_dir, load_chat_template(a.chat_template), a.batch_size, a.backend,
+                                        batch_tokens=a.batch_tokens, options=options)
+        return self._generator
+
+    def release_generator(self) -> None:
+        """Free the generation model before lm-eval loads its own copy."""
+        if self._generator is not None:
+            self._generator = None
+            gc.collect()
+            try:
+                import torch
+
+                torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001 - CPU-only torch
+                pass
+
+    def client(self):
+        if self._client is None:
+            from eval_suite.judge import client_from_args
+
+            self._client = client_from_args(self.args)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def template(self) -> dict[str, Any]:
+        gen = self.generator()
+        name = self.args.chat_template or "tokenizer"
+        return {"name": name, "sha256": gen.template_hash(), "bos_id": gen.bos_id}
+
+    def judge_info(self) -> dict[str, Any]:
+        from eval_suite.preflight import judge_host
+
+        return {"model": self.judge_reported, "requested": self.args.judge_model, "host": judge_host(self.args.judge_base_url)}
+
+    def count(self, benchmark: str, before: tuple[int, int]) -> None:
+        gen = self._generator
+        generated, reused = gen.generated - before[0], gen.reused - before[1]
+        self.counts[benchmark] = {"generated": generated, "reused": reused}
+        print(f"{benchmark}: generated {generated} samples, {reused} already in {self.run_dir}", flush=True)
+
+    def mark(self) -> tuple[int, int]:
+        gen = self.generator()
+        return gen.generated, gen.reused
+
+
+def store_for(run: Run, folder: str, meta: dict[str, Any]):
+    from eval_suite.records import SampleStore
+
+    return SampleStore(run.run_dir / folder / GENERATION_FILE, meta)
+
+
+# ---- stages ------------------------------------------------------------------------------------
+
+def humaneval_generate(run: Run) -> tuple[Path, dict[str, Any], str]:
+    """Sample HumanEval (resumable); returns the samples file, the sampling settings and the backend."""
+    from eval_suite.humaneval import bench
+    from eval_suite.records import write_jsonl
+
+    a = run.args
+    problems = bench.load_problems(a.problems)
+    max_new = a.max_new_tokens or bench.PAPER_SAMPLING["max_new_tokens"]
+    sampling = {"n": a.n, "temperatures": list(a.temperatures), "top_p": bench.PAPER_SAMPLING["top_p"], "top_k": a.top_k,
+                "max_new_tokens": max_new, "stop": list(bench.PAPER_SAMPLING["stop"]), "seed": a.seed}
+    gen = run.generator()
+    store = store_for(run, "humaneval", {"model": run.model_dir, "template": None, "bos_id": gen.bos_id, **sampling})
+    before = run.mark()
+    samples = bench.sample(gen, problems, a.temperatures, a.n, a.limit, max_new_tokens=max_new, top_k=a.top_k, store=store)
+    run.count("humaneval", before)
+    return write_jsonl(run.run_dir / "humaneval" / "samples.jsonl", samples), sampling, gen.backend
+
+
+def humaneval_stage(run: Run) -> BenchmarkResult:
+    from eval_suite.humaneval import bench
+    from eval_suite.humaneval.sandbox import SandboxLimits
+    from eval_suite.records import write_jsonl
+
+    a = run.args
+    started = prov.now()
+    samples_path, sampling, backend = humaneval_generate(run)
+    problems = bench.load_problems(a.problems)
+    result, executed = bench.score(bench.read_samples(samples_path, problems), problems, allow_code_execution=True,
+                                   model=run.model_name, workers=a.workers, ks=a.k,
+                                   limits=SandboxLimits(wall_seconds=a.timeout, cpu_seconds=max(1, int(a.timeout))))
+    write_jsonl(Path(str(samples_path) + "_results.jsonl"), executed)
+    result.provenance = prov.record(model=_fingerprint(run), backend=backend, template=None, sampling=sampling,
+                                    limit=a.limit, started=started, prompt_format="raw")
+    return result
+
+
+def alpaca_eval_stage(run: Run, version: str) -> BenchmarkResult:
+    from eval_suite.alpacaeval import bench
+    from eval_suite.generation import SamplingConfig
+
+    a = run.args
+    started = prov.now()
+    reference_file = getattr(a, f"{version}_reference")
+    references = bench.read_outputs(reference_file)
+    bench.check_reference(version, references, str(reference_file))
+    out_dir = run.run_dir / version
+    sampling = SamplingConfig(max_new_tokens=a.max_new_tokens or ALPACA_EVAL_MAX_NEW_TOKENS, temperature=0.0, top_k=a.top_k,
+                              seed=a.seed)
+    gen = run.generator()
+    template = run.template()
+    store = store_for(run, version, {"model": run.model_dir, "template": template, "reference": prov.file_sha256(reference_file),
+                                     **sampling.protocol()})
+    before = run.mark()
+    outputs = bench.generate(gen, reference_file, run.model_name, sampling, a.limit, store=store)
+    run.count(version, before)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import json
+
+    (out_dir / "model_outputs.json").write_text(json.dumps(outputs, indent=2, ensure_ascii=False))
+    result = bench.judge(version, outputs, references, run.client(), out_dir, a.judge_model, a.lc_data)
+    result.config.update(judge_model_reported=run.judge_reported, judge_base_url=run.judge_info()["host"])
+    result.provenance = prov.record(model=_fingerprint(run), backend=gen.backend, template=template,
+                                    sampling=sampling.protocol(), limit=a.limit, started=started, judge=run.judge_info(),
+                                    reference_sha256=prov.file_sha256(reference_file), prompt_format="chat-template")
+    return result
+
+
+def mt_bench_stage(run: Run) -> BenchmarkResult:
+    from eval_suite.mtbench import bench
+    from eval_suite.records import write_jsonl
+
+    a = run.args
+    started = prov.now()
+    questions = bench.load_questions(a.questions, a.limit)
+    gen = run.generator()
+    fmt = a.mt_bench_format
+    if fmt == "fastchat":
+        conv = bench.fastchat_template(a.fastchat_model_path or run.model_dir)
+        template = {"name": f"fastchat:{conv.name}", "sha256": prov.text_sha256(repr(conv)), "bos_id": gen.bos_id}
+    else:
+        template = run.template()
+    max_new = a.max_new_tokens or bench.CONFIG["max_new_tokens"]
+    sampling = {"temperatures": bench.CONFIG["temperature_config"], "top_k": a.top_k, "max_new_tokens": max_new,
+                "seed": a.seed}
+    store = store_for(run, "mt_bench", {"model": run.model_dir, "template": template, **sampling})
+    before = run.mark()
+    rows = bench.generate(gen, questions, run.model_name, max_new, fmt, a.fastchat_model_path, a.top_k, store=store)
+    run.count("mt_bench", before)
+    out_dir = run.run_dir / "mt_bench"
+    write_jsonl(out_dir / "model_answer.jsonl", rows)
+    answers = {r["question_id"]: r["choices"][0]["turns"] for r in rows}
+    result = bench.judge(questions, answers, run.client(), out_dir, run.model_name, a.judge_model)
+    result.config.update(judge_model_reported=run.judge_reported, judge_base_url=run.judge_info()["host"])
+    result.provenance = prov.record(model=_fingerprint(run), backend=gen.backend, template=template, sampling=sampling,
+                                    limit=a.limit, started=started, judge=run.judge_info(), prompt_format=fmt)
+    return result
+
+
+def nlp_stage(run: Run, humaneval: BenchmarkResult | None) -> BenchmarkResult:
+    from eval_suite.nlp import bench
+
+    a = run.args
+    started = prov.now()
+    run.release_generator()
+    backend = "vllm" if a.backend == "vllm" else "hf"
+    result = bench.run(run.model_dir, run.run_dir, tasks=a.tasks, include_paths=[bench.TASKS_DIR, *a.include_path],
+                       include_defaults=not a.no_builtin_tasks, dataset_overrides=a.dataset_overrides,
+                       limit=a.limit, batch_size=a.nlp_batch_size, device=_lm_eval_device(a.device),
+                       model_name=run.model_name, humaneval=humaneval, backend=backend,
+                       backend_options=_vllm_model_args(a) if backend == "vllm" else {},
+                       log_samples=a.log_samples, use_cache=str(run.run_dir / "nlp" / "lm_eval_cache"))
+    result.provenance = prov.record(model=_fingerprint(run), backend=backend, template=None,
+                                    sampling={"decoding": "each task's lm-eval settings"}, limit=a.limit, started=started,
+                                    n_shot=result.config.get("n_shot"), tasks=result.config.get("tasks"),
+                                    prompt_format="lm-eval task prompts")
+    return result
+
+
+def _lm_eval_device(device: str) -> str:
+    from eval_suite.generation import resolve_device
+
+    return resolve_device(device)
+
+
+def _vllm_model_args(a) -> dict[str, Any]:
+    args = {"dtype": a.dtype, "tensor_parallel_size": a.tensor_parallel_size, "gpu_memory_utilization": a.gpu_memory_utilization}
+    if a.max_model_len:
+        args["max_model_len"] = a.max_model_len
+    return args
+
+
+def _fingerprint(run: Run) -> dict[str, Any]:
+    from eval_suite.generation import model_fingerprint
+
+    return model_fingerprint(run.model_dir)
+
+
+# ---- the whole run -----------------------------------------------------------------------------
+
+def preflight(run: Run, benchmarks: list[str]) -> list[str]:
+    """Run every check that applies; returns the failure lines (empty when all pass)."""
+    from eval_suite import preflight as pf
+
+    a = run.args
+    failures: list[str] = []
+
+    def attempt(check, *args):
+        try:
+            return check(*args)
+        except PreflightError as e:
+            failures.append(str(e))
+            return None
+
+    if "humaneval" in benchmarks:
+        attempt(pf.check_code_execution, a.allow_code_execution)
+    for version in ("alpaca_eval_1", "alpaca_eval_2"):
+        if version in benchmarks:
+            flag = f"--{version.replace('_', '-')}-reference"
+            path = attempt(pf.check_file, getattr(a, f"{version}_reference"), version, flag, version)
+            if path is not None:
+                attempt(_check_reference, version, path)
+    if not Path(run.model_dir).is_dir():
+        failures.append(f"model {run.model_dir}: no such directory; pass a local Hugging Face model folder")
+    device = attempt(pf.check_device, a.device)
+    if device and device.startswith("cuda") and Path(run.model_dir).is_dir() and set(benchmarks) - {"nlp"}:
+        # One sample of the longest generation (AlpacaEval's 8,192 new tokens) after a long prompt.
+        longest = (a.max_new_tokens or ALPACA_EVAL_MAX_NEW_TOKENS) + 2048
+        attempt(pf.gpu_memory_check, run.model_dir, device, longest)
+    if set(benchmarks) & set(JUDGED):
+        try:
+            from eval_suite.judge import client_from_args
+
+            client = run._client = client_from_args(a)
+            run.judge_reported = attempt(pf.probe_judge, client, a.judge_model or "gpt-4")
+        except ValueError as e:  # no API key for OpenAI
+            failures.append(str(e))
+    if "nlp" in benchmarks:
+        from eval_suite.nlp import bench
+
+        overrides = bench.load_overrides(bench.DEFAULT_OVERRIDES if not a.no_builtin_tasks else None, a.dataset_overrides)
+        attempt(pf.check_nlp_datasets, [bench.TASKS_DIR, *a.include_path], a.tasks or [bench.Suite.load().lm_eval_group],
+                overrides, not a.no_builtin_tasks, run.run_dir / "nlp" / "dataset_overrides.todo.yaml")
+    return failures
+
+
+def _check_reference(version: str, path: Path) -> None:
+    from eval_suite.alpacaeval import bench
+
+    try:
+        bench.check_reference(version, bench.read_outputs(path), str(path))
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+
+
+def already_done(run: Run, benchmark: str) -> BenchmarkResult | None:
+    """The stored result when it exists and was run with the current limit (the cheap protocol check)."""
+    path = run.run_dir / "results" / f"{benchmark}.json"
+    if not path.is_file():
+        return None
+    result = load_result(path)
+    if result.provenance.get("limit") != run.args.limit or result.provenance.get("model", {}).get("path") != run.model_dir:
+        return None
+    return result
+
+
+def run_all(args) -> dict[str, BenchmarkResult]:
+    """Preflight, every benchmark not skipped, then the report. Returns the results by benchmark."""
+    import time
+
+    run = Run(args, Path(args.run_dir))
+    benchmarks = [b for b in BENCHMARKS if b not in (args.skip or [])]
+    start = time.monotonic()
+    failures = preflight(run, benchmarks)
+    if failures:
+        run.close()
+        raise SystemExit("eval-suite all: preflight failed (nothing was generated):\n" + "\n".join(f"  - {f}" for f in failures))
+    log.info("preflight passed in %.1f s; judge reports itself as %s", time.monotonic() - start, run.judge_reported)
+    results: dict[str, BenchmarkResult] = {}
+    stages = {"humaneval": humaneval_stage, "alpaca_eval_1": lambda r: alpaca_eval_stage(r, "alpaca_eval_1"),
+              "alpaca_eval_2": lambda r: alpaca_eval_stage(r, "alpaca_eval_2"), "mt_bench": mt_bench_stage,
+              "nlp": lambda r: nlp_stage(r, results.get("humaneval"))}
+    try:
+        for benchmark in [b for b in ("humaneval", "alpaca_eval_1", "alpaca_eval_2", "mt_bench", "nlp") if b in benchmarks]:
+            done = None if args.rerun else already_done(run, benchmark)
+            if done is not None:
+                print(f"{benchmark}: results already in {run.run_dir / 'results'}; skipped (--rerun to redo)", flush=True)
+                results[benchmark] = done
+                continue
+            results[benchmark] = stages[benchmark](run)
+            print(f"{benchmark}: wrote {results[benchmark].write(run.run_dir)}", flush=True)
+    finally:
+        run.close()
+    from eval_suite.report import write_report
+
+    baselines = [Path(args.baseline_run)] if args.baseline_run else []
+    for path in write_report([run.run_dir], run.run_dir / "report", baselines[0] if baselines else None,
+                             allow_mixed=args.allow_mixed):
+        print(f"wrote {path}")
+    return results

