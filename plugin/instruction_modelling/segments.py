@@ -529,13 +529,32 @@ def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_k
     template's wrappers around tool calls. Position-dependent template logic (Qwen3 keeping
     reasoning only after the last user turn) is the same in both renders and cancels out."""
 
-    def variant(i: int, turn: dict) -> str:
-        return _render(render, turns[:i] + [turn] + turns[i + 1:], tools, messages_field)
+    def variant(i: int, turn: dict | None) -> str:
+        return _render(render, turns[:i] + ([turn] if turn else []) + turns[i + 1:], tools, messages_field)
 
     spans = []
     for i, (msg, turn) in enumerate(zip(messages, turns)):
         where = f"{messages_field}[{i}]"
-        start, end = _diff_span(real, variant(i, {"role": turn["role"], "content": _sentinel(i)}))
+        # Axolotl's dummy turn first. Templates that refuse it get, in turn: the turn with its other
+        # fields kept (Mistral needs a tool result's tool_call_id), then the conversation without the
+        # turn (Mistral's role-alternation check counts an assistant turn without tool_calls; such
+        # templates have no role header, so the difference is exactly what the turn renders).
+        dummies = ({"role": turn["role"], "content": _sentinel(i)},
+                   {**{k: v for k, v in turn.items() if k not in ("tool_calls", thinking_key)}, "content": _sentinel(i)},
+                   None)
+        for dummy in dummies:
+            try:
+                other = variant(i, dummy)
+                break
+            except TemplateError:
+                if dummy is None:
+                    raise
+        start, end = _diff_span(real, other)
+        if dummy is None:
+            # A pure insertion can slide: "[TOOL_CALLS]...</s>" before "[TOOL_RESULTS]" diffs as
+            # "CALLS]...</s>[TOOL_". The turn starts where it starts earliest.
+            while start > 0 and real[start - 1] == real[end - 1]:
+                start, end = start - 1, end - 1
         if end <= start:
             if msg.content.strip():
                 raise TemplateError(f"{where}.content", _not_rendered(msg))
