@@ -51,12 +51,7 @@ def check_config(cfg, args) -> bool:
             "remove train_on_inputs (the plugin's im_mode: im is what trains instructions)"
         )
     for ds in im:
-        if ds.get("roles_to_train") and list(ds["roles_to_train"]) != args.trained_roles():
-            raise ValueError(
-                f"dataset {ds.get('path')}: type instruction_modelling chooses trained roles from "
-                "im_mode / im_role_weights; remove roles_to_train"
-            )
-        check_dataset_options({k: v for k, v in ds.items() if k != "roles_to_train"})
+        check_dataset_options(ds, args.trained_roles())
     return True
 
 

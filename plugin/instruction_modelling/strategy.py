@@ -55,11 +55,19 @@ REFUSED_DATASET_OPTIONS = {
 }
 
 
-def check_dataset_options(ds_cfg) -> None:
-    """Refuse, in one sentence each, the Axolotl dataset options this type cannot honour."""
+def check_dataset_options(ds_cfg, trained_roles: list[str]) -> None:
+    """Refuse, in one sentence each, the Axolotl dataset options this type cannot honour.
+
+    Args:
+        ds_cfg: one ``datasets:`` entry.
+        trained_roles: ``IMArgs.trained_roles()``; the plugin writes them into ``roles_to_train``
+            (for Axolotl's dataset hash), so only a different list is refused.
+    """
     where = f"dataset {ds_cfg.get('path')}"
     for option, instead in REFUSED_DATASET_OPTIONS.items():
         value = ds_cfg.get(option)
+        if option == "roles_to_train" and value is not None and list(value) == list(trained_roles):
+            continue
         if value not in (None, False, "", [], {}):
             raise ValueError(f"{where}: type instruction_modelling does not support `{option}`: {instead}")
     eos, eot = ds_cfg.get("train_on_eos"), ds_cfg.get("train_on_eot")
@@ -232,8 +240,8 @@ REPORT = PreprocessReport()
 def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
     """Axolotl's strategy entry point for ``type: instruction_modelling``."""
     ds_cfg = dict(ds_cfg or {})
-    check_dataset_options(ds_cfg)
     args = IMArgs.from_cfg(cfg)
+    check_dataset_options(ds_cfg, args.trained_roles())
     fields = row_fields_from_dataset_config(ds_cfg)
 
     render = None
