@@ -26,7 +26,16 @@ How a chat example is segmented
 4. The end-of-turn token that closes an assistant turn (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...:
    the first non-whitespace token after the content, if it is one of ``end_token_ids``) joins
    the output segment, so the model learns to stop. End-of-turn tokens after system and user
-   turns stay template tokens.
+   turns stay template tokens (Axolotl's ``train_on_eos`` chooses otherwise: ``last``, ``all``, ``none``).
+
+Rows with tools, tool calls, reasoning or other message properties (or empty contents) take a
+second path: each message is located as Axolotl's ``chat_template`` type locates a turn, by
+diffing the real render against one where that message is only ``{role, content: sentinel}``.
+What differs is everything the message's fields render to: for an assistant turn its text, the
+tool-call JSON and the template's wrapper around it (all output), with the reasoning trace
+located by a further diff (``Segment.REASONING``). The row's tool schemas are found as the JSON
+the template writes (system content); the template's text around them stays template.
+Per-message training flags (``trained``, ``train_detail``) mask what they exclude.
 
 Alpaca-style and prompt/completion rows are turned into the same ``Piece`` list by their own
 renderers, so one function (``encode_pieces``) assigns segments for every format.
@@ -35,6 +44,7 @@ renderers, so one function (``encode_pieces``) assigns segments for every format
 from __future__ import annotations
 
 import bisect
+import json
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Callable, Mapping, Sequence
@@ -244,7 +254,6 @@ def without_nulls(obj):
 
 def _json_field(value, where: str):
     """A JSON-encoded string field (``tools``, tool-call ``arguments``) decoded, as Axolotl does."""
-    import json
 
     if not isinstance(value, str):
         return value
@@ -561,8 +570,6 @@ def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_k
             continue  # nothing rendered for this message (empty content, no tool calls)
         span = _TurnSpan(i, (start, end))
         region = real[start:end]
-        import json
-
         # Verbatim, or JSON-encoded (Llama 3.1 writes tool results with ``tojson``).
         if msg.content.strip() and msg.content.strip() not in region and json.dumps(msg.content, ensure_ascii=False)[1:-1] not in region:
             raise TemplateError(f"{where}.content", "the chat template rewrites this message's content; "
@@ -589,7 +596,6 @@ def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_k
 def _tool_schema_spans(tools, real: str, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Where the row's tool schemas appear in the render (as the JSON the template's ``tojson`` writes,
     or, for templates that write a schema key by key, its values). Text around them is template."""
-    import json
 
     def free(a, b):
         return all(b <= s or a >= e for s, e in taken + found)

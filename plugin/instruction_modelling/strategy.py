@@ -20,7 +20,6 @@ from .segments import (
     RowEncoder,
     RowError,
     RowFields,
-    Segment,
     describe_row,
     detect_format,
 )
