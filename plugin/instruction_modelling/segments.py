@@ -294,6 +294,9 @@ def _template_turn(msg: Mapping[str, Any], fields: RowFields, where: str) -> dic
     """What Axolotl's chat_template type passes to the template for one message: the mapped
     properties, every other property the message has (tool_calls, name, ...), the role renamed
     as Axolotl renames it, tool-call arguments decoded from JSON strings."""
+    if len(msg) == 2 and fields.role in msg and fields.content in msg and set(fields.property_mappings or ()) <= {
+            "role", "content"}:  # the common plain message: no mapping work
+        return {"role": fields.template_roles.get(msg[fields.role], msg[fields.role]), "content": msg[fields.content]}
     mappings = dict(fields.property_mappings or {})
     mappings.setdefault("role", fields.role)
     mappings.setdefault("content", fields.content)
