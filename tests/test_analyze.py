@@ -112,14 +112,17 @@ def test_losses_equal_a_direct_computation(models, data, tmp_path):
 
 
 def test_losses_prompt_completion_rows(models, data, tmp_path):
+    from instruction_modelling.segments import tokenizer_adds_bos
+
     name, path = models[0]
     res = run_losses([models[0]], data["pc"], None, tmp_path, device="cpu")
     model, tok = _load(path)
     expected = []
     for r in _rows(data["pc"], 10):
         prompt, completion = tok(r["prompt"], add_special_tokens=False)["input_ids"], tok(r["completion"], add_special_tokens=False)["input_ids"]
-        ids = [tok.bos_token_id, *prompt, *completion, tok.eos_token_id]
-        expected.append(_mean_ce(model, ids, range(1 + len(prompt), len(ids))))
+        bos = [tok.bos_token_id] if tokenizer_adds_bos(tok) else []  # as training: the tokenizer's own BOS
+        ids = [*bos, *prompt, *completion, tok.eos_token_id]
+        expected.append(_mean_ce(model, ids, range(len(bos) + len(prompt), len(ids))))
     assert res["models"][name]["train"]["output_loss"] == pytest.approx(expected, abs=1e-4)
 
 

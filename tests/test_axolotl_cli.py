@@ -128,13 +128,15 @@ def test_without_the_plugin_the_type_fails_loudly(tmp_path, tiny_model_dir):
     assert "unhandled prompt tokenization strategy: instruction_modelling" in run.output
 
 
-def test_trainer_refuses_batches_without_segments(tmp_path, tiny_model_dir):
+def test_stock_dataset_type_is_refused_before_preprocessing(tmp_path, tiny_model_dir):
     """The plugin with a stock dataset type must not silently train with the unweighted loss."""
     cfg = cpu_config(tiny_model_dir, small_train_file(tmp_path), tmp_path / "out", max_steps=1)
     cfg["datasets"][0]["type"] = "chat_template"
     run = run_axolotl("train", cfg, tmp_path / "cfg.yml")
     assert run.returncode != 0
-    assert "the batch has no 'segment_ids'" in run.output
+    assert "has type 'chat_template', but the instruction_modelling plugin trains only type: " \
+        "instruction_modelling datasets" in run.output
+    assert "Tokenizing Prompts" not in run.output
 
 
 def test_invalid_option_is_a_one_sentence_error(tmp_path, tiny_model_dir):

@@ -185,8 +185,8 @@ def test_per_token_ce_chunks_match_unchunked():
 
 
 def test_weight_table_layout():
-    assert weight_table(1.0, 1.0).tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
-    assert weight_table(0.0, 1.0, {"system": 0.5}).tolist() == [0.0, 0.5, 0.0, 1.0, 0.0]
+    assert weight_table(1.0, 1.0).tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert weight_table(0.0, 1.0, {"system": 0.5}).tolist() == [0.0, 0.5, 0.0, 1.0, 0.0, 1.0]
 
 
 def test_per_token_ce_gradient_with_recomputation_matches_plain():

@@ -183,7 +183,11 @@ def test_alpaca_with_and_without_input(tokenizer):
     assert text[Segment.USER] == "Add the numbers.2 and 3"
     assert text[Segment.OUTPUT] == "5" + tokenizer.eos_token
     assert "### Instruction:" in text[Segment.TEMPLATE] and "### Input:" in text[Segment.TEMPLATE]
-    assert ex.input_ids[0] == tokenizer.bos_token_id and ex.segment_ids[0] == Segment.TEMPLATE
+    # BOS follows the tokenizer's own behaviour, as Axolotl's alpaca type tokenises (this one adds none).
+    assert tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id
+    assert tokenizer.bos_token_id not in ex.input_ids
+    forced = RowEncoder(tokenizer, None, add_bos_to_plain=True).encode({"instruction": "Add.", "output": "5"})
+    assert forced.input_ids[0] == tokenizer.bos_token_id and forced.segment_ids[0] == Segment.TEMPLATE
 
     ex = enc.encode({"instruction": "Say hi.", "input": "", "output": "hi"})
     template = tokenizer.decode([t for t, s in zip(ex.input_ids, ex.segment_ids) if s == Segment.TEMPLATE])

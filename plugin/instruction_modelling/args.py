@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from .segments import CANONICAL_ROLES
+from .segments import WEIGHT_KEYS
 
 
 class IMArgs(BaseModel):
@@ -45,7 +45,8 @@ class IMArgs(BaseModel):
         default=None,
         json_schema_extra={
             "description": "Per-role weight overrides, e.g. {system: 0.0} to keep the loss off system prompts. "
-            "Keys: system, user, assistant, tool."
+            "Keys: system, user, assistant, tool, and reasoning (an assistant turn's reasoning trace, "
+            "default: the output weight)."
         },
     )
     im_loss_normalization: Literal["token", "sequence"] = Field(
@@ -133,9 +134,9 @@ class IMArgs(BaseModel):
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         for role, value in (self.im_role_weights or {}).items():
-            if role not in CANONICAL_ROLES:
+            if role not in WEIGHT_KEYS:
                 raise ValueError(
-                    f"im_role_weights has unknown role '{role}'; use one of {', '.join(CANONICAL_ROLES)}"
+                    f"im_role_weights has unknown role '{role}'; use one of {', '.join(WEIGHT_KEYS)}"
                 )
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"im_role_weights['{role}'] must be a finite number >= 0, got {value}")
@@ -145,7 +146,7 @@ class IMArgs(BaseModel):
                     "im_mode: it trains no instruction tokens, but im_instruction_weight is "
                     f"{self.im_instruction_weight}; remove it or use im_mode: im"
                 )
-            bad = [r for r, w in (self.im_role_weights or {}).items() if r != "assistant" and w > 0]
+            bad = [r for r, w in (self.im_role_weights or {}).items() if r not in ("assistant", "reasoning") and w > 0]
             if bad:
                 raise ValueError(
                     f"im_mode: it trains no instruction tokens, but im_role_weights gives {bad[0]} a positive "
@@ -161,7 +162,8 @@ class IMArgs(BaseModel):
         if instruction is None:
             instruction = 1.0 if self.im_mode == "im" else 0.0
         output = 1.0 if self.im_output_weight is None else self.im_output_weight
-        weights = {"system": instruction, "user": instruction, "tool": instruction, "assistant": output}
+        weights = {"system": instruction, "user": instruction, "tool": instruction, "assistant": output,
+                   "reasoning": output}
         weights.update(self.im_role_weights or {})
         return weights
 

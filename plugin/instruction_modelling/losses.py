@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, ROLE_SEGMENT, Segment
+from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, WEIGHT_KEY_SEGMENT, Segment
 
 NORMALISATIONS = ("token", "sequence")
 
@@ -42,14 +42,14 @@ def weight_table(
 
     Args:
         instruction_weight: weight of system, user and tool content.
-        output_weight: weight of assistant content and its end-of-turn token.
-        role_weights: per-role overrides, keys ``system``, ``user``, ``assistant``, ``tool``.
+        output_weight: weight of assistant content (and reasoning) and its end-of-turn token.
+        role_weights: per-role overrides, keys ``system``, ``user``, ``assistant``, ``tool``, ``reasoning``.
 
     Example:
         >>> weight_table(1.0, 1.0).tolist()   # IM
-        [0.0, 1.0, 1.0, 1.0, 1.0]
+        [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
         >>> weight_table(0.0, 1.0, {"system": 0.5}).tolist()
-        [0.0, 0.5, 0.0, 1.0, 0.0]
+        [0.0, 0.5, 0.0, 1.0, 0.0, 1.0]
     """
     table = torch.zeros(len(Segment), dtype=torch.float32)
     for seg in INSTRUCTION_SEGMENTS:
@@ -57,7 +57,7 @@ def weight_table(
     for seg in OUTPUT_SEGMENTS:
         table[seg] = output_weight
     for role, w in (role_weights or {}).items():
-        table[ROLE_SEGMENT[role]] = w
+        table[WEIGHT_KEY_SEGMENT[role]] = w
     return table
 
 

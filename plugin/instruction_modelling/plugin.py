@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from axolotl.integrations.base import BasePlugin
+
+LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
 DATASET_TYPE = "instruction_modelling"
 _STRATEGY_ALIAS = f"axolotl.prompt_strategies.{DATASET_TYPE}"
@@ -13,6 +16,43 @@ _STRATEGY_ALIAS = f"axolotl.prompt_strategies.{DATASET_TYPE}"
 def _is_im_dataset(ds) -> bool:
     t = ds.get("type") if hasattr(ds, "get") else None
     return isinstance(t, str) and (t == DATASET_TYPE or t.startswith(DATASET_TYPE + "."))
+
+
+def check_config(cfg, args) -> bool:
+    """Refuse, before any dataset work, what the plugin cannot train; returns False when the plugin
+    steps aside (``rl:`` configs without instruction_modelling datasets).
+
+    Args:
+        cfg: the raw Axolotl config (``register`` runs before validation).
+        args: its ``IMArgs``.
+    """
+    from .strategy import check_dataset_options
+
+    entries = [(key, ds) for key in ("datasets", "test_datasets") for ds in cfg.get(key) or []]
+    im = [ds for _, ds in entries if _is_im_dataset(ds)]
+    if cfg.get("rl"):
+        if im:
+            raise ValueError(
+                f"type: instruction_modelling is for supervised fine-tuning, not `rl: {cfg.get('rl')}`; "
+                "remove `rl:` to train IM, or use a preference dataset type (the plugin then steps aside)"
+            )
+        return False
+    others = [(key, ds) for key, ds in entries if not _is_im_dataset(ds)]
+    if others:
+        key, ds = others[0]
+        raise ValueError(
+            f"{key}: dataset {ds.get('path')} has type {ds.get('type')!r}, but the instruction_modelling plugin "
+            "trains only type: instruction_modelling datasets (it reads the same chat, Alpaca and "
+            "prompt/completion rows); change its type, or remove the plugin"
+        )
+    if cfg.get("train_on_inputs") and args.role_weight_map()["user"] <= 0:
+        raise ValueError(
+            "train_on_inputs: true asks for loss on the instructions, but im_mode/im weights train none; "
+            "remove train_on_inputs (the plugin's im_mode: im is what trains instructions)"
+        )
+    for ds in im:
+        check_dataset_options(ds, args.trained_roles())
+    return True
 
 
 class InstructionModellingPlugin(BasePlugin):
@@ -28,19 +68,18 @@ class InstructionModellingPlugin(BasePlugin):
 
         DatasetWrappingStrategy.register(strategy.InstructionModellingStrategy)
         sys.modules.setdefault(_STRATEGY_ALIAS, strategy)
+        strategy.keep_segments_aligned_on_truncation()
         try:
             args = IMArgs.from_cfg(cfg)
         except Exception:  # reported properly by Axolotl's validation of get_input_args()
             return
+        if not check_config(cfg, args):
+            LOG.warning(f"instruction_modelling: `rl: {cfg.get('rl')}` config; the plugin steps aside "
+                        "(no IM loss, Axolotl's own trainer and collator)")
+            return
         for key in ("datasets", "test_datasets"):
             for ds in cfg.get(key) or []:
-                if _is_im_dataset(ds):
-                    if ds.get("roles_to_train") and list(ds["roles_to_train"]) != args.trained_roles():
-                        raise ValueError(
-                            f"dataset {ds.get('path')}: type instruction_modelling chooses trained roles from "
-                            "im_mode / im_role_weights; remove roles_to_train"
-                        )
-                    ds["roles_to_train"] = args.trained_roles()
+                ds["roles_to_train"] = args.trained_roles()
 
     def on_config_validation_error(self, cfg):
         sys.modules.pop(_STRATEGY_ALIAS, None)
@@ -54,16 +93,22 @@ class InstructionModellingPlugin(BasePlugin):
         REPORT.log()  # datasets are ready: report what preprocessing skipped before training starts
 
     def get_trainer_cls(self, cfg):
+        if cfg.get("rl"):
+            return None  # steps aside: preference training is Axolotl's
         from .trainer import IMTrainer
 
         return IMTrainer
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval=False):
+        if cfg.get("rl"):
+            return None
         from .collator import collator_for
 
         return collator_for(cfg, is_eval), {}
 
     def post_trainer_create(self, cfg, trainer):
+        if cfg.get("rl"):
+            return
         from .trainer import IMTrainer
 
         if not isinstance(trainer, IMTrainer):

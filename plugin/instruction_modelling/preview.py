@@ -23,8 +23,9 @@ STYLES = {
     Segment.USER: "bold blue",
     Segment.OUTPUT: "bold green",
     Segment.TOOL: "bold yellow",
+    Segment.REASONING: "green",
 }
-LETTERS = {Segment.TEMPLATE: "", Segment.SYSTEM: "S", Segment.USER: "U", Segment.OUTPUT: "O", Segment.TOOL: "T"}
+LETTERS = {Segment.TEMPLATE: "", Segment.SYSTEM: "S", Segment.USER: "U", Segment.OUTPUT: "O", Segment.TOOL: "T", Segment.REASONING: "R"}
 
 
 def plain_tokens(tokenizer, ex: EncodedExample, weights: dict[int, float] | None = None) -> str:
@@ -53,7 +54,8 @@ def legend(weights: dict[int, float]):
 
     t = Text("legend: ")
     t.append("template (no loss)", style="dim")
-    for seg, name in ((Segment.SYSTEM, "system"), (Segment.USER, "user"), (Segment.TOOL, "tool"), (Segment.OUTPUT, "output")):
+    for seg, name in ((Segment.SYSTEM, "system"), (Segment.USER, "user"), (Segment.TOOL, "tool"), (Segment.OUTPUT, "output"),
+                      (Segment.REASONING, "reasoning")):
         w = weights.get(seg, 0)
         t.append("  ")
         t.append(f"{name} w={w:g}", style=STYLES[seg] if w > 0 else "dim strike")
@@ -87,12 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .args import IMArgs
     from .plugin import _is_im_dataset
-    from .segments import ROLE_SEGMENT, RowError
+    from .segments import WEIGHT_KEY_SEGMENT, RowError
     from .strategy import load as load_strategy
 
     cfg = load_cfg(args.config)
     tokenizer = load_tokenizer(cfg)
-    weights = {int(ROLE_SEGMENT[r]): w for r, w in IMArgs.from_cfg(cfg).role_weight_map().items()}
+    weights = {int(WEIGHT_KEY_SEGMENT[r]): w for r, w in IMArgs.from_cfg(cfg).role_weight_map().items()}
     console = Console(highlight=False, no_color=args.plain)
     for ds_cfg in cfg.datasets or []:
         if not _is_im_dataset(ds_cfg):

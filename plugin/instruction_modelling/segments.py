@@ -26,7 +26,16 @@ How a chat example is segmented
 4. The end-of-turn token that closes an assistant turn (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...:
    the first non-whitespace token after the content, if it is one of ``end_token_ids``) joins
    the output segment, so the model learns to stop. End-of-turn tokens after system and user
-   turns stay template tokens.
+   turns stay template tokens (Axolotl's ``train_on_eos`` chooses otherwise: ``last``, ``all``, ``none``).
+
+Rows with tools, tool calls, reasoning or other message properties (or empty contents) take a
+second path: each message is located as Axolotl's ``chat_template`` type locates a turn, by
+diffing the real render against one where that message is only ``{role, content: sentinel}``.
+What differs is everything the message's fields render to: for an assistant turn its text, the
+tool-call JSON and the template's wrapper around it (all output), with the reasoning trace
+located by a further diff (``Segment.REASONING``). The row's tool schemas are found as the JSON
+the template writes (system content); the template's text around them stays template.
+Per-message training flags (``trained``, ``train_detail``) mask what they exclude.
 
 Alpaca-style and prompt/completion rows are turned into the same ``Piece`` list by their own
 renderers, so one function (``encode_pieces``) assigns segments for every format.
@@ -35,6 +44,7 @@ renderers, so one function (``encode_pieces``) assigns segments for every format
 from __future__ import annotations
 
 import bisect
+import json
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Callable, Mapping, Sequence
@@ -46,12 +56,13 @@ class Segment(IntEnum):
     TEMPLATE = 0  # role tags, separators, BOS, template text: never carries loss
     SYSTEM = 1  # system prompt content (instruction side)
     USER = 2  # user content; Alpaca instruction and input; prompt (instruction side)
-    OUTPUT = 3  # assistant content and the end-of-turn token closing it; completion
+    OUTPUT = 3  # assistant text, tool calls and the end-of-turn token closing the turn; completion
     TOOL = 4  # tool / function results fed back to the model (instruction side)
+    REASONING = 5  # an assistant turn's reasoning trace (reasoning_content): output side, own weight
 
 
 INSTRUCTION_SEGMENTS = (Segment.SYSTEM, Segment.USER, Segment.TOOL)
-OUTPUT_SEGMENTS = (Segment.OUTPUT,)
+OUTPUT_SEGMENTS = (Segment.OUTPUT, Segment.REASONING)
 
 ROLE_SEGMENT = {
     "system": Segment.SYSTEM,
@@ -60,6 +71,22 @@ ROLE_SEGMENT = {
     "tool": Segment.TOOL,
 }
 CANONICAL_ROLES = tuple(ROLE_SEGMENT)
+# Keys of ``im_role_weights``: the roles, plus ``reasoning`` (an assistant's reasoning trace).
+WEIGHT_KEY_SEGMENT = {**ROLE_SEGMENT, "reasoning": Segment.REASONING}
+WEIGHT_KEYS = tuple(WEIGHT_KEY_SEGMENT)
+
+# How Axolotl's chat_template type renames roles before rendering when no `roles:` option is given;
+# other roles reach the template as they are (Llama-3.1's ``ipython`` stays ``ipython``).
+AXOLOTL_TEMPLATE_ROLES = {
+    "human": "user",
+    "user": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
+
+TRAIN_ON_EOS = ("turn", "last", "all", "none")
 
 # Dataset role spellings that map to the canonical roles without any configuration.
 DEFAULT_ROLE_ALIASES = {
@@ -100,16 +127,35 @@ class RowError(ValueError):
 
 @dataclass(frozen=True)
 class Piece:
-    """A run of text that belongs to one segment."""
+    """A run of text that belongs to one segment.
+
+    Attributes:
+        glue: a TEMPLATE piece whose whitespace may glue to a neighbouring content token; False for
+            content masked by a training flag (its characters never carry loss).
+        end_of_turn: segment that the end-of-turn token right after this piece joins (None: it stays
+            template).
+    """
 
     text: str
     segment: Segment
+    glue: bool = True
+    end_of_turn: Segment | None = None
 
 
 @dataclass(frozen=True)
 class Message:
+    """One turn. ``turn`` is what the chat template receives (Axolotl's turn dict: mapped role,
+    content, tool_calls, reasoning, name, ...); ``trained``/``train_detail`` are the per-message
+    training flags (``message_field_training`` / ``message_field_training_detail``)."""
+
     role: str  # canonical: system | user | assistant | tool
     content: str
+    turn: Mapping[str, Any] | None = None
+    trained: bool | None = None
+    train_detail: tuple | None = None
+
+    def template_turn(self) -> dict:
+        return dict(self.turn) if self.turn is not None else {"role": self.role, "content": self.content}
 
 
 @dataclass
@@ -159,6 +205,14 @@ class RowFields:
     prompt: str = "prompt"
     completion: str = "completion"
     role_aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ROLE_ALIASES))
+    # Chat rows as Axolotl's chat_template type reads them:
+    template_roles: Mapping[str, str] = field(default_factory=lambda: dict(AXOLOTL_TEMPLATE_ROLES))
+    property_mappings: Mapping[str, str] | None = None  # template key -> message key (role/content above)
+    tools: str = "tools"
+    thinking: str = "reasoning_content"  # message field with the reasoning trace
+    template_thinking_key: str = "reasoning_content"  # the name the template reads it under
+    training: str | None = None  # message_field_training
+    training_detail: str | None = None  # message_field_training_detail
 
 
 def detect_format(row: Mapping[str, Any], fields: RowFields) -> str:
@@ -189,13 +243,88 @@ def _text_field(row: Mapping[str, Any], name: str, *, required: bool = True) -> 
     return value
 
 
-def normalize_messages(row: Mapping[str, Any], fields: RowFields) -> list[Message]:
+def without_nulls(obj):
+    """Drop ``None`` values recursively: Arrow fills fields another row has with nulls (Axolotl does the same)."""
+    if isinstance(obj, Mapping):
+        return {k: without_nulls(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [without_nulls(v) for v in obj]
+    return obj
+
+
+def _json_field(value, where: str):
+    """A JSON-encoded string field (``tools``, tool-call ``arguments``) decoded, as Axolotl does."""
+
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise RowError(where, f"is a string that is not valid JSON ({exc})") from exc
+
+
+def row_tools(row: Mapping[str, Any], fields: RowFields) -> list | None:
+    """The row's tool schemas (``tools``), decoded like Axolotl's chat_template type; None if absent."""
+    tools = without_nulls(row.get(fields.tools))
+    if tools is None:
+        return None
+    tools = _json_field(tools, fields.tools)
+    if not isinstance(tools, list):
+        raise RowError(fields.tools, f"must be a list of tool schemas, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict) and "parameters" in tool["function"]:
+            tool["function"]["parameters"] = _json_field(
+                tool["function"]["parameters"], f"{fields.tools}[{i}].function.parameters")
+    return tools or None
+
+
+def _training_detail(value, where: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise RowError(where, f"must be a list of {{begin_offset, end_offset, train}}, got {type(value).__name__}")
+    spans = []
+    for j, d in enumerate(value):
+        if not (isinstance(d, Mapping) and isinstance(d.get("begin_offset"), int)
+                and isinstance(d.get("end_offset"), int) and "train" in d):
+            raise RowError(f"{where}[{j}]", "must be {begin_offset: int, end_offset: int (inclusive), train: bool}")
+        spans.append((d["begin_offset"], d["end_offset"], bool(d["train"])))
+    return tuple(spans)
+
+
+def _template_turn(msg: Mapping[str, Any], fields: RowFields, where: str) -> dict:
+    """What Axolotl's chat_template type passes to the template for one message: the mapped
+    properties, every other property the message has (tool_calls, name, ...), the role renamed
+    as Axolotl renames it, tool-call arguments decoded from JSON strings."""
+    if len(msg) == 2 and fields.role in msg and fields.content in msg and set(fields.property_mappings or ()) <= {
+            "role", "content"}:  # the common plain message: no mapping work
+        return {"role": fields.template_roles.get(msg[fields.role], msg[fields.role]), "content": msg[fields.content]}
+    mappings = dict(fields.property_mappings or {})
+    mappings.setdefault("role", fields.role)
+    mappings.setdefault("content", fields.content)
+    mappings.setdefault(fields.template_thinking_key, fields.thinking)
+    turn = {key: msg[src] for key, src in mappings.items() if msg.get(src) is not None}
+    skip = set(mappings.values()) | {fields.training, fields.training_detail}
+    for key, value in msg.items():
+        if key not in skip and key not in turn and value is not None:
+            turn[key] = value
+    turn["role"] = fields.template_roles.get(turn["role"], turn["role"])
+    for k, call in enumerate(turn.get("tool_calls") or []):
+        if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping) and "arguments" in call["function"]:
+            call["function"] = dict(call["function"])
+            call["function"]["arguments"] = _json_field(
+                call["function"]["arguments"], f"{where}.tool_calls[{k}].function.arguments")
+    return turn
+
+
+def normalize_messages(row: Mapping[str, Any], fields: RowFields, *, drop_system: bool = False) -> list[Message]:
     """Validate a chat row and map its roles to canonical ones.
 
-    The conversation must contain content in every message and end with an assistant turn:
-    a trailing instruction has no output to learn and signals a truncated or malformed row.
+    Every message needs a string content; it may be empty (an empty system prompt renders no
+    content), except an assistant turn, which needs content or ``tool_calls``. The conversation
+    must end with an assistant turn: a trailing instruction has no output to learn and signals a
+    truncated or malformed row. A top-level ``system`` field becomes the system turn when the
+    conversation has none (as in Axolotl).
     """
-    raw = row.get(fields.messages)
+    raw = without_nulls(row.get(fields.messages))
     name = fields.messages
     if raw is None:
         raise RowError(name, "missing")
@@ -219,17 +348,39 @@ def normalize_messages(row: Mapping[str, Any], fields: RowFields) -> list[Messag
                 f"unknown role '{role}' (known: {known}); map it with the dataset's `roles:` option",
             )
         content = msg.get(fields.content)
-        if content is None:
+        tool_calls = msg.get("tool_calls")
+        if content is None and not (canonical == "assistant" and tool_calls):
             raise RowError(f"{where}.{fields.content}", "missing")
-        if not isinstance(content, str):
+        if isinstance(content, list):
+            raise RowError(f"{where}.{fields.content}",
+                           "a list of content parts is not supported by type instruction_modelling; use a string "
+                           "(and message_field_training_detail for partial training)")
+        if content is not None and not isinstance(content, str):
             raise RowError(f"{where}.{fields.content}", f"must be a string, got {type(content).__name__}")
-        if not content.strip():
-            raise RowError(f"{where}.{fields.content}", "is empty")
-        messages.append(Message(canonical, content))
-    if messages[-1].role != "assistant":
+        content = content or ""
+        if canonical == "assistant" and not content.strip() and not tool_calls:
+            raise RowError(f"{where}.{fields.content}", "is empty (an assistant turn needs content or tool_calls)")
+        reasoning = msg.get(fields.thinking)
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise RowError(f"{where}.{fields.thinking}", f"must be a string, got {type(reasoning).__name__}")
+        trained = msg.get(fields.training) if fields.training else None
+        if trained is not None and not isinstance(trained, bool):
+            raise RowError(f"{where}.{fields.training}", f"must be true or false, got {trained!r}")
+        detail = msg.get(fields.training_detail) if fields.training_detail else None
+        if detail is not None:
+            detail = _training_detail(detail, f"{where}.{fields.training_detail}")
+        turn = _template_turn(msg, fields, where)
+        messages.append(Message(canonical, content, turn, trained, detail))
+    system = row.get(fields.system)
+    if messages[0].role != "system" and isinstance(system, str):
+        messages.insert(0, Message("system", system, {"role": "system", "content": system}))
+    if drop_system and messages[0].role == "system":
+        messages = messages[1:]
+    if not messages or messages[-1].role != "assistant":
+        last = messages[-1].role if messages else "nothing"
         raise RowError(
-            f"{name}[{len(messages) - 1}].{fields.role}",
-            f"the conversation ends with a '{messages[-1].role}' turn; it must end with an assistant turn",
+            f"{name}[{len(raw) - 1}].{fields.role}",
+            f"the conversation ends with a '{last}' turn; it must end with an assistant turn",
         )
     return messages
 
@@ -238,7 +389,7 @@ def normalize_messages(row: Mapping[str, Any], fields: RowFields) -> list[Messag
 # Renderers: rows -> pieces of (text, segment).
 # ----------------------------------------------------------------------------------------
 
-RenderFn = Callable[[list[dict[str, str]]], str]
+RenderFn = Callable[..., str]  # render(turns) or render(turns, tools) -> text, no generation prompt
 
 
 class TemplateError(RowError):
@@ -249,39 +400,75 @@ def _sentinel(i: int) -> str:
     return f"{_SENTINEL_OPEN}{i}{_SENTINEL_CLOSE}"
 
 
-def chat_pieces(messages: Sequence[Message], render: RenderFn, messages_field: str = "messages") -> list[Piece]:
+def _render(render: RenderFn, turns: list[dict], tools, messages_field: str) -> str:
+    try:
+        return render(turns, tools) if tools else render(turns)
+    except Exception as exc:  # jinja raise_exception(), bad role order, ...
+        raise TemplateError(messages_field, f"the chat template rejected the conversation: {exc}") from exc
+
+
+@dataclass
+class _TurnSpan:
+    """Where one message sits in the real render: ``region`` is everything the message's own fields
+    render to (content, tool calls, reasoning); ``content``/``reasoning`` are sub-spans of it."""
+
+    index: int
+    region: tuple[int, int]
+    content: tuple[int, int] | None = None
+    reasoning: tuple[int, int] | None = None
+
+
+def _is_plain(messages: Sequence[Message]) -> bool:
+    return all(
+        m.content.strip() and (m.turn is None or set(m.turn) <= {"role", "content"}) for m in messages
+    )
+
+
+def chat_pieces(
+    messages: Sequence[Message],
+    render: RenderFn,
+    messages_field: str = "messages",
+    *,
+    tools: list | None = None,
+    train_on_eos: str = "turn",
+    thinking_key: str = "reasoning_content",
+) -> list[Piece]:
     """Split a rendered conversation into template and content pieces.
 
     Args:
         messages: canonical messages (see ``normalize_messages``).
-        render: renders ``[{"role", "content"}, ...]`` to text with the chat template,
-            without a generation prompt.
+        render: renders turns (``[{"role", "content", ...}]``, plus ``tools`` when given) to text with
+            the chat template, without a generation prompt.
         messages_field: name used in error messages.
+        tools: the row's tool schemas (``row_tools``); their JSON becomes system (instruction) content,
+            the template's text around them stays template.
+        train_on_eos: which end-of-turn tokens join the output: ``turn`` (after each trained assistant
+            turn), ``last`` (the last one only), ``all`` (after every turn), ``none``.
 
     Returns:
-        Pieces whose texts concatenate to ``render(messages)`` exactly.
+        Pieces whose texts concatenate to the real render exactly.
     """
-    as_dicts = [{"role": m.role, "content": m.content} for m in messages]
-    try:
-        real = render(as_dicts)
-        skeleton = render([{"role": m.role, "content": _sentinel(i)} for i, m in enumerate(messages)])
-    except Exception as exc:  # jinja raise_exception(), bad role order, ...
-        raise TemplateError(messages_field, f"the chat template rejected the conversation: {exc}") from exc
+    turns = [m.template_turn() for m in messages]
+    real = _render(render, turns, tools, messages_field)
+    if not tools and _is_plain(messages):
+        spans = _plain_spans(messages, turns, real, render, messages_field)
+    else:
+        spans = _diff_spans(messages, turns, tools, real, render, messages_field, thinking_key)
+    return _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field)
 
+
+def _plain_spans(messages, turns, real, render, messages_field) -> list[_TurnSpan]:
+    """Contents of role/content-only conversations, from one render with every content replaced by a
+    sentinel (two renders in all, the fast path)."""
+    skeleton = _render(render, [{**t, "content": _sentinel(i)} for i, t in enumerate(turns)], None, messages_field)
     # Where each message's content sits in the skeleton. Templates may move a content (Mistral v3
-    # puts the system prompt into the last user turn), so pieces follow render order.
+    # puts the system prompt into the last user turn), so spans follow render order.
     located = []
     for i in range(len(messages)):
         s = _sentinel(i)
         j = skeleton.find(s)
         if j < 0:
-            hint = (" (some templates, e.g. Mistral v3's, place the system prompt only before a final user "
-                    "turn); set the dataset's drop_system_message: true to train without it"
-                    if messages[i].role == "system" else "")
-            raise TemplateError(
-                f"{messages_field}[{i}].content",
-                f"the chat template does not render this message's content{hint}; refusing to guess its segment",
-            )
+            raise TemplateError(f"{messages_field}[{i}].content", _not_rendered(messages[i]))
         if skeleton.find(s, j + len(s)) >= 0:
             raise TemplateError(f"{messages_field}[{i}].content", "the chat template renders this content twice")
         located.append((j, j + len(s), i))
@@ -293,7 +480,7 @@ def chat_pieces(messages: Sequence[Message], render: RenderFn, messages_field: s
         prev = end
     template_texts.append(skeleton[prev:])
 
-    pieces: list[Piece] = []
+    spans = []
     pos = 0
     for k, (_, _, i) in enumerate(located):
         msg = messages[i]
@@ -304,8 +491,6 @@ def chat_pieces(messages: Sequence[Message], render: RenderFn, messages_field: s
                 "the chat template's text around this message depends on its content; cannot locate it",
             )
         pos += len(tpl)
-        if tpl:
-            pieces.append(Piece(tpl, Segment.TEMPLATE))
         is_last = k == len(located) - 1
         for candidate in dict.fromkeys((msg.content, msg.content.strip(), msg.content.lstrip(), msg.content.rstrip())):
             end = pos + len(candidate)
@@ -317,10 +502,192 @@ def chat_pieces(messages: Sequence[Message], render: RenderFn, messages_field: s
                 f"{messages_field}[{i}].content",
                 "the chat template rewrites this message's content; cannot tell content from template",
             )
-        pieces.append(Piece(candidate, ROLE_SEGMENT[msg.role]))
+        spans.append(_TurnSpan(i, (pos, end), content=(pos, end)))
         pos = end
-    if template_texts[-1]:
-        pieces.append(Piece(template_texts[-1], Segment.TEMPLATE))
+    return spans
+
+
+def _not_rendered(msg: Message) -> str:
+    hint = (" (some templates, e.g. Mistral v3's, place the system prompt only before a final user "
+            "turn); set the dataset's drop_system_message: true to train without it"
+            if msg.role == "system" else "")
+    return f"the chat template does not render this message's content{hint}; refusing to guess its segment"
+
+
+def _common_prefix(a: str, b: str, limit: int) -> int:
+    """Length of the common prefix of ``a`` and ``b`` (at most ``limit``), by bisection on C compares."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _diff_span(real: str, other: str) -> tuple[int, int]:
+    """The span of ``real`` that differs from ``other`` (common prefix and suffix removed)."""
+    limit = min(len(real), len(other))
+    start = _common_prefix(real, other, limit)
+    suffix = _common_prefix(real[::-1], other[::-1], limit - start)
+    return start, len(real) - suffix
+
+
+def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_key) -> list[_TurnSpan]:
+    """Per message, diff the real render against one where that message is ``{role, content:
+    sentinel}`` (its tool calls, reasoning, name... dropped), as Axolotl's chat_template type
+    finds a turn: what differs is everything the message's fields render to, including the
+    template's wrappers around tool calls. Position-dependent template logic (Qwen3 keeping
+    reasoning only after the last user turn) is the same in both renders and cancels out."""
+
+    def variant(i: int, turn: dict | None) -> str:
+        return _render(render, turns[:i] + ([turn] if turn else []) + turns[i + 1:], tools, messages_field)
+
+    spans = []
+    for i, (msg, turn) in enumerate(zip(messages, turns)):
+        where = f"{messages_field}[{i}]"
+        # Axolotl's dummy turn first. Templates that refuse it get, in turn: the turn with its other
+        # fields kept (Mistral needs a tool result's tool_call_id), then the conversation without the
+        # turn (Mistral's role-alternation check counts an assistant turn without tool_calls; such
+        # templates have no role header, so the difference is exactly what the turn renders).
+        dummies = ({"role": turn["role"], "content": _sentinel(i)},
+                   {**{k: v for k, v in turn.items() if k not in ("tool_calls", thinking_key)}, "content": _sentinel(i)},
+                   None)
+        for dummy in dummies:
+            try:
+                other = variant(i, dummy)
+                break
+            except TemplateError:
+                if dummy is None:
+                    raise
+        start, end = _diff_span(real, other)
+        if dummy is None:
+            # A pure insertion can slide: "[TOOL_CALLS]...</s>" before "[TOOL_RESULTS]" diffs as
+            # "CALLS]...</s>[TOOL_". The turn starts where it starts earliest.
+            while start > 0 and real[start - 1] == real[end - 1]:
+                start, end = start - 1, end - 1
+        if end <= start:
+            if msg.content.strip():
+                raise TemplateError(f"{where}.content", _not_rendered(msg))
+            continue  # nothing rendered for this message (empty content, no tool calls)
+        span = _TurnSpan(i, (start, end))
+        region = real[start:end]
+        # Verbatim, or JSON-encoded (Llama 3.1 writes tool results with ``tojson``).
+        if msg.content.strip() and msg.content.strip() not in region and json.dumps(msg.content, ensure_ascii=False)[1:-1] not in region:
+            raise TemplateError(f"{where}.content", "the chat template rewrites this message's content; "
+                                "cannot tell content from template")
+        if msg.train_detail is not None and msg.content:
+            cs, ce = _diff_span(real, variant(i, {**turn, "content": _sentinel(i)}))
+            if not (start <= cs and ce <= end and real[cs:ce] in (msg.content, msg.content.strip(),
+                                                                   msg.content.lstrip(), msg.content.rstrip())):
+                raise TemplateError(f"{where}.content", "the chat template rewrites this message's content, so "
+                                    "its training_detail offsets cannot be placed")
+            span.content = (cs, ce)
+        thinking = thinking_key if turn.get(thinking_key) else None
+        if msg.role == "assistant" and thinking:
+            rs, re_ = _diff_span(real, variant(i, {**turn, thinking: _sentinel(i)}))
+            if re_ > rs:
+                if not (start <= rs and re_ <= end):
+                    raise TemplateError(f"{where}.{thinking}", "the chat template renders the reasoning outside "
+                                        "its turn; cannot segment it")
+                span.reasoning = (rs, re_)
+        spans.append(span)
+    return spans
+
+
+def _tool_schema_spans(tools, real: str, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where the row's tool schemas appear in the render (as the JSON the template's ``tojson`` writes,
+    or, for templates that write a schema key by key, its values). Text around them is template."""
+
+    def free(a, b):
+        return all(b <= s or a >= e for s, e in taken + found)
+
+    def locate(value) -> bool:
+        for indent in (None, 4, 2):
+            text = json.dumps(value, ensure_ascii=False, indent=indent)
+            j = real.find(text)
+            while j >= 0 and not free(j, j + len(text)):
+                j = real.find(text, j + 1)
+            if j >= 0:
+                found.append((j, j + len(text)))
+                return True
+        return False
+
+    found: list[tuple[int, int]] = []
+    for tool in tools or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if locate(tool) or (isinstance(function, dict) and locate(function)):
+            continue
+        for value in (function or tool).values() if isinstance(function or tool, dict) else ():
+            locate(value)
+    return found
+
+
+def _detail_pieces(text: str, offset: int, detail, segment: Segment) -> list[Piece]:
+    """Split a content's text by training_detail ranges (char offsets into the content, end inclusive)."""
+    trained = [False] * len(text)
+    for begin, end_incl, train in detail:
+        for c in range(max(begin - offset, 0), min(end_incl + 1 - offset, len(text))):
+            trained[c] = train
+    pieces: list[Piece] = []
+    start = 0
+    for c in range(1, len(text) + 1):
+        if c == len(text) or trained[c] != trained[start]:
+            seg = segment if trained[start] else Segment.TEMPLATE
+            pieces.append(Piece(text[start:c], seg, glue=trained[start]))
+            start = c
+    return pieces
+
+
+def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field) -> list[Piece]:
+    spans = sorted(spans, key=lambda sp: sp.region)
+    for a, b in zip(spans, spans[1:]):
+        if b.region[0] < a.region[1]:
+            raise TemplateError(f"{messages_field}[{b.index}]", "the chat template interleaves this message with "
+                                f"message {a.index}; cannot tell their tokens apart")
+    schemas = _tool_schema_spans(tools, real, [sp.region for sp in spans]) if tools else []
+    last_assistant = max((sp.index for sp in spans if messages[sp.index].role == "assistant"), default=-1)
+
+    # Every labelled stretch of the render in order: (start, end, pieces of that stretch).
+    stretches = [(s, e, [Piece(real[s:e], Segment.SYSTEM)]) for s, e in schemas]
+    for sp in spans:
+        msg = messages[sp.index]
+        segment = ROLE_SEGMENT[msg.role]
+        trained = msg.trained is not False
+        s, e = sp.region
+        if not trained:
+            parts = [Piece(real[s:e], Segment.TEMPLATE, glue=False)]
+        elif msg.train_detail is not None:
+            # Only the detailed ranges of the content carry loss (Axolotl's rule), nothing else of the turn.
+            cs, ce = sp.content or (s, s)
+            offset = msg.content.find(real[cs:ce]) if ce > cs else 0
+            parts = ([Piece(real[s:cs], Segment.TEMPLATE, glue=False)] if cs > s else []) \
+                + (_detail_pieces(real[cs:ce], offset, msg.train_detail, segment) if ce > cs else []) \
+                + ([Piece(real[ce:e], Segment.TEMPLATE, glue=False)] if e > ce else [])
+        elif sp.reasoning is not None:
+            rs, re_ = sp.reasoning
+            parts = [p for p in (Piece(real[s:rs], segment), Piece(real[rs:re_], Segment.REASONING),
+                                 Piece(real[re_:e], segment)) if p.text]
+        else:
+            parts = [Piece(real[s:e], segment)]
+        eot = (train_on_eos == "all"
+               or (msg.role == "assistant" and trained
+                   and (train_on_eos == "turn" or (train_on_eos == "last" and sp.index == last_assistant))))
+        if eot:
+            parts[-1] = Piece(parts[-1].text, parts[-1].segment, parts[-1].glue, Segment.OUTPUT)
+        stretches.append((s, e, parts))
+    stretches.sort(key=lambda st: st[0])
+
+    pieces: list[Piece] = []
+    pos = 0
+    for s, e, parts in stretches:
+        if s > pos:
+            pieces.append(Piece(real[pos:s], Segment.TEMPLATE))
+        pieces += parts
+        pos = e
+    if pos < len(real):
+        pieces.append(Piece(real[pos:], Segment.TEMPLATE))
     return pieces
 
 
@@ -442,7 +809,7 @@ def assign_segments(
         # Merged across a template/content boundary. Whitespace glue (" 4", "▁Yes", "?\n") joins
         # the one content piece it touches; any other template text keeps the token loss-free.
         glue_ok = len(content) == 1 and all(
-            not text[max(s, starts[j]):min(e, ends[j])].strip() for j in covered if j != content[0]
+            pieces[j].glue and not text[max(s, starts[j]):min(e, ends[j])].strip() for j in covered if j != content[0]
         )
         if glue_ok:
             segment_ids[t] = segs[content[0]]
@@ -450,10 +817,10 @@ def assign_segments(
         else:
             straddled += 1
 
-    # End-of-turn after each output piece: the first non-whitespace token that starts
-    # after the content, inside the following template text.
+    # End-of-turn after each piece that closes a turn (``Piece.end_of_turn``): the first
+    # non-whitespace token that starts after the content, inside the following template text.
     for k, p in enumerate(pieces):
-        if p.segment != Segment.OUTPUT:
+        if p.end_of_turn is None:
             continue
         t = _first_token_at(offsets, ends[k])
         while t < len(offsets):
@@ -462,7 +829,7 @@ def assign_segments(
                 break  # reached the next content: no end-of-turn token in between
             if e > s and text[s:e].strip():
                 if input_ids[t] in end_ids and segment_ids[t] == Segment.TEMPLATE:
-                    segment_ids[t] = Segment.OUTPUT
+                    segment_ids[t] = p.end_of_turn
                 break
             t += 1
     return [int(x) for x in segment_ids], straddled
@@ -514,8 +881,10 @@ def encode_many(
     *,
     add_bos: Sequence[bool] | bool = False,
     add_eos: Sequence[bool] | bool = False,
+    eos_segment: Segment = Segment.OUTPUT,
 ) -> list[EncodedExample]:
-    """``encode_pieces`` for many examples with one batched tokenizer call (faster)."""
+    """``encode_pieces`` for many examples with one batched tokenizer call (faster); an added EOS
+    gets ``eos_segment``."""
     texts = ["".join(p.text for p in pieces) for pieces in batch]
     if not texts:
         return []
@@ -524,12 +893,14 @@ def encode_many(
     bos = [add_bos] * n if isinstance(add_bos, bool) else list(add_bos)
     eos = [add_eos] * n if isinstance(add_eos, bool) else list(add_eos)
     return [
-        _encoded(texts[i], batch[i], enc["input_ids"][i], enc["offset_mapping"][i], tokenizer, end_ids, bos[i], eos[i])
+        _encoded(texts[i], batch[i], enc["input_ids"][i], enc["offset_mapping"][i], tokenizer, end_ids, bos[i], eos[i],
+                 eos_segment)
         for i in range(n)
     ]
 
 
-def _encoded(text, pieces, input_ids, offsets, tokenizer, end_ids, add_bos, add_eos) -> EncodedExample:
+def _encoded(text, pieces, input_ids, offsets, tokenizer, end_ids, add_bos, add_eos,
+             eos_segment=Segment.OUTPUT) -> EncodedExample:
     segment_ids, straddled = assign_segments(text, pieces, offsets, input_ids, end_ids)
     input_ids = list(input_ids)
     if add_bos and tokenizer.bos_token_id is not None:
@@ -537,7 +908,7 @@ def _encoded(text, pieces, input_ids, offsets, tokenizer, end_ids, add_bos, add_
         segment_ids.insert(0, int(Segment.TEMPLATE))
     if add_eos and tokenizer.eos_token_id is not None:
         input_ids.append(int(tokenizer.eos_token_id))
-        segment_ids.append(int(Segment.OUTPUT))
+        segment_ids.append(int(eos_segment))
     return EncodedExample(input_ids, segment_ids, straddled)
 
 
@@ -555,14 +926,21 @@ class RowEncoder:
         render: chat-template renderer for ``messages`` rows; ``None`` disables chat rows.
         fields: field names (see ``RowFields``).
         end_tokens: extra end-of-turn token strings (Axolotl's ``eot_tokens``).
-        add_bos_to_plain: prepend BOS to Alpaca and prompt/completion rows (when the tokenizer has one).
+        add_bos_to_plain: prepend BOS to Alpaca and prompt/completion rows; None (default): exactly
+            when the tokenizer itself adds one (``tokenizer(text)`` with special tokens).
+        train_on_eos: which end-of-turn tokens join the output (``turn``, ``last``, ``all``, ``none``;
+            Axolotl's option of that name); for Alpaca and prompt/completion rows the appended EOS
+            joins the output unless ``none``.
+        drop_system_message: drop a leading system turn (Axolotl's option of that name).
     """
 
     tokenizer: Any
     render: RenderFn | None
     fields: RowFields = field(default_factory=RowFields)
     end_tokens: Sequence[str] = ()
-    add_bos_to_plain: bool = True
+    add_bos_to_plain: bool | None = None
+    train_on_eos: str = "turn"
+    drop_system_message: bool = False
 
     def __post_init__(self):
         if not getattr(self.tokenizer, "is_fast", False):
@@ -571,6 +949,10 @@ class RowEncoder:
                 f"{type(self.tokenizer).__name__} is a slow one (load it with use_fast=True)"
             )
         self.end_ids = end_of_turn_ids(self.tokenizer, self.end_tokens)
+        if self.train_on_eos not in TRAIN_ON_EOS:
+            raise ValueError(f"train_on_eos must be one of {', '.join(TRAIN_ON_EOS)}, got {self.train_on_eos!r}")
+        if self.add_bos_to_plain is None:
+            self.add_bos_to_plain = tokenizer_adds_bos(self.tokenizer)
 
     def pieces(self, row: Mapping[str, Any]) -> tuple[list[Piece], bool]:
         """``(pieces, plain)``: plain formats get BOS/EOS ids added around them."""
@@ -578,7 +960,10 @@ class RowEncoder:
         if fmt == "messages":
             if self.render is None:
                 raise RowError(self.fields.messages, "chat rows need a chat template (set `chat_template:`)")
-            return chat_pieces(normalize_messages(row, self.fields), self.render, self.fields.messages), False
+            f = self.fields
+            messages = normalize_messages(row, f, drop_system=self.drop_system_message)
+            return chat_pieces(messages, self.render, f.messages, tools=row_tools(row, f),
+                               train_on_eos=self.train_on_eos, thinking_key=f.template_thinking_key), False
         if fmt == "alpaca":
             return alpaca_pieces(row, self.fields), True
         return prompt_completion_pieces(row, self.fields), True
@@ -604,7 +989,8 @@ class RowEncoder:
             batch.append(pieces)
             plain.append(is_plain)
         encoded = encode_many(batch, self.tokenizer, self.end_ids,
-                              add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain)
+                              add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain,
+                              eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT)
         for i, ex in zip(good, encoded):
             results[i] = ex
         return results
@@ -618,14 +1004,24 @@ class ChatRenderer:
     chat_template: str
     template_kwargs: dict = field(default_factory=dict)
 
-    def __call__(self, messages):
+    def __call__(self, messages, tools=None):
+        # Same inputs as Axolotl's chat_template type: its template kwargs, then ``tools`` when given.
+        kwargs = {**self.template_kwargs, **({"tools": tools} if tools else {})}
         return self.tokenizer.apply_chat_template(
             messages,
             tokenize=False,
             add_generation_prompt=False,
             chat_template=self.chat_template,
-            **self.template_kwargs,
+            **kwargs,
         )
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token in front of text on its own (Llama: yes, Qwen: no)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def describe_row(path: str | None, index: int) -> str:

@@ -11,13 +11,15 @@ import logging
 
 from .args import IMArgs
 from .segments import (
+    AXOLOTL_TEMPLATE_ROLES,
     DEFAULT_ROLE_ALIASES,
-    ROLE_SEGMENT,
+    OUTPUT_SEGMENTS,
+    TRAIN_ON_EOS,
+    WEIGHT_KEY_SEGMENT,
     ChatRenderer,
     RowEncoder,
     RowError,
     RowFields,
-    Segment,
     describe_row,
     detect_format,
 )
@@ -32,20 +34,80 @@ class BadRowsError(ValueError):
     """Rows that could not be segmented, with their file, row and field."""
 
 
+# Axolotl dataset options (SFTDataset, 0.19) that type instruction_modelling does not support, with
+# what to do instead. Every other option is honoured (see the README's table).
+REFUSED_DATASET_OPTIONS = {
+    "roles_to_train": "type instruction_modelling chooses trained roles from im_mode / im_role_weights; "
+                      "remove roles_to_train",
+    "split_thinking": "put the reasoning into each message's reasoning_content field (field_thinking) instead "
+                      "of splitting it out of the content",
+    "input_transform": "transform the rows before training (e.g. `python -m instruction_modelling.data`)",
+    "conversation": "this is a fastchat-conversation option; use chat_template / chat_template_jinja",
+    "input_format": "this option belongs to other dataset types; rows are read as messages, "
+                    "instruction/input/output or prompt/completion",
+    "no_input_format": "this option belongs to other dataset types; Alpaca rows use Axolotl's alpaca prompt",
+    "field": "this option belongs to completion datasets; use prompt/completion rows",
+    "field_human": "use message_property_mappings / roles to map ShareGPT-style rows",
+    "field_model": "use message_property_mappings / roles to map ShareGPT-style rows",
+    "logprobs_field": "knowledge-distillation logprobs are not used by instruction modelling",
+    "temperature": "knowledge-distillation temperature is not used by instruction modelling",
+}
+
+
+def check_dataset_options(ds_cfg, trained_roles: list[str]) -> None:
+    """Refuse, in one sentence each, the Axolotl dataset options this type cannot honour.
+
+    Args:
+        ds_cfg: one ``datasets:`` entry.
+        trained_roles: ``IMArgs.trained_roles()``; the plugin writes them into ``roles_to_train``
+            (for Axolotl's dataset hash), so only a different list is refused.
+    """
+    where = f"dataset {ds_cfg.get('path')}"
+    for option, instead in REFUSED_DATASET_OPTIONS.items():
+        value = ds_cfg.get(option)
+        if option == "roles_to_train" and value is not None and list(value) == list(trained_roles):
+            continue
+        if value not in (None, False, "", [], {}):
+            raise ValueError(f"{where}: type instruction_modelling does not support `{option}`: {instead}")
+    eos, eot = ds_cfg.get("train_on_eos"), ds_cfg.get("train_on_eot")
+    for option, value in (("train_on_eos", eos), ("train_on_eot", eot)):
+        if value is not None and value not in TRAIN_ON_EOS:
+            raise ValueError(f"{where}: {option} must be one of {', '.join(TRAIN_ON_EOS)}, got {value!r}")
+    if eos is not None and eot is not None and eos != eot:
+        raise ValueError(f"{where}: type instruction_modelling treats EOS and end-of-turn tokens alike; "
+                         f"set train_on_eos and train_on_eot to the same value (got {eos!r} and {eot!r})")
+
+
+def train_on_eos_of(ds_cfg) -> str:
+    return ds_cfg.get("train_on_eos") or ds_cfg.get("train_on_eot") or "turn"
+
+
 def row_fields_from_dataset_config(ds_cfg: dict) -> RowFields:
     """Map Axolotl's chat_template dataset options onto ``RowFields``."""
     mappings = dict(ds_cfg.get("message_property_mappings") or {})
     role = mappings.get("role") or ds_cfg.get("message_field_role") or "role"
     content = mappings.get("content") or ds_cfg.get("message_field_content") or "content"
     aliases = dict(DEFAULT_ROLE_ALIASES)
-    for canonical, names in (ds_cfg.get("roles") or {}).items():
-        for name in names if isinstance(names, (list, tuple)) else [names]:
-            aliases[name] = canonical
+    template_roles = dict(AXOLOTL_TEMPLATE_ROLES)
+    if ds_cfg.get("roles"):
+        template_roles = {}  # as Axolotl: with `roles:`, only the listed names are renamed
+        for canonical, names in ds_cfg["roles"].items():
+            for name in names if isinstance(names, (list, tuple)) else [names]:
+                aliases[name] = canonical
+                template_roles[name] = canonical
+    thinking_key = ds_cfg.get("template_thinking_key") or "reasoning_content"
     return RowFields(
         messages=ds_cfg.get("field_messages") or "messages",
         role=role,
         content=content,
         role_aliases=aliases,
+        template_roles=template_roles,
+        property_mappings={**mappings, "role": role, "content": content},
+        tools=ds_cfg.get("field_tools") or "tools",
+        thinking=ds_cfg.get("field_thinking") or "reasoning_content",
+        template_thinking_key=thinking_key,
+        training=ds_cfg.get("message_field_training") or None,
+        training_detail=ds_cfg.get("message_field_training_detail") or None,
     )
 
 
@@ -54,21 +116,18 @@ class InstructionModellingStrategy:
     it as a virtual subclass, so importing this module does not import Axolotl)."""
 
     def __init__(self, encoder: RowEncoder, *, path: str | None, sequence_len: int, truncate: bool,
-                 on_bad_rows: str, trained_roles: list[str], drop_system_message: bool = False):
+                 on_bad_rows: str, trained_roles: list[str]):
         self.encoder = encoder
-        self.trained_segments = {int(ROLE_SEGMENT[r]) for r in trained_roles}
+        self.trained_segments = {int(WEIGHT_KEY_SEGMENT[r]) for r in trained_roles}
         self.path = path
         self.sequence_len = sequence_len
         self.truncate = truncate
         self.on_bad_rows = on_bad_rows
-        self.drop_system_message = drop_system_message
 
     # -- one batch of rows -------------------------------------------------------------
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(next(iter(batch.values())))
         rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
-        if self.drop_system_message:
-            rows = [self._without_system(row) for row in rows]
         out = {k: [] for k in ("input_ids", "attention_mask", "labels", "segment_ids", ERROR_COLUMN, STRADDLED_COLUMN)}
         for row, ex in zip(rows, self.encoder.encode_rows(rows)):
             error = ""
@@ -77,11 +136,11 @@ class InstructionModellingStrategy:
             else:
                 if self.truncate and len(ex.input_ids) > self.sequence_len:
                     ex = ex.truncate(self.sequence_len)
-                if Segment.OUTPUT not in ex.segment_ids:
+                if not any(s in OUTPUT_SEGMENTS for s in ex.segment_ids):
                     error = str(RowError(
                         self._output_field(row),
-                        f"no output token left (sequence_len={self.sequence_len}, {len(ex.input_ids)} tokens); "
-                        "nothing to learn from this row",
+                        f"no output token left (sequence_len={self.sequence_len}, {len(ex.input_ids)} tokens; "
+                        "or every assistant turn is marked not trained); nothing to learn from this row",
                     ))
             ids, segs, straddled = ([], [], 0) if error else (ex.input_ids, ex.segment_ids, ex.straddled)
             out["input_ids"].append(ids)
@@ -101,14 +160,6 @@ class InstructionModellingStrategy:
         # filters). The loss itself is computed from input_ids and segment_ids.
         trained = self.trained_segments
         return [t if s in trained else -100 for t, s in zip(ids, segs)]
-
-    def _without_system(self, row):
-        name, role = self.encoder.fields.messages, self.encoder.fields.role
-        msgs = row.get(name)
-        if isinstance(msgs, list):
-            row = dict(row)
-            row[name] = [m for m in msgs if not (isinstance(m, dict) and self.encoder.fields.role_aliases.get(m.get(role)) == "system")]
-        return row
 
     # -- the whole dataset -------------------------------------------------------------
     def wrap_dataset(self, dataset, process_count: int | None = None, keep_in_memory: bool | None = False, **kwargs):
@@ -189,6 +240,7 @@ def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
     """Axolotl's strategy entry point for ``type: instruction_modelling``."""
     ds_cfg = dict(ds_cfg or {})
     args = IMArgs.from_cfg(cfg)
+    check_dataset_options(ds_cfg, args.trained_roles())
     fields = row_fields_from_dataset_config(ds_cfg)
 
     render = None
@@ -205,6 +257,8 @@ def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
         render=render,
         fields=fields,
         end_tokens=tuple(cfg.get("eot_tokens") or ()),
+        train_on_eos=train_on_eos_of(ds_cfg),
+        drop_system_message=bool(ds_cfg.get("drop_system_message")),
     )
     strategy = InstructionModellingStrategy(
         encoder,
@@ -213,7 +267,28 @@ def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
         truncate=(cfg.get("excess_length_strategy") or "drop").lower() == "truncate",
         on_bad_rows=args.im_on_bad_rows,
         trained_roles=args.trained_roles(),
-        drop_system_message=bool(ds_cfg.get("drop_system_message")),
     )
     return strategy
 
+
+
+_axolotl_truncate_long_seq = None
+
+
+def truncate_long_seq_with_segments(sample, sequence_len=2048):
+    """Axolotl's ``truncate_long_seq`` (``excess_length_strategy: truncate``, ``eval_sequence_len``) also
+    cutting ``segment_ids``, which it does not know about, to the same length."""
+    if "segment_ids" in sample:
+        sample["segment_ids"] = [seg[:sequence_len] for seg in sample["segment_ids"]]
+    return _axolotl_truncate_long_seq(sample, sequence_len=sequence_len)
+
+
+def keep_segments_aligned_on_truncation():
+    """Route Axolotl's truncation of long sequences through ``truncate_long_seq_with_segments``
+    (it looks the function up by name at call time); called from the plugin's ``register``."""
+    global _axolotl_truncate_long_seq
+    from axolotl.utils.data import utils
+
+    if utils.truncate_long_seq is not truncate_long_seq_with_segments:
+        _axolotl_truncate_long_seq = utils.truncate_long_seq
+        utils.truncate_long_seq = truncate_long_seq_with_segments
