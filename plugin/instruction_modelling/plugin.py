@@ -41,6 +41,10 @@ class InstructionModellingPlugin(BasePlugin):
                             "im_mode / im_role_weights; remove roles_to_train"
                         )
                     ds["roles_to_train"] = args.trained_roles()
+        # Local JSON/JSONL files are read row by row here, not by Arrow's whole-file JSON reader.
+        from .raw_rows import redirect_local_files
+
+        redirect_local_files(cfg, args.im_max_row_bytes)
 
     def on_config_validation_error(self, cfg):
         sys.modules.pop(_STRATEGY_ALIAS, None)
