@@ -101,6 +101,10 @@ def redirect_local_files(cfg: Any, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -
                 continue
             if not is_local_json_file(ds):
                 continue
+            if ds.get("split") not in (None, "train"):  # e.g. "train[:500]": a slice of datasets' own loader
+                LOG.warning(f"{ds['path']}: split '{ds['split']}' is read by datasets' JSON loader, which types "
+                            "each column from the whole file; drop the split to read rows as written")
+                continue
             source = ds["path"]
             ds["path"] = str(save_rows(source, prepared, max_row_bytes))
             ds["ds_type"] = None

@@ -212,3 +212,15 @@ def test_server_admin_needs_its_key(judge_server):
     assert judge_server.state.fail_first == 0
     assert call("/admin/settings", key=judge_server.state.admin_key, body={"fail_first": 5}) == 200
     assert judge_server.state.fail_first == 5 and call("/stats", key=judge_server.state.admin_key) == 200
+
+
+def test_a_lapsed_claim_of_another_machine_is_taken_over(judge_server, tmp_path):
+    """A run on another machine that died leaves a claim: it stops blocking once its lease lapses."""
+    client = JudgeClient(JudgeEndpoint(base_url=judge_server.url), tmp_path / "c.sqlite")
+    key = request("an answer").cache_key(client.endpoint.identity())
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        db.execute("INSERT INTO claims VALUES (?, ?, ?)", (key, "another-host:1:x", time.time() + 1.0))
+    start = time.monotonic()
+    assert not client.complete(request("an answer")).failed
+    assert 1.0 <= time.monotonic() - start < 10 and judge_server.state.answered == 1
+    client.close()

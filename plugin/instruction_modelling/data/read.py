@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -28,9 +28,12 @@ class Records:
     rows: list[Any]
     source: str  # file name, "archive.zip:member" or the hub id / URL
     lines: list[int] | None = None  # line number of each row in a JSONL file
+    unreadable: list[str] = field(default_factory=list)  # "where: why" of rows skipped while reading
+    numbers: list[int] | None = None  # each row's number in the file, when unreadable rows were left out
 
     def where(self, index: int) -> str:
-        return f"{self.source} row {index}" + (f" (line {self.lines[index]})" if self.lines else "")
+        number = self.numbers[index] if self.numbers else index
+        return f"{self.source} row {number}" + (f" (line {self.lines[index]})" if self.lines else "")
 
 
 # A row longer than this is a bad row, found before it is decoded or tokenised: reading it is
@@ -86,7 +89,7 @@ def iter_raw_rows(f: IO[bytes], source: str, as_jsonl: bool,
             rows = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
             line = data.count(b"\n", 0, exc.start) + 1
-            raise InputError(f"{source} line {line}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+            raise InputError(f"{source} line {line}: not UTF-8 text (byte {exc.start + 1} of the file: {exc.reason})") from None
         except json.JSONDecodeError as exc:
             raise InputError(f"{source} line {exc.lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(rows, list):
@@ -111,7 +114,7 @@ def iter_raw_rows(f: IO[bytes], source: str, as_jsonl: bool,
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield RawRow(index, n, error=f"not UTF-8 text (byte {exc.start} of the line: {exc.reason})")
+            yield RawRow(index, n, error=f"not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason})")
             index += 1
             continue
         if not text.strip():
@@ -127,24 +130,31 @@ def iter_raw_rows(f: IO[bytes], source: str, as_jsonl: bool,
         raise InputError(f"{source}: no rows (the file is empty or blank)")
 
 
-def _parse(f: IO[bytes], source: str, as_jsonl: bool, max_row_bytes: int) -> Records:
-    rows, lines = [], []
+def _parse(f: IO[bytes], source: str, as_jsonl: bool, max_row_bytes: int, on_bad_rows: str) -> Records:
+    rows, lines, unreadable, numbers = [], [], [], []
     for raw in iter_raw_rows(f, source, as_jsonl, max_row_bytes):
-        where = f"{source} row {raw.index}" + (f" (line {raw.line})" if raw.line else "")
         if raw.error:
-            raise InputError(f"{where}: {raw.error}")
+            where = f"{source} row {raw.index}" + (f" (line {raw.line})" if raw.line else "")
+            if on_bad_rows != "skip":
+                raise InputError(f"{where}: {raw.error}")
+            unreadable.append(f"{where}: {raw.error}")
+            continue
         rows.append(json.loads(raw.text))
+        numbers.append(raw.index)
         if raw.line:
             lines.append(raw.line)
-    return Records(rows, source, lines if as_jsonl else None)
+    return Records(rows, source, lines if as_jsonl else None, unreadable, numbers if unreadable else None)
 
 
-def read_local(path: str | Path, member: str | None = None, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Records:
+def read_local(path: str | Path, member: str | None = None, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+               on_bad_rows: str = "error") -> Records:
     """Records of a ``.json`` list, a ``.jsonl`` file, or ``member`` of a ``.zip`` archive.
 
     ``member`` matches a file name anywhere inside the archive (the LESS release keeps the
     selections in a sub-folder). A row that cannot be read (not UTF-8, not JSON, over
-    ``max_row_bytes``) or a file without rows raises ``InputError`` naming the file and line.
+    ``max_row_bytes``) raises ``InputError`` naming the file, row and line, or with
+    ``on_bad_rows="skip"`` is left out and listed in ``Records.unreadable``; a file without rows
+    always raises. Row numbers count the readable and unreadable rows alike.
     """
     path = Path(path)
     if not path.exists():
@@ -161,9 +171,9 @@ def read_local(path: str | Path, member: str | None = None, max_row_bytes: int =
                 raise InputError(f"{path}: expected exactly one '{member}' inside, found {len(hits)} "
                                  f"(JSON files in the archive: {found or 'none'})")
             with archive.open(hits[0]) as f:
-                return _parse(f, f"{path.name}:{hits[0]}", hits[0].endswith(".jsonl"), max_row_bytes)
+                return _parse(f, f"{path.name}:{hits[0]}", hits[0].endswith(".jsonl"), max_row_bytes, on_bad_rows)
     with open(path, "rb") as f:
-        return _parse(f, path.name, path.suffix != ".json", max_row_bytes)
+        return _parse(f, path.name, path.suffix != ".json", max_row_bytes, on_bad_rows)
 
 
 def is_offline() -> bool:
