@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import socket
 import sqlite3
 import threading
 import time
@@ -112,17 +113,20 @@ class JudgeCache:
 
     Each answer is committed as soon as it is accepted. ``claim`` lets concurrent runs on one
     file agree on who asks the judge: the first run to claim a request asks, the others wait for
-    its answer (or take over when its claim expires, e.g. it was killed). The file is private (0600).
+    its answer. A claim is a lease the owner renews while it runs; others take over when it lapses
+    (the owner died on another machine) or at once when the owner was a process of this machine
+    that is gone (killed). The file is private (0600).
     """
 
-    def __init__(self, path: str | Path, claim_seconds: float = 600.0):
+    def __init__(self, path: str | Path, lease_seconds: float = 30.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # SQLite gives -wal/-shm the same mode
         os.chmod(self.path, 0o600)
-        self.claim_seconds = claim_seconds
-        self.owner = uuid.uuid4().hex
+        self.lease_seconds = lease_seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=60)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -131,6 +135,29 @@ class JudgeCache:
             self._db.execute("SELECT key, reply FROM replies LIMIT 1").fetchall()
         except sqlite3.DatabaseError as e:
             raise self._unusable(e) from None
+        threading.Thread(target=self._renew_leases, daemon=True).start()
+
+    def _renew_leases(self) -> None:
+        while not self._closed.wait(self.lease_seconds / 3):
+            try:
+                self._query("UPDATE claims SET expires = ? WHERE owner = ?", (time.time() + self.lease_seconds, self.owner))
+            except (JudgeCacheError, sqlite3.ProgrammingError):  # closed meanwhile
+                return
+
+    @staticmethod
+    def _owner_gone(owner: str) -> bool:
+        """True when ``owner`` was a process of this machine that no longer runs."""
+        host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
 
     def _unusable(self, e: Exception) -> JudgeCacheError:
         return JudgeCacheError(f"judge cache {self.path} is not a usable SQLite cache ({e}); delete it (and any "
@@ -166,10 +193,10 @@ class JudgeCache:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     row = self._db.execute("SELECT owner, expires FROM claims WHERE key = ?", (key,)).fetchone()
-                    mine = row is None or row[0] == self.owner or row[1] < now
+                    mine = row is None or row[0] == self.owner or row[1] < now or self._owner_gone(row[0])
                     if mine:
                         self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)",
-                                         (key, self.owner, now + self.claim_seconds))
+                                         (key, self.owner, now + self.lease_seconds))
                 finally:
                     self._db.execute("COMMIT")
             except sqlite3.DatabaseError as e:
@@ -183,7 +210,12 @@ class JudgeCache:
         return self._query("SELECT COUNT(*) FROM replies")[0][0]
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
+            try:
+                self._db.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
+            except sqlite3.DatabaseError:
+                pass  # nothing to give back in a file SQLite cannot use
             self._db.close()
 
 
@@ -203,16 +235,12 @@ class JudgeClient:
         # one is cut off by the deadline in _call_once.
         self._openai = openai.OpenAI(api_key=api_key, base_url=endpoint.base_url, max_retries=0,
                                      timeout=endpoint.timeout_seconds)
-        self.cache = JudgeCache(cache_path, claim_seconds=self._claim_seconds()) if cache_path else None
+        self.cache = JudgeCache(cache_path) if cache_path else None
         self.calls = 0  # requests that reached the judge (retries included)
         self.cache_hits = 0
         self.failures = 0  # requests that ended without a usable answer
         self.reported_models: set[str] = set()  # the model names the server put in its answers
         self._count_lock = threading.Lock()
-
-    def _claim_seconds(self) -> float:
-        e = self.endpoint
-        return (e.max_retries + 1) * (e.parse_retries + 1) * (e.timeout_seconds + e.max_backoff_seconds) + 60
 
     def reported_model(self) -> str | None:
         """The judge model as the server named it in its answers (several names joined by ', ')."""
