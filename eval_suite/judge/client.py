@@ -274,9 +274,11 @@ class JudgeClient:
         finally:
             if self.cache is not None:
                 self.cache.release(key)
-        if reply.failed:
-            with self._count_lock:
+        with self._count_lock:
+            if reply.failed:
                 self.failures += 1
+            elif reply.model:
+                self.reported_models.add(reply.model)
         return reply
 
     def _cached_or_claim(self, key: str, parse: ReplyParser | None) -> JudgeReply | None:
@@ -286,6 +288,8 @@ class JudgeClient:
             if reply is not None and _usable(reply, parse) is None:
                 with self._count_lock:
                     self.cache_hits += 1
+                    if reply.model:
+                        self.reported_models.add(reply.model)
                 return reply
             if self.cache.claim(key):
                 # The run that held the claim may have cached its answer just before letting go.

@@ -230,22 +230,22 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
 
         def _send_bytes(self, code: int, content_type: str, data: bytes, headers: dict[str, str] | None = None,
                         trickle_seconds: float = 0.0) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            if not trickle_seconds:
-                self.wfile.write(data)
-                return
             try:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                if not trickle_seconds:
+                    self.wfile.write(data)
+                    return
                 for i in range(len(data)):  # a judge that keeps every read alive but never finishes in time
                     self.wfile.write(data[i:i + 1])
                     self.wfile.flush()
                     time.sleep(trickle_seconds / len(data))
-            except OSError:  # the client gave up
-                pass
+            except OSError:  # the client gave up (its deadline passed)
+                self.close_connection = True
 
     return Handler
 

@@ -111,6 +111,16 @@ def redirect_local_files(cfg: Any, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -
             LOG.info(f"{source}: rows read one by one (as written) into {ds['path']}")
 
 
+def load_saved(path: Any) -> Any:
+    """The saved rows at ``path`` (a dataset's redirected path), or None for any other path."""
+    p = Path(str(path)) if path else None
+    if p is None or p.parent.name != ROWS_DIR or not (p / "dataset_info.json").is_file():
+        return None
+    from datasets import load_from_disk
+
+    return load_from_disk(str(p))
+
+
 def source_of(dataset: Any) -> str | None:
     """The file a dataset of saved rows came from (None for any other dataset)."""
     description = getattr(getattr(dataset, "info", None), "description", None) or ""

@@ -224,3 +224,13 @@ def test_a_lapsed_claim_of_another_machine_is_taken_over(judge_server, tmp_path)
     assert not client.complete(request("an answer")).failed
     assert 1.0 <= time.monotonic() - start < 10 and judge_server.state.answered == 1
     client.close()
+
+
+def test_reported_model_is_what_the_server_named(judge_server, tmp_path):
+    client = JudgeClient(JudgeEndpoint(base_url=judge_server.url), tmp_path / "c.sqlite")
+    assert client.reported_model() is None
+    client.complete(request("an answer"))
+    assert client.reported_model() == "gpt-4"  # the rule server echoes the requested model
+    again = JudgeClient(JudgeEndpoint(base_url=judge_server.url), tmp_path / "c.sqlite")
+    again.complete(request("an answer"))  # from the cache: the name was kept with the answer
+    assert again.cache_hits == 1 and again.reported_model() == "gpt-4"
