@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from eval_suite.judge import add_judge_arguments, client_from_args, judge_config
+from eval_suite.judge import JudgeError, add_judge_arguments, client_from_args, judge_config
 from eval_suite.records import read_records
 from eval_suite.results import BenchmarkResult, print_summary
 
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, PermissionError, JudgeError) as e:  # bad input or judge: one line
         raise SystemExit(f"eval-suite {args.command}: {e}") from None
 
 

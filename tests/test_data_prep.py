@@ -244,7 +244,11 @@ def test_missing_raw_file_offline_says_where_to_get_it(tmp_path, monkeypatch):
      "lima.jsonl row 1 (line 3): field 'conversations': must be a list of strings"),
     ('{"messages": [{"role": "human", "content": "q"}, {"role": "robot", "content": "a"}]}\n', "lima.jsonl",
      "lima.jsonl row 0 (line 1): field 'messages[1].role': unknown role 'robot'"),
-    ('{"conversations": ["q", "a"]}\n{"conversations": ["q", \n', "lima.jsonl", "lima.jsonl line 2: not valid JSON"),
+    ('{"conversations": ["q", "a"]}\n{"conversations": ["q", \n', "lima.jsonl", "lima.jsonl row 1 (line 2): not valid JSON"),
+    ('{"conversations": ["q", "a"]}\n"a bare string"\n', "lima.jsonl",
+     "lima.jsonl row 1 (line 2): field '<row>': must be a JSON object, got str"),
+    ("\n\n", "lima.jsonl", "lima.jsonl: no rows (the file is empty or blank)"),
+    ("[]", "triples.json", "triples.json: the JSON list has no rows"),
 ])
 def test_bad_input_names_file_row_and_field(tmp_path, content, name, message):
     source = tmp_path / name
@@ -270,6 +274,25 @@ def test_skip_mode_drops_counts_and_keeps_the_template_stream_aligned(tmp_path):
     kept = [json.loads(line) for line in (tmp_path / "o" / "alpagasus_alpaca_5k.jsonl").read_text().splitlines()]
     full = build("alpagasus_alpaca_5k", source=TRIPLES).rows
     assert kept == full[:4] + full[5:]  # later rows keep the templates they get without the bad row
+
+
+def test_prepare_names_invalid_utf8_and_refuses_empty_output(tmp_path):
+    source = tmp_path / "lima.jsonl"
+    source.write_bytes(b'{"conversations": ["q", "a"]}\n{"conversations": ["caf\xe9", "a"]}\n')
+    done = run_cli("prepare", "lima", "--source", str(source), "--out-dir", str(tmp_path / "o"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "lima.jsonl row 1 (line 2): not UTF-8 text" in done.stderr
+    done = run_cli("prepare", "lima", "--source", str(source), "--out-dir", str(tmp_path / "o"), "--on-bad-rows", "skip")
+    assert done.returncode == 0, done.stderr
+    assert "lima: 1 rows" in done.stdout and "(1 skipped)" in done.stdout and "not UTF-8 text" in done.stdout
+    source.write_bytes(b'{"conversations": ["caf\xe9", "a"]}\n')  # nothing usable left: no empty output
+    done = run_cli("prepare", "lima", "--source", str(source), "--out-dir", str(tmp_path / "e"), "--on-bad-rows", "skip")
+    assert done.returncode == 1 and "lima: no usable rows (1 skipped" in done.stderr
+    assert not (tmp_path / "e" / "lima.jsonl").exists()
+    source.write_bytes(b"")
+    done = run_cli("prepare", "lima", "--source", str(source), "--out-dir", str(tmp_path / "e"))
+    assert done.returncode == 1 and "lima.jsonl: no rows (the file is empty or blank)" in done.stderr
+    assert not (tmp_path / "e" / "lima.jsonl").exists()
 
 
 def test_cli_help_and_unknown_dataset():

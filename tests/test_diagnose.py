@@ -173,7 +173,9 @@ GOOD = {"messages": [{"role": "user", "content": "Hi there."}, {"role": "assista
     ("alpaca_no_output.json", [{"instruction": "Do it.", "input": ""}], "alpaca_no_output.json row 0: field 'output': missing"),
     ("wrong_type.jsonl", [{"prompt": "Say hi", "completion": 3}], "field 'completion': must be a string, got int"),
     ("not_object.json", [GOOD, ["a", "list"]], "not_object.json row 1: field '<row>': must be a JSON object, got list"),
-    ("empty.jsonl", [], "empty.jsonl: no usable rows (0 rows"),
+    ("empty.jsonl", [], "empty.jsonl: no rows (the file is empty or blank)"),
+    ("bare_string.jsonl", [GOOD, "just a string"], "bare_string.jsonl row 1 (line 2): field '<row>': must be a JSON object, got str"),
+    ("bare_number.jsonl", [GOOD, 42], "bare_number.jsonl row 1 (line 2): field '<row>': must be a JSON object, got int"),
 ])
 def test_bad_rows_are_named(tmp_path, capsys, name, content, expected):
     path = tmp_path / name
@@ -186,7 +188,7 @@ def test_bad_rows_are_named(tmp_path, capsys, name, content, expected):
 
 
 @pytest.mark.parametrize("name, text, expected", [
-    ("broken.jsonl", json.dumps(GOOD) + "\n{not json\n", "broken.jsonl line 2: not valid JSON"),
+    ("broken.jsonl", json.dumps(GOOD) + "\n{not json\n", "broken.jsonl row 1 (line 2): not valid JSON"),
     ("broken.json", '[{"messages": [}', "broken.json line 1: not valid JSON"),
     ("dict.json", json.dumps({"rows": [GOOD]}), "dict.json: expected a JSON list of rows, got dict"),
     ("bad.yml", "datasets: [path: x.jsonl", "bad.yml: not valid YAML"),
@@ -198,6 +200,25 @@ def test_bad_files_are_named(tmp_path, capsys, name, text, expected):
     path.write_text(text)
     assert main([str(path)]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_unreadable_rows_are_named_or_skipped_and_counted(tmp_path, capsys):
+    path = tmp_path / "raw.jsonl"
+    lines = [json.dumps(GOOD).encode(), b'{"prompt": "caf\xe9", "completion": "x"}', b'"bare"',
+             json.dumps({"prompt": "p" * 5000, "completion": "c"}).encode(), json.dumps(GOOD).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert main([str(path)]) == 2
+    assert "raw.jsonl row 1 (line 2): not UTF-8 text" in capsys.readouterr().err
+    from instruction_modelling.data import read
+
+    rep = diagnose(path, on_bad_rows="skip")
+    assert rep["examples"] == 3 and rep["skipped"] == 2  # the long row is under the default cap (8 MiB)
+    assert rep["skipped_rows"] == ["raw.jsonl row 1 (line 2): not UTF-8 text (byte 16 of the line: invalid continuation byte)",
+                                   "raw.jsonl row 2 (line 3): field '<row>': must be a JSON object, got str"]
+    rows = read.read_local(path, max_row_bytes=4096, on_bad_rows="skip")
+    assert rows.unreadable == ["raw.jsonl row 1 (line 2): not UTF-8 text (byte 16 of the line: invalid continuation byte)",
+                               "raw.jsonl row 3 (line 4): longer than 4096 bytes"]
+    assert rows.where(2) == "raw.jsonl row 4 (line 5)"  # rows keep their numbers in the file
 
 
 def test_skip_counts_bad_rows(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import yaml
 
-from eval_suite.judge import JudgeClient, JudgeRequest
+from eval_suite.judge import JudgeClient, JudgeReply, JudgeRequest
 from eval_suite.records import RecordError, read_records
 from eval_suite.results import BenchmarkResult
 
@@ -63,11 +63,40 @@ def check_reference(version: str, reference_outputs: list[dict], source: str) ->
                          f"against {want}; pass that generator's model_outputs.json (see docs/eval_suite.md)")
 
 
-def judge_completions(client: JudgeClient, judge_model: str | None) -> Callable[..., dict[str, list]]:
+def _completion(reply: JudgeReply) -> dict[str, Any]:
+    return {"text": reply.text or " ", "logprobs": reply.logprobs, "total_tokens": reply.total_tokens}
+
+
+def reply_parser(version: str) -> Callable[[JudgeReply], Any]:
+    """The judge client's parser for ``version``: alpaca_eval's own parser with its stock settings.
+
+    A reply it cannot turn into one preference (ValueError) is asked again, then counted as a
+    failure; alpaca_eval then leaves that instruction out, as it does with any unparsed annotation.
+    """
+    from alpaca_eval import completion_parsers, constants, utils
+
+    cfg = next(iter(utils.load_configs(constants.EVALUATORS_CONFIG_DIR / VERSIONS[version]["annotator"]).values()))
+    parser = getattr(completion_parsers, cfg["fn_completion_parser"])
+    kwargs = cfg.get("completion_parser_kwargs") or {}
+    whole = cfg.get("completion_key") == "completions_all"
+
+    def parse(reply: JudgeReply) -> Any:
+        values = list(parser(_completion(reply) if whole else reply.text, **kwargs))
+        if len(values) != 1 or values[0] is None or (isinstance(values[0], float) and math.isnan(values[0])):
+            raise ValueError(f"{cfg['fn_completion_parser']} found no preference in {reply.text[:80]!r}")
+        return values[0]
+
+    return parse
+
+
+def judge_completions(client: JudgeClient, judge_model: str | None,
+                      parse: Callable[[JudgeReply], Any] | None = None) -> Callable[..., dict[str, list]]:
     """An alpaca_eval ``fn_completions`` that sends every prompt through our judge client.
 
     Same contract as ``alpaca_eval.decoders.openai.openai_completions``: chatml prompts in; the texts,
     per-example price and time, and the raw choices (with ``logprobs`` for ``logprob_parser``) out.
+    A failed reply goes back as " " with no logprobs: alpaca_eval's parser rejects it and drops
+    that instruction; the client counts it.
     """
     from alpaca_eval.utils import prompt_to_chatml
 
@@ -77,14 +106,13 @@ def judge_completions(client: JudgeClient, judge_model: str | None) -> Callable[
                                  max_tokens=max_tokens, temperature=temperature, logprobs=bool(logprobs),
                                  top_logprobs=top_logprobs) for p in prompts]
         start = time.monotonic()
-        replies = client.complete_many(requests, desc="AlpacaEval judge")
+        replies = client.complete_many(requests, desc="AlpacaEval judge", parse=parse)
         per_example = (time.monotonic() - start) / max(1, len(prompts))
         return dict(
             completions=[r.text or " " for r in replies],  # alpaca_eval treats "" as a failed call
             price_per_example=[math.nan] * len(replies),
             time_per_example=[per_example] * len(replies),
-            completions_all=[{"text": r.text or " ", "logprobs": r.logprobs, "total_tokens": r.total_tokens}
-                             for r in replies],
+            completions_all=[_completion(r) for r in replies],
         )
 
     return completions
@@ -121,16 +149,29 @@ def judge(version: str, model_outputs: list[dict], reference_outputs: list[dict]
     reference_outputs = [references[o["instruction"]] for o in model_outputs]
     config_path, default_judge = annotator_config(version, out_dir)
     start = time.monotonic()
-    _, annotations = evaluate(
-        model_outputs=model_outputs, reference_outputs=reference_outputs, annotators_config=str(config_path),
-        name=model_outputs[0]["generator"], output_path=str(out_dir), precomputed_leaderboard=None,
-        is_return_instead_of_print=True, fn_metric="get_winrate", sort_by="win_rate", caching_path=None,
-        fn_completions=judge_completions(client, judge_model),
-    )
+    failures_before = client.failures
+    try:
+        _, annotations = evaluate(
+            model_outputs=model_outputs, reference_outputs=reference_outputs, annotators_config=str(config_path),
+            name=model_outputs[0]["generator"], output_path=str(out_dir), precomputed_leaderboard=None,
+            is_return_instead_of_print=True, fn_metric="get_winrate", sort_by="win_rate", caching_path=None,
+            fn_completions=judge_completions(client, judge_model, reply_parser(version)),
+        )
+    except Exception:
+        failed = client.failures - failures_before
+        if failed >= len(model_outputs):  # alpaca_eval cannot score an empty annotation set
+            raise RecordError(f"the judge gave no usable answer for any of the {len(model_outputs)} instructions "
+                              f"({failed} failures after retries; see the warnings above); nothing to score") from None
+        raise
+    failed = client.failures - failures_before
     result = score(annotations, version, lc_data, source=str(out_dir / "annotations.json"))
     result.duration_seconds = time.monotonic() - start
+    result.metrics["n_judge_failures"] = float(failed)
+    if failed:
+        result.notes.append(f"{failed} of {len(model_outputs)} instructions had no usable judge answer after retries "
+                            "and are left out of the win rate")
     result.config.update(judge_model=judge_model or default_judge, annotator=VERSIONS[version]["annotator"],
-                         judge_calls=client.calls, judge_cache_hits=client.cache_hits)
+                         judge_calls=client.calls, judge_cache_hits=client.cache_hits, judge_failures=failed)
     return result
 
 

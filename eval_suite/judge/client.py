@@ -2,9 +2,13 @@
 
 It speaks the OpenAI chat-completions protocol (OpenAI itself, or any compatible server such as
 ``vllm serve`` or :mod:`eval_suite.judge.server`), retries transient failures with exponential
-backoff, limits concurrency, and keeps every answer in a persistent SQLite cache keyed by
-(judge model, request). An interrupted run that is started again asks the judge only what it has
-not answered yet, so no paid call is repeated.
+backoff (honouring ``Retry-After``), bounds each request by a total deadline, limits concurrency,
+and keeps every answer in a persistent SQLite cache keyed by (judge endpoint, request: model,
+messages, decoding settings). An answer is cached only once the caller's parser accepts it; an
+answer that never parses (an HTML page, no choices, no message, a rating off the scale) is asked
+again a bounded number of times, then returned as a failed reply that the benchmark counts. An
+interrupted run that is started again asks the judge only what it has not answered yet, and runs
+sharing one cache claim each request first, so no paid call is repeated.
 
 The API key is read from an environment variable at construction and handed to the HTTP client;
 it is never part of a cache key, a cache row, a log line or a results file.
@@ -16,18 +20,22 @@ Example:
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import logging
 import os
 import random
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import openai
 from pydantic import BaseModel, Field
@@ -48,8 +56,16 @@ class JudgeEndpoint(BaseModel):
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
     concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
     max_retries: int = Field(6, ge=0, description="Retries of a rate-limited or failed request.")
+    parse_retries: int = Field(2, ge=0, description="Times an answer the parser rejects is asked again.")
     backoff_seconds: float = Field(2.0, ge=0, description="First retry delay; doubles each retry, with jitter.")
-    timeout_seconds: float = Field(300.0, gt=0, description="Per-request timeout.")
+    max_backoff_seconds: float = Field(120.0, ge=0, description="Cap on one retry delay, Retry-After included.")
+    timeout_seconds: float = Field(300.0, gt=0, description="Deadline of one HTTP request, start to last byte.")
+
+    def identity(self) -> str:
+        """The judge as the cache keys it: scheme, host, port and path of the base URL."""
+        url = urlsplit(self.base_url or "https://api.openai.com/v1")
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+        return f"{url.scheme}://{(url.hostname or '').lower()}:{port}{url.path.rstrip('/')}"
 
 
 @dataclass(frozen=True)
@@ -61,8 +77,9 @@ class JudgeRequest:
     logprobs: bool = False
     top_logprobs: int | None = None
 
-    def cache_key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+    def cache_key(self, judge: str = "") -> str:
+        """Hash of the judge endpoint (``JudgeEndpoint.identity``) and everything sent: model, prompt, decoding."""
+        return hashlib.sha256(json.dumps({"judge": judge, **asdict(self)}, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -71,41 +88,139 @@ class JudgeReply:
     logprobs: dict[str, Any] | None = None  # OpenAI's choice.logprobs, e.g. {"content": [{"token", "top_logprobs"}]}
     total_tokens: int = 0
     cached: bool = field(default=False, compare=False)
+    model: str | None = None  # the model the server says answered
+    error: str | None = None  # set on a failed reply: why no usable answer came back
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+# The caller's parser: raises ValueError (or any exception) when a reply is unusable.
+ReplyParser = Callable[[JudgeReply], Any]
+
+
+class JudgeError(RuntimeError):
+    """The judge refused the request or stayed unreachable after every retry; the message says which."""
+
+
+class JudgeCacheError(ValueError):
+    """A cache file that SQLite cannot use; the message names the file to delete."""
 
 
 class JudgeCache:
-    """(judge model, request) -> reply, in SQLite; each answer is committed as soon as it arrives."""
+    """(judge endpoint, request) -> reply, in SQLite, shared safely by threads and processes.
 
-    def __init__(self, path: str | Path):
+    Each answer is committed as soon as it is accepted. ``claim`` lets concurrent runs on one
+    file agree on who asks the judge: the first run to claim a request asks, the others wait for
+    its answer. A claim is a lease the owner renews while it runs; others take over when it lapses
+    (the owner died on another machine) or at once when the owner was a process of this machine
+    that is gone (killed). The file is private (0600).
+    """
+
+    def __init__(self, path: str | Path, lease_seconds: float = 30.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # SQLite gives -wal/-shm the same mode
+        os.chmod(self.path, 0o600)
+        self.lease_seconds = lease_seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, model TEXT, request TEXT, reply TEXT)")
+        self._closed = threading.Event()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, model TEXT, request TEXT, reply TEXT)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT, expires REAL)")
+            self._db.execute("SELECT key, reply FROM replies LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise self._unusable(e) from None
+        threading.Thread(target=self._renew_leases, daemon=True).start()
 
-    def get(self, request: JudgeRequest) -> JudgeReply | None:
-        with self._lock:
-            row = self._db.execute("SELECT reply FROM replies WHERE key = ?", (request.cache_key(),)).fetchone()
-        return JudgeReply(**json.loads(row[0]), cached=True) if row else None
+    def _renew_leases(self) -> None:
+        while not self._closed.wait(self.lease_seconds / 3):
+            try:
+                self._query("UPDATE claims SET expires = ? WHERE owner = ?", (time.time() + self.lease_seconds, self.owner))
+            except (JudgeCacheError, sqlite3.ProgrammingError):  # closed meanwhile
+                return
 
-    def put(self, request: JudgeRequest, reply: JudgeReply) -> None:
-        payload = json.dumps({"text": reply.text, "logprobs": reply.logprobs, "total_tokens": reply.total_tokens})
+    @staticmethod
+    def _owner_gone(owner: str) -> bool:
+        """True when ``owner`` was a process of this machine that no longer runs."""
+        host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def _unusable(self, e: Exception) -> JudgeCacheError:
+        return JudgeCacheError(f"judge cache {self.path} is not a usable SQLite cache ({e}); delete it (and any "
+                               f"{self.path.name}-wal / -shm beside it) and run again: the judge is asked again")
+
+    def _query(self, sql: str, args: tuple = ()) -> list:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)",
-                             (request.cache_key(), request.model, json.dumps(asdict(request)), payload))
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise self._unusable(e) from None
+
+    def get(self, key: str) -> JudgeReply | None:
+        rows = self._query("SELECT reply FROM replies WHERE key = ?", (key,))
+        if not rows:
+            return None
+        try:
+            return JudgeReply(**json.loads(rows[0][0]), cached=True)
+        except (TypeError, ValueError) as e:
+            raise self._unusable(e) from None
+
+    def put(self, key: str, request: JudgeRequest, reply: JudgeReply) -> None:
+        payload = json.dumps({"text": reply.text, "logprobs": reply.logprobs, "total_tokens": reply.total_tokens,
+                              "model": reply.model})
+        self._query("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)",
+                    (key, request.model, json.dumps(asdict(request)), payload))
+
+    def claim(self, key: str) -> bool:
+        """True when this client may ask the judge for ``key`` (no live claim by another client)."""
+        now = time.time()
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    row = self._db.execute("SELECT owner, expires FROM claims WHERE key = ?", (key,)).fetchone()
+                    mine = row is None or row[0] == self.owner or row[1] < now or self._owner_gone(row[0])
+                    if mine:
+                        self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)",
+                                         (key, self.owner, now + self.lease_seconds))
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                raise self._unusable(e) from None
+        return mine
+
+    def release(self, key: str) -> None:
+        self._query("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self.owner))
 
     def __len__(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+        return self._query("SELECT COUNT(*) FROM replies")[0][0]
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
+            try:
+                self._db.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
+            except sqlite3.DatabaseError:
+                pass  # nothing to give back in a file SQLite cannot use
             self._db.close()
 
 
 class JudgeClient:
-    """OpenAI-compatible judge with retries, a concurrency limit and a persistent cache."""
+    """OpenAI-compatible judge with retries, a deadline, a concurrency limit and a persistent cache."""
 
     def __init__(self, endpoint: JudgeEndpoint, cache_path: str | Path | None = None):
         self.endpoint = endpoint
@@ -116,29 +231,97 @@ class JudgeClient:
                                  "variable, or pass --judge-base-url for a local OpenAI-compatible server")
             api_key = "EMPTY"  # local servers (vLLM without --api-key, eval_suite.judge.server) accept anything
         self._secret = api_key
+        # The read timeout is the whole deadline: a stalled server is given up on by then; a trickling
+        # one is cut off by the deadline in _call_once.
         self._openai = openai.OpenAI(api_key=api_key, base_url=endpoint.base_url, max_retries=0,
                                      timeout=endpoint.timeout_seconds)
         self.cache = JudgeCache(cache_path) if cache_path else None
         self.calls = 0  # requests that reached the judge (retries included)
         self.cache_hits = 0
+        self.failures = 0  # requests that ended without a usable answer
+        self.reported_models: set[str] = set()  # the model names the server put in its answers
         self._count_lock = threading.Lock()
 
-    def complete(self, request: JudgeRequest) -> JudgeReply:
-        if self.cache is not None and (reply := self.cache.get(request)) is not None:
-            with self._count_lock:
-                self.cache_hits += 1
-            return reply
-        reply = self._call_with_retries(request)
+    def reported_model(self) -> str | None:
+        """The judge model as the server named it in its answers (several names joined by ', ')."""
+        return ", ".join(sorted(self.reported_models)) or None
+
+    def complete(self, request: JudgeRequest, parse: ReplyParser | None = None) -> JudgeReply:
+        """The judge's answer to ``request``: from the cache, or asked and cached once ``parse`` accepts it.
+
+        Args:
+            request: what to send.
+            parse: the benchmark's parser; it raises on an unusable reply. Without it any reply is usable.
+
+        Returns:
+            The reply; ``reply.failed`` when no usable answer came within the retries (counted in
+            ``failures``, never cached).
+
+        Raises:
+            JudgeError: the judge refuses the request (bad key, unknown model) or is unreachable
+                after ``max_retries`` retries.
+            JudgeCacheError: the cache file is unusable.
+        """
+        key = request.cache_key(self.endpoint.identity())
         if self.cache is not None:
-            self.cache.put(request, reply)
+            reply = self._cached_or_claim(key, parse)
+            if reply is not None:
+                return reply
+        try:
+            reply = self._ask(request, parse)
+            if self.cache is not None and not reply.failed:
+                self.cache.put(key, request, reply)
+        finally:
+            if self.cache is not None:
+                self.cache.release(key)
+        with self._count_lock:
+            if reply.failed:
+                self.failures += 1
+            elif reply.model:
+                self.reported_models.add(reply.model)
         return reply
 
-    def complete_many(self, requests: list[JudgeRequest], desc: str = "judging") -> list[JudgeReply]:
+    def _cached_or_claim(self, key: str, parse: ReplyParser | None) -> JudgeReply | None:
+        """A usable cached reply, or None once this client holds the claim to ask for it."""
+        while True:
+            reply = self.cache.get(key)
+            if reply is not None and _usable(reply, parse) is None:
+                with self._count_lock:
+                    self.cache_hits += 1
+                    if reply.model:
+                        self.reported_models.add(reply.model)
+                return reply
+            if self.cache.claim(key):
+                # The run that held the claim may have cached its answer just before letting go.
+                reply = self.cache.get(key)
+                if reply is not None and _usable(reply, parse) is None:
+                    self.cache.release(key)
+                    with self._count_lock:
+                        self.cache_hits += 1
+                    return reply
+                return None
+            time.sleep(0.05 + 0.05 * random.random())  # another run is asking: wait for its answer
+
+    def _ask(self, request: JudgeRequest, parse: ReplyParser | None) -> JudgeReply:
+        problem = ""
+        for attempt in range(self.endpoint.parse_retries + 1):
+            reply = self._call_with_retries(request)
+            problem = reply.error or _usable(reply, parse) or ""
+            if not problem:
+                return reply
+            log.warning("judge %s: unusable answer (%s); %s", request.model, problem,
+                        f"asking again ({attempt + 1}/{self.endpoint.parse_retries})"
+                        if attempt < self.endpoint.parse_retries else "recorded as a failure")
+        return JudgeReply(text="", error=f"no usable answer after {self.endpoint.parse_retries + 1} tries: {problem}")
+
+    def complete_many(self, requests: list[JudgeRequest], desc: str = "judging",
+                      parse: ReplyParser | None = None) -> list[JudgeReply]:
         """Answer all requests, ``concurrency`` at a time, in order, with a progress bar."""
         with ThreadPoolExecutor(max_workers=self.endpoint.concurrency) as pool:
-            return list(tqdm(pool.map(self.complete, requests), total=len(requests), desc=desc))
+            return list(tqdm(pool.map(lambda r: self.complete(r, parse), requests), total=len(requests), desc=desc))
 
     def _call_with_retries(self, request: JudgeRequest) -> JudgeReply:
+        """One answer from the server (retrying transport failures), possibly malformed (``error`` set)."""
         kwargs: dict[str, Any] = dict(model=request.model, messages=request.messages,
                                       max_tokens=request.max_tokens, temperature=request.temperature)
         if request.logprobs:
@@ -147,23 +330,47 @@ class JudgeClient:
             with self._count_lock:
                 self.calls += 1
             try:
-                response = self._openai.chat.completions.create(**kwargs)
-                break
-            except RETRYABLE_ERRORS as e:
+                return self._call_once(kwargs)
+            except (*RETRYABLE_ERRORS, _DeadlineExceeded) as e:
                 if attempt == self.endpoint.max_retries:
-                    raise RuntimeError(f"judge {request.model} at {self._where()} still failing after "
+                    raise JudgeError(f"judge {request.model} at {self._where()} still failing after "
                                        f"{attempt + 1} attempts: {type(e).__name__}: {self._scrub(str(e))}") from None
                 delay = self.endpoint.backoff_seconds * 2**attempt * (1 + random.random())
-                log.warning("judge %s: %s; retry %d/%d in %.1f s", request.model, type(e).__name__,
-                            attempt + 1, self.endpoint.max_retries, delay)
+                server_delay = _retry_after(e)
+                if server_delay is not None:
+                    delay = server_delay
+                delay = min(delay, self.endpoint.max_backoff_seconds)
+                log.warning("judge %s: %s; retry %d/%d in %.1f s%s", request.model, type(e).__name__,
+                            attempt + 1, self.endpoint.max_retries, delay,
+                            " (Retry-After)" if server_delay is not None else "")
                 time.sleep(delay)
             except openai.APIStatusError as e:
-                raise RuntimeError(f"judge {request.model} at {self._where()} refused the request "
+                raise JudgeError(f"judge {request.model} at {self._where()} refused the request "
                                    f"(HTTP {e.status_code}): {self._scrub(e.message)}") from None
-        choice = response.choices[0]
-        logprobs = choice.logprobs.model_dump() if request.logprobs and choice.logprobs else None
-        usage = response.usage.total_tokens if response.usage else 0
-        return JudgeReply(text=choice.message.content or "", logprobs=logprobs, total_tokens=usage)
+        raise AssertionError("unreachable")
+
+    def _call_once(self, kwargs: dict[str, Any]) -> JudgeReply:
+        """One HTTP request, given up after ``timeout_seconds`` in all (not per read).
+
+        The request runs on a daemon thread; if it is still trickling in at the deadline, it is left
+        to end on its own (its read timeout bounds it) and counts as a timed-out attempt.
+        """
+        outcome: dict[str, Any] = {}
+
+        def call():
+            try:
+                outcome["response"] = self._openai.chat.completions.create(**kwargs)
+            except BaseException as e:  # handed to the caller
+                outcome["error"] = e
+
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(self.endpoint.timeout_seconds)
+        if worker.is_alive():
+            raise _DeadlineExceeded(f"no complete answer within {self.endpoint.timeout_seconds:g} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return _reply_from(outcome["response"], bool(kwargs.get("logprobs")))
 
     def _scrub(self, message: str) -> str:
         """Servers may echo the key back in an error message; never pass it on."""
@@ -176,3 +383,55 @@ class JudgeClient:
         if self.cache is not None:
             self.cache.close()
         self._openai.close()
+
+
+class _DeadlineExceeded(Exception):
+    """A request that did not finish within the endpoint's deadline."""
+
+
+def _reply_from(response: Any, want_logprobs: bool) -> JudgeReply:
+    """A reply from a chat-completions response; a malformed one becomes a reply with ``error`` set."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list):
+        return JudgeReply(text="", error=f"not a chat completion ({type(response).__name__}: {str(response)[:80]!r})")
+    if not choices:
+        return JudgeReply(text="", error="the answer has no choices")
+    message = getattr(choices[0], "message", None)
+    if message is None or not isinstance(getattr(message, "content", None), str):
+        return JudgeReply(text="", error="the answer has no message content")
+    logprobs = choices[0].logprobs.model_dump() if want_logprobs and choices[0].logprobs else None
+    usage = getattr(response, "usage", None)
+    return JudgeReply(text=message.content, logprobs=logprobs, total_tokens=getattr(usage, "total_tokens", 0) or 0,
+                      model=getattr(response, "model", None))
+
+
+def _usable(reply: JudgeReply, parse: ReplyParser | None) -> str | None:
+    """None when ``parse`` accepts the reply, else why not."""
+    if parse is None:
+        return None
+    try:
+        parse(reply)
+    except Exception as e:  # the parser's own error says what was wrong
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def _retry_after(error: Exception) -> float | None:
+    """Seconds the server asked to wait (``Retry-After``: seconds or an HTTP date; ``retry-after-ms``)."""
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    try:
+        if headers.get("retry-after-ms") is not None:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

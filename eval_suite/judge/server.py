@@ -13,18 +13,24 @@ FastChat's prompts and regexes) run end to end offline. ``--backend hf --model D
 causal LM behind the same endpoint (chat template, greedy or sampled, ``top_logprobs`` from the
 first step), for a real model on a GPU box; for serious judging prefer ``vllm serve``.
 
-For tests it also counts requests (``GET /stats``) and can inject failures or stop answering
-(``POST /admin/settings``), which is how the resume test proves no judge call is repeated.
+For tests it also counts requests (``GET /stats``) and can inject faults (``POST /admin/settings``):
+HTTP 500s, 429s with a ``Retry-After``, malformed answers (an HTML page, no choices, a null message,
+a rating off the scale, no rating), a slow start, an answer trickled byte by byte, or no answer at
+all; that is how the tests prove retries, deadlines and "no judge call is repeated". Both endpoints
+need the server's key (``--api-key-env``) as ``Authorization: Bearer``; without one they are
+closed to HTTP clients (in-process tests set ``server.state`` directly).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import logging
 import math
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -110,25 +116,50 @@ class ServerState:
     """Counters and fault injection, shared by all request threads."""
 
     api_key: str | None = None
-    delay_seconds: float = 0.0
+    delay_seconds: float = 0.0  # wait this long before answering (a stalled judge)
     fail_first: int = 0  # answer the first N requests with HTTP 500
     rate_limit_first: int = 0  # then the next N with HTTP 429
+    retry_after: str | None = None  # the Retry-After header of those 429s (seconds or an HTTP date)
+    malformed_first: int = 0  # then answer the next N with a malformed answer of this kind:
+    malformed_kind: str = "html"  # one of MALFORMED
+    trickle_seconds: float = 0.0  # send each answer's body byte by byte over this long
     hang_after: int | None = None  # stop answering once this many requests were let through
     requests: int = 0
     failed: int = 0
+    malformed: int = 0
     answered: int = 0
     admitted: int = 0
     in_flight: int = 0
     max_in_flight: int = 0  # most requests being answered at once (checks a client's concurrency limit)
     answered_by_request: dict[str, int] = field(default_factory=dict)
+    admin_key: str = field(default_factory=lambda: secrets.token_hex(16))  # for /admin when api_key is unset
     cond: threading.Condition = field(default_factory=threading.Condition)
+
+    SETTINGS = ("delay_seconds", "fail_first", "rate_limit_first", "retry_after", "malformed_first",
+                "malformed_kind", "trickle_seconds", "hang_after")
 
     def stats(self) -> dict[str, Any]:
         with self.cond:
             counts = self.answered_by_request.values()
-            return {"requests": self.requests, "failed": self.failed, "answered": self.answered,
+            return {"requests": self.requests, "failed": self.failed, "malformed": self.malformed,
+                    "answered": self.answered,
                     "distinct_requests": len(counts), "repeated_answers": sum(c - 1 for c in counts),
                     "max_in_flight": self.max_in_flight}
+
+
+# Malformed answers, each with HTTP 200: what a proxy, an overloaded server or a confused model sends.
+MALFORMED: dict[str, Callable[[dict[str, Any]], tuple[str, bytes]]] = {
+    "html": lambda body: ("text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "empty_choices": lambda body: ("application/json", json.dumps(
+        {**_response(body, Completion("")), "choices": []}).encode()),
+    "null_message": lambda body: ("application/json", json.dumps(
+        {**_response(body, Completion("")), "choices": [{"index": 0, "finish_reason": "stop", "message": None}]}).encode()),
+    "huge_rating": lambda body: ("application/json", json.dumps(_response(body, Completion(
+        "Rating: [[100]]" if "[[rating]]" in json.dumps(body["messages"]) else "[{'model': 'model_3', 'rank': 7}]",
+        [("x", 0.0)]))).encode()),
+    "no_rating": lambda body: ("application/json", json.dumps(_response(body, Completion(
+        "I cannot judge this.", [("x", 0.0)]))).encode()),
+}
 
 
 def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[BaseHTTPRequestHandler]:
@@ -138,8 +169,15 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
         def log_message(self, fmt, *args):  # keep test output quiet; never logs headers
             log.debug("judge server: " + fmt, *args)
 
+        def _admin_allowed(self) -> bool:
+            key = state.api_key or state.admin_key
+            given = self.headers.get("Authorization") or ""
+            return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+
         def do_GET(self):
             if self.path == "/stats":
+                if not self._admin_allowed():
+                    return self._send(401, {"error": {"message": "GET /stats needs the server's key"}})
                 return self._send(200, state.stats())
             if self.path.rstrip("/").endswith("/models"):
                 return self._send(200, {"object": "list", "data": [{"id": "judge", "object": "model"}]})
@@ -147,9 +185,13 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            if self.path == "/admin/settings":
+            if self.path.startswith("/admin/"):
+                if not self._admin_allowed():
+                    return self._send(401, {"error": {"message": "admin endpoints need the server's key"}})
+                if self.path != "/admin/settings":
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 with state.cond:
-                    for key in ("delay_seconds", "fail_first", "rate_limit_first", "hang_after"):
+                    for key in ServerState.SETTINGS:
                         if key in body:
                             setattr(state, key, body[key])
                     state.cond.notify_all()
@@ -164,7 +206,12 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
                 if n <= state.fail_first + state.rate_limit_first:
                     state.failed += 1
                     code = 500 if n <= state.fail_first else 429
-                    return self._send(code, {"error": {"message": "injected failure", "type": "server_error"}})
+                    headers = {"Retry-After": state.retry_after} if code == 429 and state.retry_after else {}
+                    return self._send(code, {"error": {"message": "injected failure", "type": "server_error"}}, headers)
+                if n <= state.fail_first + state.rate_limit_first + state.malformed_first:
+                    state.malformed += 1
+                    content_type, data = MALFORMED[state.malformed_kind](body)
+                    return self._send_bytes(200, content_type, data)
                 # Admission is counted, not answers: two requests waiting at once must not both slip through.
                 state.cond.wait_for(lambda: state.hang_after is None or state.admitted < state.hang_after)
                 state.admitted += 1
@@ -173,20 +220,35 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
             time.sleep(state.delay_seconds)
             completion = judge(body["messages"], body.get("max_tokens") or 2048, body.get("temperature") or 0.0)
             key = hashlib.sha256(json.dumps([body.get("model"), body["messages"]], sort_keys=True).encode()).hexdigest()
-            self._send(200, _response(body, completion, getattr(judge, "served_name", None)))
+            self._send(200, _response(body, completion, getattr(judge, "served_name", None)), trickle_seconds=state.trickle_seconds)
             with state.cond:
                 state.in_flight -= 1
                 state.answered += 1
                 state.answered_by_request[key] = state.answered_by_request.get(key, 0) + 1
                 state.cond.notify_all()
 
-        def _send(self, code: int, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        def _send(self, code: int, payload: dict[str, Any], headers: dict[str, str] | None = None,
+                  trickle_seconds: float = 0.0) -> None:
+            self._send_bytes(code, "application/json", json.dumps(payload).encode(), headers, trickle_seconds)
+
+        def _send_bytes(self, code: int, content_type: str, data: bytes, headers: dict[str, str] | None = None,
+                        trickle_seconds: float = 0.0) -> None:
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                if not trickle_seconds:
+                    self.wfile.write(data)
+                    return
+                for i in range(len(data)):  # a judge that keeps every read alive but never finishes in time
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(trickle_seconds / len(data))
+            except OSError:  # the client gave up (its deadline passed)
+                self.close_connection = True
 
     return Handler
 

@@ -173,10 +173,27 @@ def make_matches(questions: list[dict], answers: dict[int, list[str]], judge_mod
     return matches
 
 
+RATING_SCALE = (1.0, 10.0)  # single-v1 asks for "a number from 1 to 10"
+
+
 def parse_rating(judgment: str) -> float:
-    """FastChat's rule: ``[[x]]``, else ``[x]``, else -1 (unparsed, left out of the averages)."""
+    """FastChat's rule: ``[[x]]``, else ``[x]``, else -1 (unparsed, left out of the averages).
+
+    A rating off the 1-10 scale (``[[100]]``) is unparsed too: FastChat would average it.
+    """
     match = ONE_SCORE.search(judgment) or ONE_SCORE_BACKUP.search(judgment)
-    return float(ast.literal_eval(match.groups()[0])) if match else -1.0
+    if not match:
+        return -1.0
+    value = float(ast.literal_eval(match.groups()[0]))
+    return value if RATING_SCALE[0] <= value <= RATING_SCALE[1] else -1.0
+
+
+def check_rating(reply) -> float:
+    """The judge client's parser: the rating, or ValueError (the reply is asked again, then counted)."""
+    value = parse_rating(reply.text)
+    if value == -1.0:
+        raise ValueError(f"no [[rating]] from 1 to 10 in {reply.text[-80:]!r}")
+    return value
 
 
 def judge(questions: list[dict], answers: dict[int, list[str]], client: JudgeClient, out_dir: Path, model_id: str,
@@ -185,15 +202,17 @@ def judge(questions: list[dict], answers: dict[int, list[str]], client: JudgeCli
     judge_model = judge_model or CONFIG["judge_model"]
     start = time.monotonic()
     matches = make_matches(questions, answers, judge_model)
-    replies = client.complete_many([m.request for m in matches], desc="MT-Bench judge")
+    replies = client.complete_many([m.request for m in matches], desc="MT-Bench judge", parse=check_rating)
     judgments = [{"question_id": m.question["question_id"], "model": model_id, "judge": [judge_model, m.prompt_name],
                   "user_prompt": m.request.messages[1]["content"], "judgment": r.text, "score": parse_rating(r.text),
-                  "turn": m.turn, "category": m.question["category"], "tstamp": time.time()}
+                  "turn": m.turn, "category": m.question["category"], "tstamp": time.time(),
+                  **({"judge_error": r.error} if r.failed else {})}
                  for m, r in zip(matches, replies)]
     write_jsonl(out_dir / "judgments.jsonl", judgments)
     result = summarise(judgments, model_id)
     result.duration_seconds = time.monotonic() - start
-    result.config.update(judge_model=judge_model, judge_calls=client.calls, judge_cache_hits=client.cache_hits)
+    result.config.update(judge_model=judge_model, judge_calls=client.calls, judge_cache_hits=client.cache_hits,
+                         judge_failures=client.failures)
     return result
 
 
@@ -205,12 +224,14 @@ def summarise(judgments: list[dict], model_id: str) -> BenchmarkResult:
         return statistics.fmean(j["score"] for j in rows) if rows else None
 
     categories = sorted({j["category"] for j in judgments})
-    notes = [f"{len(judgments) - len(valid)} of {len(judgments)} judgments had no [[rating]] and are left out"] \
-        if len(valid) < len(judgments) else []
+    failed = sum("judge_error" in j for j in judgments)
+    notes = [f"{len(judgments) - len(valid)} of {len(judgments)} judgments had no [[rating]] from 1 to 10 and are "
+             f"left out ({failed} of them: no usable judge answer after retries)"] if len(valid) < len(judgments) else []
     return BenchmarkResult(
         benchmark="mt_bench", model=model_id, headline=mean(valid),
         metrics={"turn_1": mean([j for j in valid if j["turn"] == 1]), "turn_2": mean([j for j in valid if j["turn"] == 2]),
                  "n_judgments": float(len(judgments)), "n_unparsed": float(len(judgments) - len(valid)),
+                 "n_judge_failures": float(failed),
                  "average": mean(valid)},
         breakdown={"categories": {c: mean([j for j in valid if j["category"] == c]) for c in categories},
                    "stderr": {"headline": statistics.stdev(j["score"] for j in valid) / len(valid) ** 0.5

@@ -67,6 +67,15 @@ class IMArgs(BaseModel):
         },
     )
 
+    im_max_row_bytes: int = Field(
+        default=8 * 2**20,
+        gt=0,
+        json_schema_extra={
+            "description": "Most bytes one row of a local JSON/JSONL file may take; a longer row is a bad "
+            "row (see im_on_bad_rows), found while reading, before it is decoded or tokenised."
+        },
+    )
+
     im_loss_chunk_size: int = Field(
         default=256,
         json_schema_extra={

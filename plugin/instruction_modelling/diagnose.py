@@ -190,6 +190,8 @@ class Source:
     rows: list
     fields: RowFields = field(default_factory=RowFields)
     role: str = "train"
+    unreadable: list[str] = field(default_factory=list)  # rows left out while reading (not UTF-8, not JSON, too long)
+    row_names: list[str] | None = None  # "file row N (line M)" of each row, when unreadable ones were left out
 
 
 class BadRowsError(ValueError):
@@ -214,14 +216,16 @@ class _Counts:
 
 def _count(source: Source, on_bad_rows: str, encoder: Any = None) -> _Counts:
     counts = _Counts(tokens={"instruction": [], "output": [], "template": []} if encoder else None)
-    bad = []
+    bad = list(source.unreadable)
     for i, row in enumerate(source.rows):
         try:
+            if not isinstance(row, dict):
+                raise RowError("<row>", f"must be a JSON object, got {type(row).__name__}")
             fmt, instr, out = instruction_and_output(row, source.fields)
             if encoder is not None:
                 segs = encoder.encode(row).segment_ids
         except RowError as exc:
-            bad.append(f"{_where(source.path, i)}: {exc}")
+            bad.append(f"{source.row_names[i] if source.row_names else _where(source.path, i)}: {exc}")
             continue
         counts.formats[fmt] = counts.formats.get(fmt, 0) + 1
         counts.multi_turn += len(out) > 1
@@ -306,24 +310,26 @@ def _report(name: str, counts: _Counts, tokenizer_info: dict | None) -> dict[str
 # ----------------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> list:
-    from .evaluation import read_rows
+def _read(path: Path, on_bad_rows: str = "error") -> tuple[list, list[str], list[str] | None]:
+    """The rows of a file, and the rows left out because they cannot be read (skip mode)."""
+    from .data.read import read_local
 
     try:
-        return read_rows(path)
-    except UnicodeDecodeError as exc:
-        raise BadRowsError(f"{path}: not a UTF-8 text file ({exc.reason})") from exc
+        records = read_local(path, on_bad_rows=on_bad_rows)
     except ValueError as exc:
-        raise BadRowsError(str(exc)) from exc
+        raise BadRowsError(f"{exc} (--on-bad-rows skip drops and counts unreadable rows)") from exc
+    names = [records.where(i) for i in range(len(records.rows))] if records.unreadable else None
+    return records.rows, records.unreadable, names
 
 
-def load_sources(path: str | Path) -> list[Source]:
+def load_sources(path: str | Path, on_bad_rows: str = "error") -> list[Source]:
     """The datasets to diagnose: one data file, or every local dataset of an Axolotl YAML."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix not in (".yml", ".yaml"):
-        return [Source(path.name, path, _read(path))]
+        rows, unreadable, names = _read(path, on_bad_rows)
+        return [Source(path.name, path, rows, unreadable=unreadable, row_names=names)]
     import yaml
 
     try:
@@ -353,7 +359,9 @@ def load_sources(path: str | Path) -> list[Source]:
                     f"{path}: {where}.path '{f}' is {kind}; diagnose reads local JSON/JSONL files "
                     "(hub datasets are not downloaded)"
                 )
-            sources.append(Source(f"{where} {found.name}", found, _read(found), row_fields_from_dataset_config(ds), role))
+            rows, unreadable, names = _read(found, on_bad_rows)
+            sources.append(Source(f"{where} {found.name}", found, rows, row_fields_from_dataset_config(ds), role,
+                                  unreadable, names))
     return sources
 
 
@@ -385,7 +393,7 @@ def diagnose(path: str | Path, tokenizer: str | None = None, on_bad_rows: str = 
     ``datasets`` lists each dataset when there is more than one. ``plot`` writes length
     histograms of the training datasets to that PNG.
     """
-    sources = load_sources(path)
+    sources = load_sources(path, on_bad_rows)
     make_encoder, tok_info = _encoder(tokenizer) if tokenizer else (None, None)
     per_source = [(s, _count(s, on_bad_rows, make_encoder(s.fields) if make_encoder else None)) for s in sources]
     train = [(s, c) for s, c in per_source if s.role == "train"]

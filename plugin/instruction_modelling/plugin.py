@@ -80,6 +80,10 @@ class InstructionModellingPlugin(BasePlugin):
         for key in ("datasets", "test_datasets"):
             for ds in cfg.get(key) or []:
                 ds["roles_to_train"] = args.trained_roles()
+        # Local JSON/JSONL files are read row by row here, not by Arrow's whole-file JSON reader.
+        from .raw_rows import redirect_local_files
+
+        redirect_local_files(cfg, args.im_max_row_bytes)
 
     def on_config_validation_error(self, cfg):
         sys.modules.pop(_STRATEGY_ALIAS, None)

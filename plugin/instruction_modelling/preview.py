@@ -62,8 +62,15 @@ def legend(weights: dict[int, float]):
     return t
 
 
-def _first_rows(ds_cfg, n: int) -> list[dict]:
+def _first_rows(ds_cfg, n: int) -> list:
+    """The first ``n`` rows as written (a row that cannot be read is its ``RowError``)."""
+    from . import raw_rows
+
     path = ds_cfg.get("path")
+    saved = raw_rows.load_saved(path)  # the plugin's copy of a local file's rows (raw_rows.py)
+    if saved is not None:
+        head = saved[:n]
+        return [raw_rows.parse_row(t, e) for t, e in zip(head[raw_rows.ROW_TEXT], head[raw_rows.READ_ERROR])]
     if path and os.path.isfile(path) and str(path).endswith((".json", ".jsonl")):
         from .evaluation import read_rows
 
@@ -95,16 +102,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_cfg(args.config)
     tokenizer = load_tokenizer(cfg)
     weights = {int(WEIGHT_KEY_SEGMENT[r]): w for r, w in IMArgs.from_cfg(cfg).role_weight_map().items()}
+    from . import raw_rows
+
     console = Console(highlight=False, no_color=args.plain)
     for ds_cfg in cfg.datasets or []:
         if not _is_im_dataset(ds_cfg):
             continue
         strategy = load_strategy(tokenizer, cfg, ds_cfg)
-        console.print(f"== {ds_cfg.get('path')}  (im_mode: {cfg.im_mode})")
+        saved = raw_rows.load_saved(ds_cfg.get("path"))
+        console.print(f"== {raw_rows.source_of(saved) if saved is not None else ds_cfg.get('path')}  (im_mode: {cfg.im_mode})")
         if not args.plain:
             console.print(legend(weights))
         for i, row in enumerate(_first_rows(ds_cfg, args.rows)):
             try:
+                if isinstance(row, RowError):
+                    raise row
                 ex = strategy.encoder.encode(row)
             except RowError as exc:
                 console.print(f"row {i}: {exc}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from . import raw_rows
 from .args import IMArgs
 from .segments import (
     AXOLOTL_TEMPLATE_ROLES,
@@ -126,10 +127,16 @@ class InstructionModellingStrategy:
 
     # -- one batch of rows -------------------------------------------------------------
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
-        n = len(next(iter(batch.values())))
-        rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+        if raw_rows.ROW_TEXT in batch:  # a local file's rows as written: decode each on its own
+            rows = [raw_rows.parse_row(t, e) for t, e in zip(batch[raw_rows.ROW_TEXT], batch[raw_rows.READ_ERROR])]
+        else:
+            n = len(next(iter(batch.values())))
+            rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+        readable = [r for r in rows if not isinstance(r, RowError)]
+        encoded = iter(self.encoder.encode_rows(readable))
         out = {k: [] for k in ("input_ids", "attention_mask", "labels", "segment_ids", ERROR_COLUMN, STRADDLED_COLUMN)}
-        for row, ex in zip(rows, self.encoder.encode_rows(rows)):
+        for row in rows:
+            ex = row if isinstance(row, RowError) else next(encoded)
             error = ""
             if isinstance(ex, RowError):
                 error = str(ex)
@@ -169,6 +176,7 @@ class InstructionModellingStrategy:
             raise TypeError(
                 "type: instruction_modelling needs a map-style dataset (streaming datasets are not supported yet)"
             )
+        self.path = raw_rows.source_of(dataset) or self.path  # name the file, not its saved rows
         encoded = dataset.map(
             self.encode_batch,
             batched=True,

@@ -70,9 +70,11 @@ def test_killed_judging_run_resumes_without_repeating_calls(tmp_path, job):
             proc.send_signal(signal.SIGKILL)  # no chance to clean up, like a crash or a lost machine
             proc.wait()
         answered_before_kill = dict(first.state.answered_by_request)
+        port = first.httpd.server_address[1]
     assert len(answered_before_kill) == answered_first
 
-    with JudgeServer() as second:  # a fresh server (new port): only the cache can carry answers over
+    # A fresh server on the same URL (the cache is keyed by the judge's URL): only the cache carries answers over.
+    with JudgeServer(port=port) as second:
         proc = subprocess.run([sys.executable, "-m", "eval_suite", *args, "--judge-base-url", second.url,
                                "--judge-concurrency", "2"], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

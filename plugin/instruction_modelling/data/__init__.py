@@ -24,13 +24,16 @@ __all__ = ["DATASETS", "MAIN_DATASETS", "DatasetSpec", "Table5", "build", "load_
            "InputError", "BadRowsError", "DEFAULT_RAW_DIR", "DEFAULT_PREPARED_DIR"]
 
 
-def load_raw(spec: DatasetSpec, raw_dir: str | Path = DEFAULT_RAW_DIR, source: str | Path | None = None) -> Records:
-    """Raw records of ``spec``: ``source`` if given, else ``<raw_dir>/<spec.raw>``, else online."""
+def load_raw(spec: DatasetSpec, raw_dir: str | Path = DEFAULT_RAW_DIR, source: str | Path | None = None,
+             on_bad_rows: str = "error") -> Records:
+    """Raw records of ``spec``: ``source`` if given, else ``<raw_dir>/<spec.raw>``, else online.
+
+    ``on_bad_rows="skip"`` leaves out rows that cannot be read (``Records.unreadable``)."""
     if source is not None:
-        return read_local(source, spec.member if str(source).endswith(".zip") else None)
+        return read_local(source, spec.member if str(source).endswith(".zip") else None, on_bad_rows=on_bad_rows)
     local = Path(raw_dir) / spec.raw
     if spec.raw and local.exists():
-        return read_local(local, spec.member)
+        return read_local(local, spec.member, on_bad_rows=on_bad_rows)
     return read_online(spec, local)
 
 
@@ -51,7 +54,11 @@ def build(name: str, raw_dir: str | Path = DEFAULT_RAW_DIR, source: str | Path |
             rows = ratio_subset(parent.rows, spec.params["alpha"], spec.params["count"])
             how = f"{len(rows)} rows with instruction/output ratio closest to {spec.params['alpha']:g}"
         return Converted(rows, parent.skipped, [*parent.notes, f"subset of {parent_name}: {how}"])
-    return convert(spec, load_raw(spec, raw_dir, source), on_bad_rows)
+    converted = convert(spec, load_raw(spec, raw_dir, source, on_bad_rows), on_bad_rows)
+    if not converted.rows:
+        raise InputError(f"{name}: no usable rows ({len(converted.skipped)} skipped; the first: "
+                         f"{converted.skipped[0] if converted.skipped else '-'}); nothing to write")
+    return converted
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

@@ -135,7 +135,7 @@ def convert(spec: DatasetSpec, records: Records, on_bad_rows: str = "error") -> 
     if spec.kind not in CONVERTERS:
         raise ValueError(f"{spec.name}: kind '{spec.kind}' is derived from another dataset, not converted")
     converter = CONVERTERS[spec.kind](spec)
-    out, skipped = [], []
+    out, skipped = [], list(records.unreadable)
     for i, record in enumerate(records.rows):
         try:
             if not isinstance(record, dict):
