@@ -32,12 +32,15 @@ The paper fits the relative AlpacaEval 1.0 gain of IM over IT (in %) with natura
 * size fit:  ``−39.37·ln(N) + 431.74`` (Tulu V2 subsets of ratio ≈ 10, N from 1k to 35k).
 
 Each predicted gain becomes a vote for IM between 0 and 1, rising linearly from 0 at a
-predicted gain of ``VOTE_ZERO_AT`` (0%) to 1 at ``VOTE_ONE_AT`` (+5%). The instruction weight is
-the mean of the two votes rounded to 0.1: 1.0 recommends IM, 0.0 recommends IT, anything in
-between recommends IM with that ``im_instruction_weight`` (Weighted Instruction Tuning), because
-the two signals disagree or are weak. On the paper's own datasets this gives IM for Alpagasus
-Dolly 3k, Alpaca 5k and the LESS sets, and 0.5 for LIMA (long outputs, few examples), where
-the paper measured no AlpacaEval gain. The fits come from LLaMA-2-7B full fine-tuning,
+predicted gain of ``VOTE_ZERO_AT`` (0%) to 1 at ``VOTE_ONE_AT`` (+5%). Both votes 1: IM (weight
+1.0, range 0.5-1.0); both 0: IT (0.0, range 0.0-0.1); otherwise a partial instruction weight,
+half the mean vote (WIT's best prompt weights lie in 0-0.5) held within WIT's per-benchmark
+average best weights 0.17-0.48, with PLW's generation ratio Rg (per-example output/instruction
+length, arithmetic and geometric mean) widening the range where PLW found the weight matters
+(short completions). docs/weighting.md gives the rule and its sources; every reason printed
+cites its source. LIMA gets 0.25 (long outputs, few examples; the paper measured no
+AlpacaEval gain) and Alpagasus Dolly 3k, Alpaca 5k and the LESS sets IM. The fits come from
+LLaMA-2-7B full fine-tuning,
 are noisy (points lie tens of percentage points off the lines) and the size fit was only
 measured at ratio ≈ 10; treat the forecast as a prior, and check with ``analyze losses`` after
 training.
