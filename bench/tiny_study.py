@@ -24,6 +24,12 @@ lower test loss (1.17 vs 1.32). Whether a ~1M-parameter model shows the same is 
 script measures; it prints the answer either way, with the paired per-example difference
 IM − IT and its standard error (the same examples are scored for both models).
 Needs ``../shared/data/lima.jsonl``.
+
+Weight curve (issue 14): ``--weight-curve --seeds 0 1`` fine-tunes, from one pre-trained base
+per seed, every point of ``CURVE`` (instruction weight λp ∈ {0, 0.1, 0.3, 0.6, 1.0} with output
+weight λr 1 under ``token`` normalisation, and WIT's reference point λp 0.4 / λr 0.6 under
+``nonzero``), scores held-out output loss per point, writes ``weight_curve.json`` per seed and
+plots all seeds into ``--curve-figure``. ``--plot-only`` re-plots from the summaries written so far.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ from instruction_modelling.quickstart.tiny import build_model, build_tokenizer  
 
 LIMA = REPO.parent / "shared" / "data" / "lima.jsonl"
 PAPER_FIG3 = {"IT": {"train": 1.37, "test": 1.32}, "IM": {"train": 1.45, "test": 1.17}}
+# (label, instruction weight λp, output weight λr, im_loss_normalization) of the weight curve.
+CURVE = [("p0", 0.0, 1.0, "token"), ("p0.1", 0.1, 1.0, "token"), ("p0.3", 0.3, 1.0, "token"),
+         ("p0.6", 0.6, 1.0, "token"), ("p1", 1.0, 1.0, "token"), ("wit_p0.4_r0.6", 0.4, 0.6, "nonzero")]
 
 
 def stdlib_docstrings(min_chars: int = 80) -> list[str]:
@@ -109,13 +118,122 @@ def paired_difference(a: list, b: list) -> dict:
     return {"mean": mean, "se": sd / len(d) ** 0.5, "n": len(d), "im_lower": sum(x < 0 for x in d)}
 
 
-def lima_split(train_rows: int, heldout_rows: int, out: Path, seed: int) -> tuple[Path, Path]:
-    rows = [line for line in LIMA.read_text(encoding="utf-8").splitlines() if line.strip()]
+def lima_split(train_rows: int, heldout_rows: int, out: Path, seed: int, lima: Path = LIMA) -> tuple[Path, Path]:
+    rows = [line for line in Path(lima).read_text(encoding="utf-8").splitlines() if line.strip()]
     random.Random(seed).shuffle(rows)
     train, heldout = out / "lima_train.jsonl", out / "lima_heldout.jsonl"
     train.write_text("\n".join(rows[:train_rows]) + "\n", encoding="utf-8")
     heldout.write_text("\n".join(rows[train_rows:train_rows + heldout_rows]) + "\n", encoding="utf-8")
     return train, heldout
+
+
+def curve_point_config(base: Path, train_file: Path, out: Path, point: tuple, args) -> dict:
+    """The Axolotl config of one weight-curve point: the study's IT/IM config with the weights set."""
+    name, lp, lr_, norm = point
+    weights = {"im_mode": "it"} if lp == 0 and lr_ == 1 else {"im_instruction_weight": lp, "im_output_weight": lr_}
+    cfg = cpu_config(base, train_file, out / name, mode="im", num_epochs=args.epochs, sequence_len=args.seq_len,
+                     excess_length_strategy="truncate", learning_rate=args.lr, micro_batch_size=8,
+                     logging_steps=5, seed=args.seed, im_on_bad_rows="skip", im_loss_normalization=norm)
+    cfg.update(weights)
+    return cfg
+
+
+def run_weight_curve(args, seed: int, root: Path, train_fn) -> dict:
+    """One seed of the weight curve: one pre-trained base, every ``CURVE`` point fine-tuned from it."""
+    args.seed = seed
+    out = root / f"seed{seed}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    t0, timings = time.time(), {}
+    train_file, heldout_file, base, n_params, pre = prepare_base(args, out)
+    timings["pretrain"] = pre["seconds"]
+    models = [("base", base)]
+    result = {"seed": seed, "model_parameters": n_params, "pretrain": pre, "points": {}}
+    for point in CURVE:
+        name, lp, lr_, norm = point
+        t = time.time()
+        train_fn(write_config(curve_point_config(base, train_file, out, point, args), out / f"{name}.yml"),
+                 out / f"{name}.log")
+        timings[f"finetune_{name}"] = time.time() - t
+        print(f"seed {seed}: fine-tuned λp={lp} λr={lr_} ({norm}) in {timings[f'finetune_{name}']:.0f} s", flush=True)
+        models.append((name, out / name))
+    t = time.time()
+    losses = run_losses(models, train_file, heldout_file, out / "analysis", max_length=args.seq_len, device="cpu")
+    timings["analyze_losses"] = time.time() - t
+    m = losses["models"]
+    for name, lp, lr_, norm in CURVE:
+        result["points"][name] = {
+            "instruction_weight": lp, "output_weight": lr_, "normalisation": norm,
+            "train": m[name]["train"]["mean"], "heldout": m[name]["heldout"]["mean"],
+            "heldout_minus_it": paired_difference(m[name]["heldout"]["output_loss"], m["p0"]["heldout"]["output_loss"]),
+        }
+    result["base"] = {"train": m["base"]["train"]["mean"], "heldout": m["base"]["heldout"]["mean"]}
+    timings["total"] = time.time() - t0
+    result["timings_s"] = timings
+    (out / "weight_curve.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result
+
+
+def plot_weight_curve(results: list[dict], figure: Path) -> Path:
+    """Held-out output loss against λp, one line per seed; the λr < 1 (nonzero) point as a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        pts = [p for p in r["points"].values() if p["output_weight"] == 1.0]
+        line, = ax.plot([p["instruction_weight"] for p in pts], [p["heldout"] for p in pts], "o-",
+                        label=f"seed {r['seed']}, λr 1 (token)")
+        for p in r["points"].values():
+            if p["output_weight"] != 1.0:
+                ax.plot([p["instruction_weight"]], [p["heldout"]], "s", color=line.get_color(), markersize=8,
+                        label=f"seed {r['seed']}, λr {p['output_weight']} ({p['normalisation']})")
+    ax.set_xlabel("instruction (prompt) loss weight λp")
+    ax.set_ylabel("held-out output-token loss (nats, per-example mean)")
+    ax.set_title("Tiny study: weight curve on LIMA (0.85 M-parameter Llama)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=100)
+    plt.close(fig)
+    return figure
+
+
+def print_weight_curve(results: list[dict]) -> None:
+    print("\nHeld-out output-token loss per point (mean of per-example losses, nats); Δ = point − IT, paired ± SE")
+    for r in results:
+        print(f"seed {r['seed']}: base {r['base']['heldout']:.4f}")
+        for name, p in r["points"].items():
+            d = p["heldout_minus_it"]
+            print(f"  λp {p['instruction_weight']:<4} λr {p['output_weight']:<4} {p['normalisation']:<8} train "
+                  f"{p['train']:.4f} held-out {p['heldout']:.4f}  Δ {d['mean']:+.4f} ± {d['se']:.4f} "
+                  f"(lower on {d['im_lower']}/{d['n']})")
+
+
+def prepare_base(args, out: Path):
+    """LIMA split, tokenizer and a pre-trained tiny Llama saved to ``out/base``."""
+    train_file, heldout_file = lima_split(args.train_rows, args.heldout_rows, out, args.seed, args.lima)
+    docs = stdlib_docstrings()
+    lima_texts = [m["content"] for line in train_file.read_text(encoding="utf-8").splitlines()
+                  for m in json.loads(line)["messages"]]
+    tok = build_tokenizer(docs + lima_texts)
+    model = build_model(tok, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    import torch
+
+    print(f"corpus: {len(docs)} stdlib docstrings, {sum(map(len, docs)) / 1e6:.2f} M chars; model {n_params / 1e6:.2f} M "
+          f"parameters, vocab {len(tok)}; torch threads {torch.get_num_threads()}", flush=True)
+    pre = pretrain(model, tok, docs, args.pretrain_steps, seed=args.seed)
+    base = out / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    print(f"pre-trained {pre['steps']} steps, {pre['tokens'] / 1e6:.2f} M tokens "
+          f"({pre['tokens'] / pre['corpus_tokens']:.2f} passes over {pre['corpus_tokens'] / 1e6:.2f} M), "
+          f"loss {pre['first_loss']:.2f} -> {pre['final_loss']:.2f}", flush=True)
+    return train_file, heldout_file, base, n_params, pre
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,18 +252,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figure", default=str(REPO / "bench" / "tiny_study_losses.png"),
                         help="copy the loss histogram PNG here")
+    parser.add_argument("--lima", default=str(LIMA), help="LIMA JSONL (default: %(default)s)")
+    parser.add_argument("--weight-curve", action="store_true",
+                        help="fine-tune every CURVE point (λp grid, λr 1, and WIT's λp 0.4 / λr 0.6 with nonzero) "
+                        "from one base per seed instead of the IT-vs-IM study")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of --weight-curve")
+    parser.add_argument("--curve-figure", default=str(REPO / "bench" / "tiny_study_weight_curve.png"))
+    parser.add_argument("--plot-only", action="store_true", help="re-plot --weight-curve from the summaries under --out")
     args = parser.parse_args(argv)
-    if not LIMA.is_file():
-        print(f"{LIMA} not found: this study needs the shared LIMA file", file=sys.stderr)
+    if args.weight_curve and args.plot_only:
+        results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(Path(args.out).glob("seed*/weight_curve.json"))]
+        print_weight_curve(results)
+        print(f"figure: {plot_weight_curve(results, Path(args.curve_figure))}")
+        return 0
+    if not Path(args.lima).is_file():
+        print(f"{args.lima} not found: this study needs the shared LIMA file", file=sys.stderr)
         return 2
 
     import os
 
-    import torch
+    from transformers import AutoTokenizer
 
     os.environ.update(AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "plugin"), str(REPO), os.environ.get("PYTHONPATH", "")])
     from instruction_modelling.quickstart.__main__ import _train  # the quickstart's Axolotl subprocess runner
+
+    if args.weight_curve:
+        root = Path(args.out).resolve()
+        results = []
+        for seed in args.seeds:
+            results.append(run_weight_curve(args, seed, root, _train))
+            print_weight_curve(results)
+            print(f"figure: {plot_weight_curve(results, Path(args.curve_figure))}", flush=True)
+        return 0
 
     t0 = time.time()
     out = Path(args.out).resolve()
@@ -154,25 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True)
     timings = {}
 
-    train_file, heldout_file = lima_split(args.train_rows, args.heldout_rows, out, args.seed)
-    docs = stdlib_docstrings()
-    lima_texts = [m["content"] for line in train_file.read_text(encoding="utf-8").splitlines()
-                  for m in json.loads(line)["messages"]]
-    tok = build_tokenizer(docs + lima_texts)
-    model = build_model(tok, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"corpus: {len(docs)} stdlib docstrings, {sum(map(len, docs)) / 1e6:.2f} M chars; model {n_params / 1e6:.2f} M "
-          f"parameters, vocab {len(tok)}; torch threads {torch.get_num_threads()}", flush=True)
-    timings["setup"] = time.time() - t0
-
-    pre = pretrain(model, tok, docs, args.pretrain_steps, seed=args.seed)
-    base = out / "base"
-    model.save_pretrained(base)
-    tok.save_pretrained(base)
+    train_file, heldout_file, base, n_params, pre = prepare_base(args, out)
+    tok_len = len(AutoTokenizer.from_pretrained(base))
+    timings["setup_and_pretrain"] = time.time() - t0
     timings["pretrain"] = pre["seconds"]
-    print(f"pre-trained {pre['steps']} steps, {pre['tokens'] / 1e6:.2f} M tokens "
-          f"({pre['tokens'] / pre['corpus_tokens']:.2f} passes over {pre['corpus_tokens'] / 1e6:.2f} M), "
-          f"loss {pre['first_loss']:.2f} -> {pre['final_loss']:.2f}", flush=True)
 
     for mode in ("it", "im"):
         t = time.time()
@@ -206,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     pattern = higher_train and lower_test
     clear = pattern and all(abs(p["mean"]) > 2 * p["se"] for p in paired.values())
     summary = {
-        "model_parameters": n_params, "vocab": len(tok), "pretrain": pre, "timings_s": timings,
+        "model_parameters": n_params, "vocab": tok_len, "pretrain": pre, "timings_s": timings,
         "train_rows": args.train_rows, "heldout_rows": args.heldout_rows, "seq_len": args.seq_len,
         "epochs": args.epochs, "lr": args.lr,
         "losses": {name: {split: {k: v[split][k] for k in ("mean", "pooled", "no_output_tokens")}

@@ -243,12 +243,15 @@ def test_figure2_fits_use_natural_logs():
 @pytest.mark.parametrize("ratio, size, choice, weight", [
     (0.6439, 2996, "IM", 1.0),       # Alpagasus Dolly 3k: both fits predict a gain (paper: +12.6%)
     (26.33, 13533, "IM", 1.0),       # Less MMLU Chat (paper: +121%)
-    (0.0942, 1030, "weighted", 0.5),  # LIMA: ratio says IT, size says IM (paper: -0.4%)
+    # LIMA: ratio says IT, size says IM (paper: -0.4%): vote 0.5 mapped onto WIT's region 0-0.5
+    (0.0942, 1030, "weighted", 0.25),
     (0.05, 200_000, "IT", 0.0),      # long outputs and many examples: both predict a loss
 ])
 def test_recommendation(ratio, size, choice, weight):
     rec = recommend(ratio, size)
     assert (rec["choice"], rec["instruction_weight"]) == (choice, weight)
+    low, high = rec["recommended_range"]
+    assert 0 <= low <= weight <= high <= 1
     assert rec["heuristic"] and any("LLaMA-2-7B" in c for c in rec["caveats"])
     if choice == "weighted":
         assert f"im_instruction_weight: {weight}" in rec["config"]
@@ -265,3 +268,39 @@ def test_axolotl_yaml_field_mappings(tmp_path):
         "    message_property_mappings: {role: from, content: value}\n")
     rep = diagnose(tmp_path / "cfg.yml")
     assert rep["examples"] == 1 and rep["ratio"] == pytest.approx(4 / 2)
+
+
+def test_generation_ratio_arithmetic_and_geometric():
+    from instruction_modelling.diagnose import generation_ratio
+
+    rg = generation_ratio([10, 10, 5], [20, 5, 20])  # per-example ratios 2, 0.5, 4
+    assert rg["arithmetic"] == pytest.approx(6.5 / 3)
+    assert rg["geometric"] == pytest.approx((2 * 0.5 * 4) ** (1 / 3))
+
+
+@pytest.mark.parametrize("rg, span", [
+    ({"arithmetic": 0.5, "geometric": 0.4, "examples": 10}, [0.01, 1.0]),  # PLW short completions: task-dependent
+    ({"arithmetic": 8.0, "geometric": 3.0, "examples": 10}, [0.17, 0.48]),  # PLW: no effect; WIT's averages
+])
+def test_weak_paper_signal_range_follows_plw_regime(rg, span):
+    rec = recommend(0.0942, 1030, rg)
+    assert rec["choice"] == "weighted" and rec["recommended_range"] == span
+    assert any("[PLW]" in r for r in rec["reasons"]) and any("[WIT]" in r for r in rec["reasons"])
+
+
+@pytest.mark.parametrize("name, weight, span", [
+    ("lima.jsonl", 0.25, [0.17, 0.48]),
+    ("alpagasus_dolly_3k.jsonl", 1.0, [0.5, 1.0]),
+])
+def test_continuous_recommendation_on_paper_data(name, weight, span, capsys):
+    path = _shared(name)
+    assert main([str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["recommended_instruction_weight"] == weight and rep["recommended_range"] == span
+    assert all(0 <= v <= 1 for v in [weight, *span])
+    assert rep["rg"]["arithmetic"] > rep["rg"]["geometric"] > 1  # long completions on both (PLW's Rg)
+    assert list(rep)[-1] == "ratio"
+    assert main([str(path)]) == 0
+    text = capsys.readouterr().out
+    for tag in ("[Shi et al. 2024, Fig. 2]", "[PLW]", "[WIT]", "arXiv 2401.13586", "arXiv 2507.07817"):
+        assert tag in text

@@ -24,6 +24,9 @@ from instruction_modelling.recipes import (
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 ALL_RECIPES = sorted(RECIPES.rglob("*.yml"))
+WIT_RECIPES = sorted((RECIPES / "wit").glob("*.yml"))
+PAPER_RECIPES = [p for p in ALL_RECIPES if p not in WIT_RECIPES]
+WIT_GRID = [(p, r) for r in (0.6, 1.0) for p in (0.0, 0.01, 0.1, 0.4, 1.0)]
 KL_KEYS = ("im_kl_coef", "im_kl_type", "im_kl_segments", "im_kl_reference")
 KL_MISSING = [k for k in KL_KEYS if k not in IMArgs.model_fields]
 KL_SKIP_REASON = (f"IMArgs does not declare {KL_MISSING} yet (KL options: issue 3, another branch); Axolotl would "
@@ -42,7 +45,25 @@ def test_the_paper_grid_is_committed():
             assert f"{dataset}_{variant}.yml" in names
         for folder in ("llama2_13b", "opt_6.7b", "lora"):
             assert {f"{folder}/{dataset}_it.yml", f"{folder}/{dataset}_im.yml"} <= names
-    assert len(names) == 35 + 3 * 14
+    assert len(names) == 35 + 3 * 14 + 2 * len(WIT_GRID)
+
+
+def test_wit_grid_on_lima_and_dolly_3k():
+    """WIT's λp × λr grid with its reference run (instruction_tuner_fsdp.sh: lr 2e-5, 1 epoch, 4096 tokens,
+    grad-accum 8 on 8 GPUs, λp 0.4 / λr 0.6), the loss divided by the count of non-zero-weight tokens."""
+    for dataset in ("lima", "alpagasus_dolly_3k"):
+        for lp, lr in WIT_GRID:
+            name = f"{dataset}_wit_p{lp:g}_r{lr:g}.yml"
+            cfg = load_recipe(RECIPES / "wit" / name)
+            weights = IMArgs.from_cfg(cfg).role_weight_map()
+            assert (weights["user"], weights["assistant"]) == (lp, lr), name
+            assert cfg["im_loss_normalization"] == "nonzero"
+            assert (cfg["learning_rate"], cfg["num_epochs"], cfg["sequence_len"], cfg["gradient_accumulation_steps"],
+                    cfg["micro_batch_size"], cfg["lr_scheduler"], cfg["weight_decay"]) == \
+                (2e-5, 1, 4096, 8, 1, "cosine", 0.1), name
+            assert cfg["datasets"][0]["path"] == f"data/prepared/{dataset}.jsonl"
+        header = (RECIPES / "wit" / f"{dataset}_wit_p0.4_r0.6.yml").read_text().split("\n\n", 1)[0]
+        assert "WIT's reference run" in header and "8 GPUs, as WIT" in header
 
 
 def test_committed_recipes_are_what_the_table_generates():
@@ -72,7 +93,7 @@ def test_variants_differ_only_in_their_method_lines():
 
 
 def test_recipes_carry_the_papers_settings():
-    for path in ALL_RECIPES:
+    for path in PAPER_RECIPES:
         cfg = load_recipe(path)
         lora = cfg.get("adapter") == "lora"
         gpus = 1 if lora else 2
@@ -176,6 +197,7 @@ FAMILIES = [
     pytest.param("lima_it_neftune.yml", marks=pytest.mark.slow),
     pytest.param("lima_it_kl.yml", marks=pytest.mark.slow),
     pytest.param("lora/lima_im.yml", marks=pytest.mark.slow),
+    pytest.param("wit/lima_wit_p0.4_r0.6.yml", marks=pytest.mark.slow),
 ]
 
 
@@ -197,7 +219,8 @@ def test_each_variant_family_trains_two_steps_on_cpu(recipe, tiny_model, tmp_pat
     assert "2/2 [" in log  # exactly max_steps optimizer steps
     # The validated config Axolotl prints still carries the recipe's method.
     assert f'"im_mode": "{cfg["im_mode"]}"' in log
-    for key in ("neftune_noise_alpha", "adapter", *KL_KEYS):
+    for key in ("neftune_noise_alpha", "adapter", "im_loss_normalization", "im_instruction_weight", "im_output_weight",
+                *KL_KEYS):
         if key in cfg:
             assert f'"{key}": {json.dumps(cfg[key])}' in log.replace('"neftune_noise_alpha": 5.0', '"neftune_noise_alpha": 5')
     saved = list((tmp_path / "out").glob("*.safetensors"))

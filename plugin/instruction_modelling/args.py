@@ -49,12 +49,23 @@ class IMArgs(BaseModel):
             "default: the output weight)."
         },
     )
-    im_loss_normalization: Literal["token", "sequence"] = Field(
+    im_loss_normalization: Literal["token", "nonzero", "sequence", "share"] = Field(
         default="token",
         json_schema_extra={
-            "description": "token: weighted mean over all trained tokens of the optimizer step (Axolotl's "
-            "per-token default). sequence: mean of per-example weighted means, as the paper's "
-            "batch-size-1 runs effectively did."
+            "description": "token: Σ w·CE / Σ w over all trained tokens of the optimizer step (Axolotl's "
+            "per-token default; PLW's weighted mean). nonzero: Σ w·CE / (number of tokens with w > 0), "
+            "Weighted Instruction Tuning's definition (an output weight below 1 also scales the loss down). "
+            "sequence: mean of per-example weighted means, as the paper's batch-size-1 runs effectively did. "
+            "share: (1 − α)·mean output CE + α·mean instruction CE with α = im_instruction_share (GoLLIE). "
+            "Formulas and sources: docs/weighting.md."
+        },
+    )
+    im_instruction_share: float | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "α of im_loss_normalization: share, in [0, 1]: the instruction tokens' share of the "
+            "loss, whatever their count (GoLLIE's prompt-loss weight). Required by share, refused otherwise; "
+            "im_instruction_weight / im_output_weight must then be unset (α sets the balance)."
         },
     )
     im_on_bad_rows: Literal["error", "skip"] = Field(
@@ -135,6 +146,28 @@ class IMArgs(BaseModel):
         if self.im_kl_reference != "auto":
             return self.im_kl_reference
         return "adapter" if adapter in ("lora", "qlora") else "copy"
+
+    @model_validator(mode="after")
+    def _check_share(self):
+        share = self.im_instruction_share
+        if self.im_loss_normalization != "share":
+            if share is not None:
+                raise ValueError(
+                    "im_instruction_share is only used by im_loss_normalization: share; set that or remove it"
+                )
+            return self
+        if share is None or not math.isfinite(share) or not 0 <= share <= 1:
+            raise ValueError(f"im_loss_normalization: share needs im_instruction_share in [0, 1], got {share}")
+        if self.im_mode != "im":
+            raise ValueError("im_loss_normalization: share weighs instructions by im_instruction_share; use im_mode: im "
+                             "(im_instruction_share: 0 gives instruction tuning)")
+        for name in ("im_instruction_weight", "im_output_weight"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"im_loss_normalization: share sets the balance with im_instruction_share; remove {name}")
+        if self.im_kl_coef > 0:
+            raise ValueError("KL regularisation is not defined under im_loss_normalization: share; "
+                             "use token or sequence with im_kl_coef")
+        return self
 
     @model_validator(mode="after")
     def _check_weights(self):

@@ -32,12 +32,15 @@ The paper fits the relative AlpacaEval 1.0 gain of IM over IT (in %) with natura
 * size fit:  ``−39.37·ln(N) + 431.74`` (Tulu V2 subsets of ratio ≈ 10, N from 1k to 35k).
 
 Each predicted gain becomes a vote for IM between 0 and 1, rising linearly from 0 at a
-predicted gain of ``VOTE_ZERO_AT`` (0%) to 1 at ``VOTE_ONE_AT`` (+5%). The instruction weight is
-the mean of the two votes rounded to 0.1: 1.0 recommends IM, 0.0 recommends IT, anything in
-between recommends IM with that ``im_instruction_weight`` (Weighted Instruction Tuning), because
-the two signals disagree or are weak. On the paper's own datasets this gives IM for Alpagasus
-Dolly 3k, Alpaca 5k and the LESS sets, and 0.5 for LIMA (long outputs, few examples), where
-the paper measured no AlpacaEval gain. The fits come from LLaMA-2-7B full fine-tuning,
+predicted gain of ``VOTE_ZERO_AT`` (0%) to 1 at ``VOTE_ONE_AT`` (+5%). Both votes 1: IM (weight
+1.0, range 0.5-1.0); both 0: IT (0.0, range 0.0-0.1); otherwise a partial instruction weight,
+half the mean vote (WIT's best prompt weights lie in 0-0.5) held within WIT's per-benchmark
+average best weights 0.17-0.48, with PLW's generation ratio Rg (per-example output/instruction
+length, arithmetic and geometric mean) widening the range where PLW found the weight matters
+(short completions). docs/weighting.md gives the rule and its sources; every reason printed
+cites its source. LIMA gets 0.25 (long outputs, few examples; the paper measured no
+AlpacaEval gain) and Alpagasus Dolly 3k, Alpaca 5k and the LESS sets IM. The fits come from
+LLaMA-2-7B full fine-tuning,
 are noisy (points lie tens of percentage points off the lines) and the size fit was only
 measured at ratio ≈ 10; treat the forecast as a prior, and check with ``analyze losses`` after
 training.
@@ -75,6 +78,23 @@ SIZE_FIT_RANGE = (1_000, 35_000)
 VOTE_ZERO_AT = 0.0
 VOTE_ONE_AT = 5.0
 
+# Where each signal of the recommendation comes from: a short tag cited in each reason, the
+# full reference listed under "Sources" in the text output.
+CITE = {"paper": "Shi et al. 2024, Fig. 2", "plw": "PLW", "wit": "WIT"}
+SOURCES = {
+    "paper": "Shi et al. 2024, Fig. 2: Instruction Tuning With Loss Over Instructions (NeurIPS 2024), arXiv 2405.14394; "
+             "LLaMA-2-7B, AlpacaEval 1.0",
+    "plw": "PLW: Huerta-Enochian & Ko, Instruction Fine-Tuning: Does Prompt Loss Matter?, arXiv 2401.13586; "
+           "LLaMA-1/2 7B, 10 prompt weights 0-1",
+    "wit": "WIT: Weighted Instruction Tuning, arXiv 2507.07817 (TACL), github.com/kowndinya-renduchintala/WIT; "
+           "525 runs, 5 models x LIMA / Alpaca-Cleaned / Tulu-v2",
+}
+PLW_SHORT = ("PLW found performance a negative quadratic in the prompt weight, best at 0.01-0.1 for multiple "
+             "choice and short generation and about 1 for long generation")
+PLW_LONG = "PLW found the prompt weight has no significant effect on long-completion data"
+WIT_REGION = (0.0, 0.5)  # WIT: best prompt weights λp 0-0.5 (with response weights 0.5-1)
+WIT_BEST_AVERAGE = (0.17, 0.48)  # WIT: average best λp per benchmark, BBH 0.17 to IFEval 0.48
+
 CAVEATS = (
     "The fits come from LLaMA-2-7B full fine-tuning, scored by AlpacaEval 1.0 (GPT-4 judge); other "
     "models, PEFT and other benchmarks may behave differently.",
@@ -85,7 +105,9 @@ CAVEATS = (
     "IM also trains on the instructions: toxic, biased or templated prompt text is learned too "
     "(paper §5).",
     "Lengths are in words, as in the paper's Table 5 (len(text.split())); the paper's own counts are "
-    "one word higher per message (see table5_convention).",
+    "one word higher per message (see table5_convention). PLW measured Rg in tokens.",
+    "PLW and WIT score other benchmarks (multiple choice, short generation, IFEval, BBH) than the seed paper's "
+    "AlpacaEval; their best weights need not carry over to open-ended generation, nor to other models.",
 )
 
 
@@ -103,29 +125,88 @@ def _vote(gain: float) -> float:
     return min(1.0, max(0.0, (gain - VOTE_ZERO_AT) / (VOTE_ONE_AT - VOTE_ZERO_AT)))
 
 
-def recommend(ratio: float, examples: int) -> dict[str, Any]:
-    """IM, IT or an instruction weight, with the reasoning (see the module docstring)."""
+def generation_ratio(instruction_lengths: Sequence[float], output_lengths: Sequence[float]) -> dict[str, float]:
+    """PLW's generation ratio Rg: per-example output/instruction length, as arithmetic and geometric means.
+
+    PLW (Huerta-Enochian & Ko 2024) defines Rg as the mean ratio of completion to prompt length;
+    its companion code (github.com/davidsvaughn/prompt-loss-weight, ``gen_ratios.py`` line 183)
+    takes the arithmetic mean and plots its log. The arithmetic mean is pulled up by a few very
+    long outputs, so the geometric mean is reported beside it. Rows with an empty side are left out.
+    """
+    ratios = [o / i for i, o in zip(instruction_lengths, output_lengths) if i > 0 and o > 0]
+    if not ratios:
+        return {"arithmetic": float("nan"), "geometric": float("nan"), "examples": 0}
+    return {"arithmetic": statistics.fmean(ratios), "geometric": math.exp(statistics.fmean(map(math.log, ratios))),
+            "examples": len(ratios)}
+
+
+def _continuous_weight(vote: float, rg: Mapping[str, float] | None) -> tuple[float, list[float], list[str]]:
+    """``(weight, [low, high], reasons)``: the seed paper's vote combined with PLW's and WIT's findings."""
+    reasons = []
+    short = long_ = False
+    if rg and rg.get("examples"):
+        a, g = rg["arithmetic"], rg["geometric"]
+        short, long_ = a < 1 and g < 1, a >= 1 and g >= 1
+        side = ("short completions (Rg < 1): " + PLW_SHORT) if short else ("long completions (Rg >= 1): " + PLW_LONG) \
+            if long_ else "the arithmetic and geometric means fall on either side of 1: PLW's two regimes are mixed here"
+        reasons.append(f"Rg (output/instruction words per example) arithmetic {a:.3g}, geometric {g:.3g}: {side} "
+                       f"[{CITE['plw']}]")
+    if vote >= 1:
+        weight, span = 1.0, [0.5, 1.0]
+        why = "the seed paper's fits both favour IM"
+        why += (", and for long generation PLW's short-completion curve peaks at about 1: weight 1.0 (IM)" if short
+                else ": weight 1.0 (IM)")
+        reasons.append(why + f"; the range reaches down to 0.5, the top of WIT's best region [{CITE['wit']}]")
+    elif vote <= 0:
+        weight, span = 0.0, [0.0, 0.1]
+        reasons.append("the seed paper's fits both favour IT: weight 0.0 (IT); the range reaches 0.1 because WIT's best "
+                       f"prompt weight was non-zero in 43 of 75 settings and PLW's best small weights were 0.01-0.1 "
+                       f"[{CITE['wit']}; {CITE['plw']}]")
+    else:
+        weight = min(WIT_BEST_AVERAGE[1], max(WIT_BEST_AVERAGE[0], round(vote * WIT_REGION[1], 2)))
+        span = list(WIT_BEST_AVERAGE)
+        reasons.append(f"the seed paper's fits disagree or are weak (vote {vote:.2f} for IM): mapped onto WIT's best "
+                       f"prompt-weight region 0-0.5 and held within its per-benchmark average best weights "
+                       f"{WIT_BEST_AVERAGE[0]}-{WIT_BEST_AVERAGE[1]}: weight {weight} [{CITE['wit']}]")
+        if short:
+            span = [0.01, 1.0]
+            reasons.append("with short completions PLW found the best weight depends on the task: 0.01-0.1 for "
+                           f"multiple choice and short answers, about 1 for long generation [{CITE['plw']}]")
+    return weight, span, reasons
+
+
+def recommend(ratio: float, examples: int, rg: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """IM, IT or an instruction weight, with the reasoning (see the module docstring).
+
+    Args:
+        ratio: instruction/output ratio of mean words (the seed paper's predictor).
+        examples: number of training examples.
+        rg: ``generation_ratio`` of the data (PLW's predictor); None leaves PLW's signal out.
+
+    Returns:
+        ``choice`` (IM, IT or weighted), ``instruction_weight`` (the recommended weight),
+        ``recommended_range``, the seed paper's predicted gains, ``reasons`` (each citing its
+        source) and the Axolotl ``config`` lines.
+    """
     g_ratio, g_size = predicted_gain_from_ratio(ratio), predicted_gain_from_size(examples)
     v_ratio, v_size = _vote(g_ratio), _vote(g_size)
-    weight = round((v_ratio + v_size) / 2, 1)
-    choice = "IM" if weight >= 1.0 else "IT" if weight <= 0.0 else "weighted"
+    vote = (v_ratio + v_size) / 2
     reasons = [
         f"instruction/output ratio {ratio:.4g}: the ratio fit predicts {g_ratio:+.1f}% "
-        f"({'favours IM' if v_ratio >= 1 else 'favours IT' if v_ratio <= 0 else 'weak'})",
+        f"({'favours IM' if v_ratio >= 1 else 'favours IT' if v_ratio <= 0 else 'weak'}) [{CITE['paper']}]",
         f"{examples} examples: the size fit predicts {g_size:+.1f}% "
-        f"({'favours IM' if v_size >= 1 else 'favours IT' if v_size <= 0 else 'weak'})",
+        f"({'favours IM' if v_size >= 1 else 'favours IT' if v_size <= 0 else 'weak'}) [{CITE['paper']}]",
     ]
+    weight, span, more = _continuous_weight(vote, rg)
+    reasons += more
+    choice = "IM" if weight >= 1.0 else "IT" if weight <= 0.0 else "weighted"
     if choice == "IM":
-        reasons.append("both signals favour IM: train with loss on instructions (im_mode: im)")
         config = "im_mode: im"
     elif choice == "IT":
-        reasons.append("both signals favour IT: keep the loss on outputs only (im_mode: it)")
         config = "im_mode: it"
     else:
-        reasons.append(
-            f"the signals disagree or are weak: a partial instruction weight ({weight}) hedges between the two; "
-            "if you can afford two runs, compare IT and IM with `analyze losses`"
-        )
+        reasons.append("if you can afford a sweep, `python -m instruction_modelling.sweep` writes one config per weight; "
+                       "compare them with `analyze losses`")
         config = f"im_mode: im\nim_instruction_weight: {weight}"
     notes = []
     if not RATIO_FIT_RANGE[0] <= ratio <= RATIO_FIT_RANGE[1]:
@@ -135,12 +216,15 @@ def recommend(ratio: float, examples: int) -> dict[str, Any]:
     return {
         "choice": choice,
         "instruction_weight": weight,
+        "recommended_range": span,
+        "paper_vote_for_im": round(vote, 3),
         "predicted_gain_from_ratio_pct": round(g_ratio, 2),
         "predicted_gain_from_size_pct": round(g_size, 2),
         "reasons": reasons,
         "extrapolation": notes,
         "config": config,
         "caveats": list(CAVEATS),
+        "sources": dict(SOURCES),
         "heuristic": True,
     }
 
@@ -300,7 +384,11 @@ def _report(name: str, counts: _Counts, tokenizer_info: dict | None) -> dict[str
             "im_output_share_token": sum(to) / (sum(ti) + sum(to)),
             "im_output_share_sequence": statistics.fmean(o / (i + o) for i, o in zip(ti, to)),
         }
-    report["recommendation"] = recommend(ratio, len(out))
+    rg = generation_ratio(instr, out)
+    report["recommendation"] = rec = recommend(ratio, len(out), rg)
+    report["recommended_instruction_weight"] = rec["instruction_weight"]
+    report["recommended_range"] = rec["recommended_range"]
+    report["rg"] = rg
     report["ratio"] = ratio  # last key: the headline number
     return report
 
@@ -454,13 +542,15 @@ def format_report(rep: Mapping[str, Any]) -> str:
                  f"(18.85·ln(ratio) + 25.83)")
     lines.append(f"  from the size:  {rec['predicted_gain_from_size_pct']:+.1f}%   "
                  f"(−39.37·ln(N) + 431.74)")
-    lines.append(f"Recommendation (heuristic): {rec['choice']}"
-                 + (f", instruction weight {rec['instruction_weight']}" if rec["choice"] == "weighted" else ""))
+    lines.append(f"Recommendation (heuristic): {rec['choice']}, instruction weight {rec['instruction_weight']} "
+                 f"(plausible range {rec['recommended_range'][0]}-{rec['recommended_range'][1]})")
     lines += [f"  - {r}" for r in rec["reasons"] + rec["extrapolation"]]
     lines.append("  Axolotl config (with the instruction_modelling plugin):")
     lines += [f"    {c}" for c in rec["config"].splitlines()]
     lines.append("Caveats:")
     lines += [f"  - {c}" for c in rec["caveats"]]
+    lines.append("Sources:")
+    lines += [f"  [{CITE[k]}] {v}" for k, v in rec["sources"].items()]
     return "\n".join(lines)
 
 

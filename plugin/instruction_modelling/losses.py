@@ -2,14 +2,20 @@
 
 Pure PyTorch, no Axolotl import. Targets are the next tokens of ``input_ids``; which of them
 carry loss, and how much, is decided by ``segment_ids`` (see ``segments.Segment``) and a small
-weight table, never by ``labels``. Two normalisations:
+weight table, never by ``labels``. Normalisations (``NORMALISATIONS``; docs/weighting.md has
+each formula with its source):
 
 * ``token`` (Axolotl's default): ``loss = Σ_t w_t·ce_t / Σ_t w_t`` over every target of the
   whole gradient-accumulation window (and all data-parallel ranks). With weights 1/1 (IM) or
-  0/1 (IT) this is the usual mean over trained tokens; fractional weights (Weighted Instruction
-  Tuning) give a weighted mean, so the loss stays on the cross-entropy scale.
+  0/1 (IT) this is the usual mean over trained tokens; fractional weights give a weighted mean,
+  so the loss stays on the cross-entropy scale (PLW, Huerta-Enochian & Ko 2024, Eq. 2).
+* ``nonzero`` (Weighted Instruction Tuning, WIT): ``loss = Σ_t w_t·ce_t / #{t : w_t > 0}``, so
+  an output weight below 1 also lowers the loss's scale (the effective learning rate).
 * ``sequence`` (per-example averaging, what the paper's batch-size-1 runs did): each example's
   loss is its own weighted mean, and the batch loss is the mean over examples.
+* ``share`` (GoLLIE's prompt-loss share): ``loss = (1−α)·mean_output + α·mean_instruction``,
+  each mean over the window's output (instruction) targets, weighted by the segment weights
+  within its group; the normaliser is the pair ``[Σ_instruction w, Σ_output w]``.
 
 A micro-batch returns ``Σ (effective weight · ce) / normaliser`` where the normaliser is the
 window total (``loss_normaliser`` summed over micro-batches), so summing the micro-batch
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 
 from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, WEIGHT_KEY_SEGMENT, Segment
 
-NORMALISATIONS = ("token", "sequence")
+NORMALISATIONS = ("token", "nonzero", "sequence", "share")
 
 
 def weight_table(
@@ -92,8 +98,13 @@ def _segment_weights(input_ids, segment_ids, table, position_ids) -> torch.Tenso
     return table.to(device=segs.device)[segs] * valid
 
 
+def _is_instruction(segs: torch.Tensor) -> torch.Tensor:
+    return torch.isin(segs, torch.tensor(INSTRUCTION_SEGMENTS, device=segs.device))
+
+
 def _scale(w: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None, normalisation: str):
-    if normalisation == "token":
+    """Per-target factor applied to the segment weight before the window normaliser divides it."""
+    if normalisation in ("token", "nonzero", "share"):
         return torch.ones_like(w)
     if normalisation != "sequence":
         raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}")
@@ -124,10 +135,12 @@ def effective_weights(
     normalisation: str = "token",
 ) -> torch.Tensor:
     """Per-target weights ``[B, T-1]`` whose sum over a window, divided by the window's
-    ``loss_normaliser``, gives the loss.
+    ``loss_normaliser``, gives the loss (``share`` divides each group by its own total instead,
+    see ``target_coefficients``).
 
-    ``token``: the segment weight. ``sequence``: the segment weight divided by the summed
-    weight of the target's example, so every example with any weight contributes 1.
+    ``token``, ``nonzero``, ``share``: the segment weight. ``sequence``: the segment weight
+    divided by the summed weight of the target's example, so every example with any weight
+    contributes 1.
     """
     w = _segment_weights(input_ids, segment_ids, table, position_ids)
     return w * _scale(w, segment_ids, position_ids, normalisation)
@@ -140,9 +153,21 @@ def loss_normaliser(
     position_ids: torch.Tensor | None = None,
     normalisation: str = "token",
 ) -> torch.Tensor:
-    """What one micro-batch adds to the window's normaliser: ``Σ w`` (token) or the number
-    of examples with any weight (sequence)."""
-    return effective_weights(input_ids, segment_ids, table, position_ids, normalisation).sum().detach()
+    """What one micro-batch adds to the window's normaliser (window total = elementwise sum).
+
+    Returns:
+        shape ``[]``: ``Σ w`` (token), the number of targets with ``w > 0`` (nonzero) or the
+        number of examples with any weight (sequence); shape ``[2]`` for share:
+        ``[Σ w over instruction targets, Σ w over output targets]``.
+    """
+    seg_w = _segment_weights(input_ids, segment_ids, table, position_ids)
+    if normalisation == "nonzero":
+        return (seg_w > 0).sum().to(seg_w.dtype)
+    if normalisation == "share":
+        _, segs, _ = _shifted(input_ids, segment_ids, position_ids)
+        instr = _is_instruction(segs)
+        return torch.stack([(seg_w * instr).sum(), (seg_w * ~instr).sum()])
+    return (seg_w * _scale(seg_w, segment_ids, position_ids, normalisation)).sum()
 
 
 @dataclass
@@ -166,6 +191,7 @@ def target_coefficients(
     position_ids: torch.Tensor | None = None,
     normalisation: str = "token",
     normaliser: torch.Tensor | float | None = None,
+    instruction_share: float = 0.0,
 ) -> LossCoefficients:
     """The one place that turns segments, weights and the window normaliser into the loss's
     per-target coefficients; every loss implementation (logits, chunked hidden states, kernels)
@@ -174,13 +200,28 @@ def target_coefficients(
     Args:
         normaliser: the window's total of ``loss_normaliser`` (summed over micro-batches and
             data-parallel ranks; any shape ``loss_normaliser`` returns); defaults to this batch's own.
+        instruction_share: α of the ``share`` normalisation (ignored by the others).
+
+    Returns:
+        ``LossCoefficients``. Under ``share`` a group (instruction or output) with a zero
+        window total contributes nothing, and ``kl_coef`` is zero (KL is refused under share).
     """
     seg_w = _segment_weights(input_ids, segment_ids, table, position_ids)
     scale = _scale(seg_w, segment_ids, position_ids, normalisation)
     w = seg_w * scale  # = effective_weights(...)
     if normaliser is None:
-        normaliser = w.sum().detach()
-    normaliser = torch.as_tensor(normaliser, dtype=torch.float32, device=w.device).clamp_min(1e-12)
+        normaliser = loss_normaliser(input_ids, segment_ids, table, position_ids, normalisation)
+    normaliser = torch.as_tensor(normaliser, dtype=torch.float32, device=w.device).detach()
+    if normalisation == "share":
+        if normaliser.shape != (2,):
+            raise ValueError(f"the share normalisation needs the [instruction, output] normaliser pair, got shape {tuple(normaliser.shape)}")
+        _, segs, _ = _shifted(input_ids, segment_ids, position_ids)
+        instr = _is_instruction(segs)
+        shares = torch.tensor([instruction_share, 1.0 - instruction_share], dtype=torch.float32, device=w.device)
+        per_group = torch.where(normaliser > 0, shares / normaliser.clamp_min(1e-12), torch.zeros_like(shares))
+        coef = torch.where(instr, per_group[0], per_group[1])
+        return LossCoefficients(ce_coef=w * coef, kl_coef=torch.zeros_like(w))
+    normaliser = normaliser.clamp_min(1e-12)
     return LossCoefficients(ce_coef=w / normaliser, kl_coef=scale / normaliser)
 
 
@@ -321,6 +362,7 @@ def segment_weighted_loss(
     kl_coef: float = 0.0,
     kl_type: str = "full",
     chunk_size: int = DEFAULT_CHUNK,
+    instruction_share: float = 0.0,
 ) -> SegmentLoss:
     """Segment-weighted next-token cross-entropy.
 
@@ -330,7 +372,7 @@ def segment_weighted_loss(
         segment_ids: ``[B, T]`` ``Segment`` ids (0 = template or padding).
         table: weight per segment id (``weight_table``).
         position_ids: ``[B, T]`` for packed rows (positions restart at 0 per example), else None.
-        normalisation: ``"token"`` or ``"sequence"``.
+        normalisation: one of ``NORMALISATIONS``.
         normaliser: the window's total (``loss_normaliser`` summed over its micro-batches and
             ranks); defaults to this batch's own.
         kl_reference, kl_mask, kl_coef, kl_type: optional KL to a reference (see
@@ -339,6 +381,7 @@ def segment_weighted_loss(
             ``λ Σ mask·kl`` to the CE sum before the shared normalisation (Eq. 5), with the same
             per-example scaling as the CE.
         chunk_size: positions per chunk of the CE/KL computation.
+        instruction_share: α of the ``share`` normalisation.
 
     Returns:
         ``SegmentLoss``; ``loss`` is 0 (with a graph) when nothing carries weight.
@@ -353,17 +396,19 @@ def segment_weighted_loss(
     ce, kl = token_losses(logits, padded, kl_reference, kl_type, chunk_size)
     ce = ce[:, :-1]
     kl = kl[:, :-1] if kl is not None else None
-    coef = target_coefficients(input_ids, segment_ids, table, position_ids, normalisation, normaliser)
+    coef = target_coefficients(input_ids, segment_ids, table, position_ids, normalisation, normaliser, instruction_share)
     loss = (ce * coef.ce_coef).sum()
     kl_sum = kl_count = None
     if kl is not None:
         mask = kl_mask if kl_mask is not None else valid
+        if kl_coef and normalisation == "share":
+            raise ValueError("KL regularisation is not defined under the share normalisation; use token or sequence")
         if kl_coef:
             loss = loss + kl_coef * (kl * mask * coef.kl_coef).sum()
         kl_sum, kl_count = (kl.detach() * mask).sum(), mask.sum()
 
     ce_d = ce.detach()
-    is_instr = valid & torch.isin(segs, torch.tensor(INSTRUCTION_SEGMENTS, device=segs.device))
+    is_instr = valid & _is_instruction(segs)
     is_out = valid & torch.isin(segs, torch.tensor(OUTPUT_SEGMENTS, device=segs.device))
     return SegmentLoss(
         loss=loss,

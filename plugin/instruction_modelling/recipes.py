@@ -95,14 +95,16 @@ def _header(table: dict, model: str, dataset: str, variant: str, relpath: str) -
     ]
     paper = results.get(v["column"])
     where = "7B" if model != "llama2_7b" else ""
-    if paper:
+    if not m.get("compare_paper", True):  # another paper's setting: its note is under "This model"
+        pass
+    elif paper:
         lines.append(f"Paper ({'LLaMA-2-7B, ' if where else ''}{v['column']}): {_fmt_results(paper)}.")
         if paper.get("note"):
             lines.append(f"  Note: {paper['note']}.")
     else:
         lines.append(f"Paper: no {v['column']} number for this dataset.")
     for other in ("IT", "IM"):
-        if other != v["column"] and other in results:
+        if m.get("compare_paper", True) and other != v["column"] and other in results:
             lines.append(f"  For comparison, paper {other} on the same data: {_fmt_results(results[other])}.")
     if spec.note:
         lines.append(f"Data note: {spec.note}.")
@@ -110,7 +112,8 @@ def _header(table: dict, model: str, dataset: str, variant: str, relpath: str) -
         lines.append(f"This model: {m['results']}")
     if v.get("caveat"):
         lines.append(f"Caveat: {v['caveat']}")
-    gpus = "1 GPU" if m["dir"] == "lora" else "2 GPUs, as the paper; on N GPUs add --gradient_accumulation_steps=$((128 / N))"
+    gpus = m.get("launch") or ("1 GPU" if m["dir"] == "lora" else
+                               "2 GPUs, as the paper; on N GPUs add --gradient_accumulation_steps=$((128 / N))")
     lines += [
         "",
         f"Data:  python -m instruction_modelling.data prepare {dataset}   # -> {DEFAULT_PREPARED_DIR}/{dataset}.jsonl",
@@ -131,7 +134,7 @@ def build_recipes(table: dict) -> list[Recipe]:
     """Every recipe the table defines, in a stable order."""
     recipes = []
     for model, m in table["models"].items():
-        for dataset in table["datasets"]:
+        for dataset in m.get("datasets") or table["datasets"]:  # a model may name a subset
             if dataset not in DATASETS:
                 raise KeyError(f"recipes/table.yaml: dataset '{dataset}' is not in the data catalog")
             for variant in m["variants"]:

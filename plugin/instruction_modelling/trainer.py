@@ -154,7 +154,7 @@ class IMTrainer(AxolotlTrainer):
             )
 
     def _get_num_items_in_batch(self, batch_samples, device):
-        """The window's loss normaliser (Σ weights or number of examples), summed over ranks."""
+        """The window's loss normaliser (shape [] or, for share, [2]), summed over micro-batches and ranks."""
         total = torch.zeros((), dtype=torch.float32)
         for batch in batch_samples:
             self._require_segments(batch)
@@ -167,7 +167,7 @@ class IMTrainer(AxolotlTrainer):
             ).cpu()
         total = total.to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            total = self.accelerator.gather(total.reshape(1)).sum()
+            total = self.accelerator.gather(total.reshape(1, -1)).sum(0).reshape(total.shape)
         return total
 
     # -- loss ---------------------------------------------------------------------------
@@ -206,6 +206,7 @@ class IMTrainer(AxolotlTrainer):
             kl_coef=a.im_kl_coef,
             kl_type=a.im_kl_type,
             chunk_size=a.im_loss_chunk_size,
+            instruction_share=a.im_instruction_share or 0.0,
         )
         b["meter"].add(out)
         return out.loss
