@@ -61,6 +61,18 @@ def weight_table(
     return table
 
 
+_SEGMENT_SETS: dict = {}
+
+
+def segment_set(segments, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(segments)`` on ``device``, made once: a host-to-device copy per micro-batch
+    would synchronise the GPU."""
+    key = (tuple(int(s) for s in segments), str(device))
+    if key not in _SEGMENT_SETS:
+        _SEGMENT_SETS[key] = torch.tensor(key[0], device=device)
+    return _SEGMENT_SETS[key]
+
+
 def _shifted(input_ids: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None):
     """Targets, their segments and validity for next-token prediction, shape ``[B, T-1]``."""
     targets = input_ids[:, 1:]
@@ -228,14 +240,11 @@ class _TokenLosses(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             logp = logits[s:e].to(dtype).log_softmax(-1)
-            t = targets[s:e].unsqueeze(-1)
-            ce[s:e] = -logp.gather(-1, t).squeeze(-1)
-            if reference is not None:
-                logq = reference(s, e).to(dtype).log_softmax(-1)
-                if kind == "full":
-                    kl[s:e] = (logp.exp() * (logp - logq)).sum(-1)
-                else:
-                    kl[s:e] = (logp.gather(-1, t) - logq.gather(-1, t)).squeeze(-1)
+            logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
+            c, k = _chunk_losses(logp, targets[s:e].unsqueeze(-1), logq, kind)
+            ce[s:e] = c
+            if k is not None:
+                kl[s:e] = k
         ctx.save_for_backward(logits, targets)
         ctx.reference, ctx.kind, ctx.chunk = reference, kind, chunk
         if reference is None:
@@ -245,29 +254,16 @@ class _TokenLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, grad_kl):
         logits, targets = ctx.saved_tensors
-        reference, kind = ctx.reference, ctx.kind
+        reference = ctx.reference
         grad = torch.empty_like(logits)
         dtype = torch.promote_types(logits.dtype, torch.float32)
         for s in range(0, logits.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, logits.shape[0])
             logp = logits[s:e].to(dtype).log_softmax(-1)
-            p = logp.exp()
-            t = targets[s:e].unsqueeze(-1)
-            g = torch.zeros_like(p)
-            if grad_ce is not None:  # d(−log p_t)/dz = p − onehot(t)
-                gc = grad_ce[s:e].unsqueeze(-1)
-                g += p * gc
-                g.scatter_add_(-1, t, -gc)
-            if reference is not None and grad_kl is not None:
-                gk = grad_kl[s:e].unsqueeze(-1)
-                with torch.no_grad():
-                    logq = reference(s, e).to(dtype).log_softmax(-1)
-                if kind == "full":  # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
-                    diff = logp - logq
-                    g += gk * p * (diff - (p * diff).sum(-1, keepdim=True))
-                else:  # d(log p_t − log q_t)/dz = onehot(t) − p
-                    g -= gk * p
-                    g.scatter_add_(-1, t, gk)
+            with torch.no_grad():
+                logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
+            g = _chunk_grad(logp, targets[s:e].unsqueeze(-1), grad_ce[s:e] if grad_ce is not None else None,
+                            grad_kl[s:e] if grad_kl is not None and grad_kl.numel() else None, logq, ctx.kind)
             grad[s:e] = g.to(grad.dtype)
         return grad, None, None, None, None
 
@@ -303,13 +299,214 @@ def token_losses(
     return ce.view(shape), (kl.view(shape) if reference is not None else None)
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to ``lm_head``'s output before the softmax, in the model's own order:
+    ``z = raw * multiplier / divisor``, then ``z = softcap · tanh(z / softcap)``.
+
+    Cohere's ``logit_scale`` is a multiplier, Granite's ``logits_scaling`` a divisor, Gemma-2/3's
+    ``final_logit_softcapping`` a softcap. Applied with the same operations as transformers so the
+    hidden-state path reproduces the model's logits bit for bit.
+    """
+
+    multiplier: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.multiplier is not None:
+            z = z * self.multiplier
+        if self.divisor is not None:
+            z = z / self.divisor
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    @property
+    def is_identity(self) -> bool:
+        return self.multiplier is None and self.divisor is None and self.softcap is None
+
+
+def _chunk_grad(logp, t, grad_ce, grad_kl, logq, kind):
+    """Analytic gradient ``[c, V]`` of ``Σ grad_ce·ce + Σ grad_kl·kl`` w.r.t. the chunk's logits."""
+    p = logp.exp()
+    g = torch.zeros_like(p)
+    if grad_ce is not None:  # d(−log p_t)/dz = p − onehot(t)
+        gc = grad_ce.unsqueeze(-1)
+        g += p * gc
+        g.scatter_add_(-1, t, -gc)
+    if logq is not None and grad_kl is not None:
+        gk = grad_kl.unsqueeze(-1)
+        if kind == "full":  # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
+            diff = logp - logq
+            g += gk * p * (diff - (p * diff).sum(-1, keepdim=True))
+        else:  # d(log p_t − log q_t)/dz = onehot(t) − p
+            g -= gk * p
+            g.scatter_add_(-1, t, gk)
+    return g
+
+
+def _chunk_losses(logp, t, logq, kind):
+    ce = -logp.gather(-1, t).squeeze(-1)
+    kl = None
+    if logq is not None:
+        if kind == "full":
+            kl = (logp.exp() * (logp - logq)).sum(-1)
+        else:
+            kl = (logp.gather(-1, t) - logq.gather(-1, t)).squeeze(-1)
+    return ce, kl
+
+
+class _HiddenTokenLosses(torch.autograd.Function):
+    """Per-token CE (and KL) from hidden states ``[N, D]`` through the model's own output layer,
+    chunk by chunk: neither the ``[N, V]`` logits nor their gradient ever exist whole.
+
+    Forward: per chunk, ``logits = transform(head(h))`` under ``no_grad``, fp32 log-softmax, CE/KL.
+    Backward: per chunk, the head is run again with autograd on, the analytic logits gradient is
+    pushed through it with ``torch.autograd.grad`` (so any head works: ``nn.Linear`` with or without
+    bias, a LoRA-adapted or ``modules_to_save`` head, tied embeddings), and the gradients of the
+    hidden states and of every trainable head parameter are accumulated. The RNG state is replayed so
+    dropout inside an adapted head draws the same masks in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, transform, reference, kind, chunk, *params):
+        n = hidden.shape[0]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        ce = torch.empty(n, dtype=dtype, device=hidden.device)
+        kl = torch.zeros(n if reference is not None else 0, dtype=dtype, device=hidden.device)
+        ctx.rng = _rng_state(hidden.device)
+        with torch.no_grad():
+            for s in range(0, n, chunk):
+                e = min(s + chunk, n)
+                logp = transform(head(hidden[s:e])).to(dtype).log_softmax(-1)
+                logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
+                c, k = _chunk_losses(logp, targets[s:e].unsqueeze(-1), logq, kind)
+                ce[s:e] = c
+                if k is not None:
+                    kl[s:e] = k
+        ctx.save_for_backward(hidden, targets)
+        ctx.head, ctx.transform, ctx.reference, ctx.kind, ctx.chunk = head, transform, reference, kind, chunk
+        ctx.params = params
+        if reference is None:
+            ctx.mark_non_differentiable(kl)
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kl):
+        hidden, targets = ctx.saved_tensors
+        params = [p for p in ctx.params]
+        want_h = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_params = [None] * len(params)
+        n = hidden.shape[0]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        with _replayed_rng(hidden.device, ctx.rng):
+            for s in range(0, n, ctx.chunk):
+                e = min(s + ctx.chunk, n)
+                with torch.no_grad():
+                    logq = ctx.reference(s, e).to(dtype).log_softmax(-1) if ctx.reference is not None else None
+                with torch.enable_grad():
+                    h = hidden[s:e].detach().requires_grad_(want_h)
+                    z = ctx.transform(ctx.head(h))
+                    logp = z.detach().to(dtype).log_softmax(-1)
+                    g = _chunk_grad(logp, targets[s:e].unsqueeze(-1),
+                                    grad_ce[s:e] if grad_ce is not None else None,
+                                    grad_kl[s:e] if grad_kl is not None and grad_kl.numel() else None, logq, ctx.kind)
+                    inputs = ([h] if want_h else []) + params
+                    grads = torch.autograd.grad(z, inputs, g.to(z.dtype), allow_unused=True)
+                if want_h:
+                    grad_h[s:e] = grads[0]
+                    grads = grads[1:]
+                for i, gp in enumerate(grads):
+                    if gp is not None:
+                        grad_params[i] = gp if grad_params[i] is None else grad_params[i].add_(gp)
+        return (grad_h, None, None, None, None, None, None, *grad_params)
+
+
+def _rng_state(device: torch.device):
+    cpu = torch.get_rng_state()
+    dev = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return cpu, dev
+
+
+class _replayed_rng:
+    """Run a block with the RNG state saved in forward, then restore the current state."""
+
+    def __init__(self, device, state):
+        self.device, self.state = device, state
+
+    def __enter__(self):
+        self.saved = _rng_state(self.device)
+        torch.set_rng_state(self.state[0])
+        if self.state[1] is not None:
+            torch.cuda.set_rng_state(self.state[1], self.device)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.saved[0])
+        if self.saved[1] is not None:
+            torch.cuda.set_rng_state(self.saved[1], self.device)
+
+
+def _cce_token_ce(hidden, weight, bias, targets, transform):
+    """Per-token CE through Cut Cross Entropy's kernels (``reduction="none"``); CUDA only."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    if bias is not None or transform.multiplier is not None or transform.divisor is not None:
+        raise ValueError("cut_cross_entropy supports only a bias-free lm_head with at most a softcap")
+    return linear_cross_entropy(hidden, weight, targets, softcap=transform.softcap, reduction="none").float()
+
+
+@dataclass
+class HiddenStates:
+    """The model's final hidden states and its output layer, to compute the loss without logits.
+
+    Attributes:
+        hidden: ``[B, T, D]`` output of the decoder's final norm (what ``lm_head`` is applied to).
+        head: the output layer module (``model.get_output_embeddings()``, adapted or not).
+        transform: what the model does to the head's output (``LogitTransform``).
+        impl: ``chunked`` (pure PyTorch, exact) or ``cce`` (Cut Cross Entropy kernels, CUDA; CE only).
+    """
+
+    hidden: torch.Tensor
+    head: torch.nn.Module
+    transform: LogitTransform = LogitTransform()
+    impl: str = "chunked"
+
+
+def hidden_token_losses(
+    states: HiddenStates,
+    targets: torch.Tensor,
+    reference: ReferenceRows | None = None,
+    kl_type: str = "full",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``token_losses`` from hidden states: per-position CE (and KL) ``[B, T]``.
+
+    Gradients reach ``states.hidden`` and every trainable parameter of ``states.head``.
+    ``impl: cce`` is used for the CE when no KL is asked for; the KL always takes the chunked path.
+    """
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"unknown KL type {kl_type!r}; expected one of {KL_TYPES}")
+    shape = targets.shape
+    flat = states.hidden.reshape(-1, states.hidden.shape[-1])
+    if states.impl == "cce" and reference is None:
+        head = states.head
+        ce = _cce_token_ce(flat, head.weight, getattr(head, "bias", None), targets.reshape(-1), states.transform)
+        return ce.view(shape), None
+    params = tuple(p for p in states.head.parameters() if p.requires_grad)
+    ce, kl = _HiddenTokenLosses.apply(flat, targets.reshape(-1), states.head, states.transform, reference,
+                                      kl_type, chunk_size, *params)
+    return ce.view(shape), (kl.view(shape) if reference is not None else None)
+
+
 def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]`` and targets ``[B, T]``."""
     return token_losses(logits, targets, chunk_size=chunk_size)[0]
 
 
 def segment_weighted_loss(
-    logits: torch.Tensor,
+    logits: "torch.Tensor | HiddenStates",
     input_ids: torch.Tensor,
     segment_ids: torch.Tensor,
     table: torch.Tensor,
@@ -325,7 +522,8 @@ def segment_weighted_loss(
     """Segment-weighted next-token cross-entropy.
 
     Args:
-        logits: ``[B, T, V]`` model outputs.
+        logits: ``[B, T, V]`` model outputs, or ``HiddenStates`` (the final hidden states and the
+            output layer) to compute the same loss chunk by chunk without the logits.
         input_ids: ``[B, T]`` tokens; the target of position t is ``input_ids[:, t+1]``.
         segment_ids: ``[B, T]`` ``Segment`` ids (0 = template or padding).
         table: weight per segment id (``weight_table``).
@@ -350,7 +548,10 @@ def segment_weighted_loss(
     targets, segs, valid = _shifted(input_ids, segment_ids, position_ids)
     # Targets padded at the end instead of slicing the logits: slicing [:, :-1] would copy them.
     padded = F.pad(targets, (0, 1), value=0)
-    ce, kl = token_losses(logits, padded, kl_reference, kl_type, chunk_size)
+    if isinstance(logits, HiddenStates):
+        ce, kl = hidden_token_losses(logits, padded, kl_reference, kl_type, chunk_size)
+    else:
+        ce, kl = token_losses(logits, padded, kl_reference, kl_type, chunk_size)
     ce = ce[:, :-1]
     kl = kl[:, :-1] if kl is not None else None
     coef = target_coefficients(input_ids, segment_ids, table, position_ids, normalisation, normaliser)
@@ -363,8 +564,8 @@ def segment_weighted_loss(
         kl_sum, kl_count = (kl.detach() * mask).sum(), mask.sum()
 
     ce_d = ce.detach()
-    is_instr = valid & torch.isin(segs, torch.tensor(INSTRUCTION_SEGMENTS, device=segs.device))
-    is_out = valid & torch.isin(segs, torch.tensor(OUTPUT_SEGMENTS, device=segs.device))
+    is_instr = valid & torch.isin(segs, segment_set(INSTRUCTION_SEGMENTS, segs.device))
+    is_out = valid & torch.isin(segs, segment_set(OUTPUT_SEGMENTS, segs.device))
     return SegmentLoss(
         loss=loss,
         instruction_sum=(ce_d * is_instr).sum(),
