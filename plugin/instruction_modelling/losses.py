@@ -357,95 +357,73 @@ def _chunk_losses(logp, t, logq, kind):
     return ce, kl
 
 
-class _HiddenTokenLosses(torch.autograd.Function):
-    """Per-token CE (and KL) from hidden states ``[N, D]`` through the model's own output layer,
-    chunk by chunk: neither the ``[N, V]`` logits nor their gradient ever exist whole.
+class _HiddenWeightedLoss(torch.autograd.Function):
+    """``Σ ce_coef·CE + Σ kl_weight·KL`` from hidden states ``[N, D]`` through the model's own output
+    layer, chunk by chunk: neither the ``[N, V]`` logits nor their gradient ever exist whole.
 
-    Forward: per chunk, ``logits = transform(head(h))`` under ``no_grad``, fp32 log-softmax, CE/KL.
-    Backward: per chunk, the head is run again with autograd on, the analytic logits gradient is
-    pushed through it with ``torch.autograd.grad`` (so any head works: ``nn.Linear`` with or without
-    bias, a LoRA-adapted or ``modules_to_save`` head, tied embeddings), and the gradients of the
-    hidden states and of every trainable head parameter are accumulated. The RNG state is replayed so
-    dropout inside an adapted head draws the same masks in both passes.
+    The loss is a weighted sum with known weights, so each chunk's gradient is computed in the same
+    pass as its loss (as Liger's fused linear cross-entropy does): the head is applied with autograd
+    on, the analytic gradient of the chunk's logits is pushed through it with
+    ``torch.autograd.grad`` (so any head works: ``nn.Linear`` with or without bias, a LoRA-adapted or
+    ``modules_to_save`` head, tied embeddings, dropout inside the adapter), and the gradients of the
+    hidden states and of every trainable head parameter are accumulated; ``backward`` only scales
+    them. One head matmul forward and two backward per chunk, as with whole logits, and no
+    recomputation. Also returns the unweighted per-token CE and KL (detached) for the meters.
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, head, transform, reference, kind, chunk, *params):
+    def forward(ctx, hidden, targets, ce_coef, kl_weight, head, transform, reference, kind, chunk, *params):
         n = hidden.shape[0]
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        want_h = ctx.needs_input_grad[0]
+        want_p = [ctx.needs_input_grad[9 + i] for i in range(len(params))]
+        grad_inputs = [p for p, w in zip(params, want_p) if w]
+        backprop = want_h or bool(grad_inputs)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_p = [None] * len(grad_inputs)
         ce = torch.empty(n, dtype=dtype, device=hidden.device)
         kl = torch.zeros(n if reference is not None else 0, dtype=dtype, device=hidden.device)
-        ctx.rng = _rng_state(hidden.device)
-        with torch.no_grad():
-            for s in range(0, n, chunk):
-                e = min(s + chunk, n)
-                logp = transform(head(hidden[s:e])).to(dtype).log_softmax(-1)
+        loss = torch.zeros((), dtype=dtype, device=hidden.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            t = targets[s:e].unsqueeze(-1)
+            with torch.enable_grad() if backprop else torch.no_grad():
+                h = hidden[s:e].detach().requires_grad_(want_h)
+                z = transform(head(h))
+            logp = z.detach().to(dtype).log_softmax(-1)
+            with torch.no_grad():
                 logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
-                c, k = _chunk_losses(logp, targets[s:e].unsqueeze(-1), logq, kind)
-                ce[s:e] = c
-                if k is not None:
-                    kl[s:e] = k
-        ctx.save_for_backward(hidden, targets)
-        ctx.head, ctx.transform, ctx.reference, ctx.kind, ctx.chunk = head, transform, reference, kind, chunk
-        ctx.params = params
-        if reference is None:
-            ctx.mark_non_differentiable(kl)
-        return ce, kl
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kl):
-        hidden, targets = ctx.saved_tensors
-        params = [p for p in ctx.params]
-        want_h = ctx.needs_input_grad[0]
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_params = [None] * len(params)
-        n = hidden.shape[0]
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        with _replayed_rng(hidden.device, ctx.rng):
-            for s in range(0, n, ctx.chunk):
-                e = min(s + ctx.chunk, n)
-                with torch.no_grad():
-                    logq = ctx.reference(s, e).to(dtype).log_softmax(-1) if ctx.reference is not None else None
-                with torch.enable_grad():
-                    h = hidden[s:e].detach().requires_grad_(want_h)
-                    z = ctx.transform(ctx.head(h))
-                    logp = z.detach().to(dtype).log_softmax(-1)
-                    g = _chunk_grad(logp, targets[s:e].unsqueeze(-1),
-                                    grad_ce[s:e] if grad_ce is not None else None,
-                                    grad_kl[s:e] if grad_kl is not None and grad_kl.numel() else None, logq, ctx.kind)
-                    inputs = ([h] if want_h else []) + params
-                    grads = torch.autograd.grad(z, inputs, g.to(z.dtype), allow_unused=True)
+            c, k = _chunk_losses(logp, t, logq, kind)
+            ce[s:e] = c
+            loss += (c * ce_coef[s:e]).sum()
+            if k is not None:
+                kl[s:e] = k
+                loss += (k * kl_weight[s:e]).sum()
+            if backprop:
+                g = _chunk_grad(logp, t, ce_coef[s:e].to(dtype),
+                                kl_weight[s:e].to(dtype) if k is not None else None, logq, kind)
+                grads = torch.autograd.grad(z, ([h] if want_h else []) + grad_inputs, g.to(z.dtype),
+                                            allow_unused=True)
                 if want_h:
                     grad_h[s:e] = grads[0]
                     grads = grads[1:]
                 for i, gp in enumerate(grads):
                     if gp is not None:
-                        grad_params[i] = gp if grad_params[i] is None else grad_params[i].add_(gp)
-        return (grad_h, None, None, None, None, None, None, *grad_params)
+                        grad_p[i] = gp if grad_p[i] is None else grad_p[i].add_(gp)
+        ctx.grad_h, ctx.want_p, ctx.grad_p = grad_h, want_p, grad_p
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
 
-
-def _rng_state(device: torch.device):
-    cpu = torch.get_rng_state()
-    dev = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return cpu, dev
-
-
-class _replayed_rng:
-    """Run a block with the RNG state saved in forward, then restore the current state."""
-
-    def __init__(self, device, state):
-        self.device, self.state = device, state
-
-    def __enter__(self):
-        self.saved = _rng_state(self.device)
-        torch.set_rng_state(self.state[0])
-        if self.state[1] is not None:
-            torch.cuda.set_rng_state(self.state[1], self.device)
-
-    def __exit__(self, *exc):
-        torch.set_rng_state(self.saved[0])
-        if self.saved[1] is not None:
-            torch.cuda.set_rng_state(self.saved[1], self.device)
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        grad_h = ctx.grad_h * grad_loss.to(ctx.grad_h.dtype) if ctx.grad_h is not None else None
+        computed = iter(ctx.grad_p)
+        grad_params = []
+        for want in ctx.want_p:
+            gp = next(computed) if want else None
+            grad_params.append(gp * grad_loss.to(gp.dtype) if gp is not None else None)
+        ctx.grad_h = ctx.grad_p = None
+        return (grad_h, None, None, None, None, None, None, None, None, *grad_params)
 
 
 def _cce_token_ce(hidden, weight, bias, targets, transform):
@@ -474,17 +452,29 @@ class HiddenStates:
     impl: str = "chunked"
 
 
-def hidden_token_losses(
+def hidden_weighted_loss(
     states: HiddenStates,
     targets: torch.Tensor,
+    ce_coef: torch.Tensor,
     reference: ReferenceRows | None = None,
+    kl_weight: torch.Tensor | None = None,
     kl_type: str = "full",
     chunk_size: int = DEFAULT_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``token_losses`` from hidden states: per-position CE (and KL) ``[B, T]``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``Σ ce_coef·CE + Σ kl_weight·KL`` computed from hidden states, and the per-token CE / KL.
 
-    Gradients reach ``states.hidden`` and every trainable parameter of ``states.head``.
-    ``impl: cce`` is used for the CE when no KL is asked for; the KL always takes the chunked path.
+    Args:
+        states: the hidden states ``[B, T, D]`` and output layer (``HiddenStates``).
+        targets: ``[B, T]`` token scored at each position.
+        ce_coef: ``[B, T]`` coefficient of each position's CE (``target_coefficients``).
+        reference, kl_weight, kl_type: optional KL to a reference (see ``token_losses``) and its
+            ``[B, T]`` coefficients (λ · mask · ``kl_coef``).
+        chunk_size: positions per chunk.
+
+    Returns:
+        ``(loss, ce, kl)``: the scalar loss (gradients reach ``states.hidden`` and every trainable
+        parameter of ``states.head``), the detached per-position CE ``[B, T]`` and KL (or None).
+        ``impl: cce`` computes the CE through Cut Cross Entropy when there is no KL term.
     """
     if kl_type not in KL_TYPES:
         raise ValueError(f"unknown KL type {kl_type!r}; expected one of {KL_TYPES}")
@@ -493,11 +483,12 @@ def hidden_token_losses(
     if states.impl == "cce" and reference is None:
         head = states.head
         ce = _cce_token_ce(flat, head.weight, getattr(head, "bias", None), targets.reshape(-1), states.transform)
-        return ce.view(shape), None
+        return (ce * ce_coef.reshape(-1)).sum(), ce.detach().view(shape), None
     params = tuple(p for p in states.head.parameters() if p.requires_grad)
-    ce, kl = _HiddenTokenLosses.apply(flat, targets.reshape(-1), states.head, states.transform, reference,
-                                      kl_type, chunk_size, *params)
-    return ce.view(shape), (kl.view(shape) if reference is not None else None)
+    kl_w = kl_weight.reshape(-1) if kl_weight is not None else torch.zeros(0, device=flat.device)
+    loss, ce, kl = _HiddenWeightedLoss.apply(flat, targets.reshape(-1), ce_coef.reshape(-1).detach(), kl_w.detach(),
+                                             states.head, states.transform, reference, kl_type, chunk_size, *params)
+    return loss, ce.view(shape), (kl.view(shape) if reference is not None else None)
 
 
 def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -548,19 +539,27 @@ def segment_weighted_loss(
     targets, segs, valid = _shifted(input_ids, segment_ids, position_ids)
     # Targets padded at the end instead of slicing the logits: slicing [:, :-1] would copy them.
     padded = F.pad(targets, (0, 1), value=0)
+    coef = target_coefficients(input_ids, segment_ids, table, position_ids, normalisation, normaliser)
+    mask = None
+    if kl_reference is not None:
+        mask = kl_mask if kl_mask is not None else valid
     if isinstance(logits, HiddenStates):
-        ce, kl = hidden_token_losses(logits, padded, kl_reference, kl_type, chunk_size)
+        # Position T-1 has no target: its coefficients are 0 (padded like the targets).
+        ce_coef = F.pad(coef.ce_coef, (0, 1))
+        dtype = torch.promote_types(logits.hidden.dtype, torch.float32)
+        kl_weight = F.pad((mask * coef.kl_coef).to(dtype) * kl_coef, (0, 1)) if mask is not None else None
+        loss, ce, kl = hidden_weighted_loss(logits, padded, ce_coef, kl_reference, kl_weight, kl_type, chunk_size)
+        ce = ce[:, :-1]
+        kl = kl[:, :-1] if kl is not None else None
     else:
         ce, kl = token_losses(logits, padded, kl_reference, kl_type, chunk_size)
-    ce = ce[:, :-1]
-    kl = kl[:, :-1] if kl is not None else None
-    coef = target_coefficients(input_ids, segment_ids, table, position_ids, normalisation, normaliser)
-    loss = (ce * coef.ce_coef).sum()
+        ce = ce[:, :-1]
+        kl = kl[:, :-1] if kl is not None else None
+        loss = (ce * coef.ce_coef).sum()
+        if kl is not None and kl_coef:
+            loss = loss + kl_coef * (kl * mask * coef.kl_coef).sum()
     kl_sum = kl_count = None
     if kl is not None:
-        mask = kl_mask if kl_mask is not None else valid
-        if kl_coef:
-            loss = loss + kl_coef * (kl * mask * coef.kl_coef).sum()
         kl_sum, kl_count = (kl.detach() * mask).sum(), mask.sum()
 
     ce_d = ce.detach()
