@@ -205,12 +205,35 @@ def test_dropout_in_an_adapted_head_gets_the_gradient_of_the_masks_drawn():
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
-def test_no_full_logits_are_built():
-    """The head only ever sees a chunk of rows."""
+class _RowsPerVocabTensor(torch.overrides.TorchFunctionMode):
+    """Records the row count of every tensor an op returns with the vocabulary as its last dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == V:
+                self.rows.append(t.numel() // V)
+        return out
+
+
+@pytest.mark.parametrize("head_kind", ["plain", "softcap", "lora"])
+def test_no_full_logits_are_built(head_kind):
+    """No tensor with the vocabulary as last dim has more rows than a chunk (forward and backward)."""
     ids, segs, _ = batch("padded")
-    head, _ = make_head("plain")
-    seen = []
-    head.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
-    hidden = torch.randn(*ids.shape, D, dtype=torch.float64, requires_grad=True)
-    segment_weighted_loss(HiddenStates(hidden, head), ids, segs, TABLES["im"], chunk_size=4).loss.backward()
-    assert seen and max(seen) <= 4 and len(seen) == -(-ids.numel() // 4)  # once per chunk: no recomputation
+    if head_kind == "lora":
+        head, transform = _tiny_lora(0.0, save_head=False).get_base_model().get_output_embeddings(), LogitTransform()
+        hidden = torch.randn(*ids.shape, 16, dtype=torch.float64, requires_grad=True)
+    else:
+        head, transform = make_head(head_kind)
+        hidden = torch.randn(*ids.shape, D, dtype=torch.float64, requires_grad=True)
+    with _RowsPerVocabTensor() as mode:
+        loss = segment_weighted_loss(HiddenStates(hidden, head, transform), ids, segs, TABLES["im"], chunk_size=4).loss
+        loss.backward()
+    assert mode.rows and max(mode.rows) <= 4, sorted(set(mode.rows))
+    with _RowsPerVocabTensor() as mode:  # the check can fail: the logits path has them
+        segment_weighted_loss(transform(head(hidden)), ids, segs, TABLES["im"], chunk_size=4).loss.backward()
+    assert max(mode.rows) == ids.numel()

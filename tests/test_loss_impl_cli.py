@@ -76,7 +76,7 @@ def test_chunked_and_logits_log_the_same_losses_and_only_logits_builds_full_logi
 def test_memory_efficient_ce_options_are_taken_over_not_lost(tmp_path, tiny_model_dir, probe, option, plugin):
     plugins = [PLUGIN, PROBE] + ([plugin] if plugin else [])
     cfg = train_cfg(tmp_path, tiny_model_dir, option, plugins=plugins, max_steps=2, eval_strategy="no",
-                    save_steps=2, **{option: True})
+                    eval_steps=None, save_steps=2, **{option: True})
     run = run_axolotl("train", cfg, tmp_path / "cfg.yml")
     assert run.returncode == 0, run.output[-3000:]
     line = next(line for line in run.output.splitlines() if "im_loss_impl:" in line)

@@ -384,12 +384,24 @@ class _HiddenWeightedLoss(torch.autograd.Function):
         ce = torch.empty(n, dtype=dtype, device=hidden.device)
         kl = torch.zeros(n if reference is not None else 0, dtype=dtype, device=hidden.device)
         loss = torch.zeros((), dtype=dtype, device=hidden.device)
+        # A plain nn.Linear head: matmuls by hand, accumulating the weight gradient in place (the
+        # generic path allocates a [V, D] gradient per chunk before adding it).
+        linear = type(head) is torch.nn.Linear and all(
+            w for p, w in zip(params, want_p) if p is head.weight or p is head.bias)
+        if linear and backprop:
+            grad_w = torch.zeros_like(head.weight) if head.weight.requires_grad else None
+            grad_b = torch.zeros_like(head.bias) if head.bias is not None and head.bias.requires_grad else None
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             t = targets[s:e].unsqueeze(-1)
             with torch.enable_grad() if backprop else torch.no_grad():
-                h = hidden[s:e].detach().requires_grad_(want_h)
-                z = transform(head(h))
+                h = hidden[s:e].detach().requires_grad_(want_h and not linear)
+                if linear:
+                    raw = F.linear(h, head.weight.detach(), head.bias.detach() if head.bias is not None else None)
+                    raw.requires_grad_(backprop and not transform.is_identity)
+                    z = transform(raw)
+                else:
+                    z = transform(head(h))
             logp = z.detach().to(dtype).log_softmax(-1)
             with torch.no_grad():
                 logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
@@ -402,6 +414,17 @@ class _HiddenWeightedLoss(torch.autograd.Function):
             if backprop:
                 g = _chunk_grad(logp, t, ce_coef[s:e].to(dtype),
                                 kl_weight[s:e].to(dtype) if k is not None else None, logq, kind)
+                if linear:
+                    g = g.to(z.dtype)
+                    if not transform.is_identity:  # through the softcap / scaling, elementwise
+                        g = torch.autograd.grad(z, raw, g)[0]
+                    if want_h:
+                        grad_h[s:e] = g @ head.weight.detach()
+                    if grad_w is not None:
+                        grad_w.addmm_(g.t(), h)
+                    if grad_b is not None:
+                        grad_b += g.sum(0)
+                    continue
                 grads = torch.autograd.grad(z, ([h] if want_h else []) + grad_inputs, g.to(z.dtype),
                                             allow_unused=True)
                 if want_h:
@@ -410,18 +433,22 @@ class _HiddenWeightedLoss(torch.autograd.Function):
                 for i, gp in enumerate(grads):
                     if gp is not None:
                         grad_p[i] = gp if grad_p[i] is None else grad_p[i].add_(gp)
+        if linear and backprop:
+            by_param = {id(head.weight): grad_w, id(head.bias): grad_b}
+            grad_p = [by_param.get(id(p)) for p in grad_inputs]
         ctx.grad_h, ctx.want_p, ctx.grad_p = grad_h, want_p, grad_p
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        grad_h = ctx.grad_h * grad_loss.to(ctx.grad_h.dtype) if ctx.grad_h is not None else None
+        # In place: these buffers belong to this function, and a copy would double the peak.
+        grad_h = ctx.grad_h.mul_(grad_loss.to(ctx.grad_h.dtype)) if ctx.grad_h is not None else None
         computed = iter(ctx.grad_p)
         grad_params = []
         for want in ctx.want_p:
             gp = next(computed) if want else None
-            grad_params.append(gp * grad_loss.to(gp.dtype) if gp is not None else None)
+            grad_params.append(gp.mul_(grad_loss.to(gp.dtype)) if gp is not None else None)
         ctx.grad_h = ctx.grad_p = None
         return (grad_h, None, None, None, None, None, None, None, None, *grad_params)
 

@@ -323,13 +323,13 @@ class IMTrainer(AxolotlTrainer):
         if requested == "cce":
             if cce_blocker:
                 raise ValueError(f"im_loss_impl: cce is not possible here ({cce_blocker}); use im_loss_impl: chunked")
-            return "cce", "requested" + ("; the KL term takes the chunked path" if self.kl_enabled else "")
+            return "cce", "requested" + ("; with the KL term on, the chunked path computes CE and KL together" if self.kl_enabled else "")
         if requested == "chunked":
             return "chunked", "requested"
         if cce_blocker:
             return "chunked", cce_blocker
         return "cce", "auto: CUDA and cut_cross_entropy available" + (
-            "; the KL term takes the chunked path" if self.kl_enabled else "")
+            "; with the KL term on, the chunked path computes CE and KL together" if self.kl_enabled else "")
 
     # -- loss ---------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
