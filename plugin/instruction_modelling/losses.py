@@ -328,21 +328,26 @@ class LogitTransform:
 
 
 def _chunk_grad(logp, t, grad_ce, grad_kl, logq, kind):
-    """Analytic gradient ``[c, V]`` of ``Σ grad_ce·ce + Σ grad_kl·kl`` w.r.t. the chunk's logits."""
-    p = logp.exp()
-    g = torch.zeros_like(p)
-    if grad_ce is not None:  # d(−log p_t)/dz = p − onehot(t)
-        gc = grad_ce.unsqueeze(-1)
-        g += p * gc
-        g.scatter_add_(-1, t, -gc)
+    """Analytic gradient ``[c, V]`` of ``Σ grad_ce·ce + Σ grad_kl·kl`` w.r.t. the chunk's logits.
+
+    Built in place on ``exp(logp)``: one ``[c, V]`` buffer besides ``logp`` (and ``logq``)."""
+    g = logp.exp()  # p
     if logq is not None and grad_kl is not None:
         gk = grad_kl.unsqueeze(-1)
         if kind == "full":  # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
             diff = logp - logq
-            g += gk * p * (diff - (p * diff).sum(-1, keepdim=True))
+            kl = (g * diff).sum(-1, keepdim=True)
+            diff.sub_(kl).mul_(gk).add_(grad_ce.unsqueeze(-1) if grad_ce is not None else 0.0)
+            g.mul_(diff)
         else:  # d(log p_t − log q_t)/dz = onehot(t) − p
-            g -= gk * p
+            g.mul_((grad_ce.unsqueeze(-1) if grad_ce is not None else 0.0) - gk)
             g.scatter_add_(-1, t, gk)
+    elif grad_ce is not None:
+        g.mul_(grad_ce.unsqueeze(-1))
+    else:
+        g.zero_()
+    if grad_ce is not None:  # d(−log p_t)/dz = p − onehot(t)
+        g.scatter_add_(-1, t, -grad_ce.unsqueeze(-1))
     return g
 
 
