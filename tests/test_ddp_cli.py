@@ -38,7 +38,10 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, tiny_model_
         # counts and weights differ.
         return cpu_config(tiny_model_dir, data, tmp_path / name, mode="im", im_instruction_weight=0.3,
                           plugins=[PLUGIN, "cpu_ddp.CpuDdpPlugin"], micro_batch_size=2, gradient_accumulation_steps=ga,
-                          max_steps=3, learning_rate=1e-2, curriculum_sampling=True, save_strategy="steps", save_steps=3,
+                          max_steps=3, learning_rate=0.1, curriculum_sampling=True, save_strategy="steps", save_steps=3,
+                          # SGD: Adam's update of a weight whose gradient is ~0 turns summation-order
+                          # rounding (all-reduce vs accumulation, ~1e-7) into a visible step.
+                          optimizer="sgd", lr_scheduler="constant", warmup_ratio=0.0,
                           dataset_prepared_path=str(tmp_path / "prepared"))
 
     single = run_axolotl("train", cfg("single", 2), tmp_path / "single.yml")
