@@ -14,7 +14,8 @@ layer and IM weights (segments random, weights 0.3 / 1.0):
 * ``liger``    Liger fused linear CE ``reduction="none"`` × IM weights (CUDA, when importable)
 
 Peak: on CUDA ``max_memory_allocated`` above the allocation after set-up; on CPU the peak
-resident set above the resident set after set-up (``ru_maxrss`` − RSS). Prints median times,
+resident set above the resident set after set-up (``ru_maxrss`` − RSS, with a fixed glibc mmap
+threshold so that freed tensors leave the resident set). Prints median times,
 peaks, and ratios against ``logits`` and ``hf`` measured in the same run, for vocabularies
 32,000 and 128,256. CPU target: chunked peak ≤ 0.3× logits at vocabulary 32k, 4,096 tokens.
 """
@@ -146,7 +147,10 @@ def main() -> int:
             proc = subprocess.run([sys.executable, __file__, "--impl", impl, "--vocab", str(vocab), "--tokens",
                                    str(args.tokens), "--hidden", str(args.hidden), "--device", args.device,
                                    "--dtype", dtype, "--reps", str(args.reps), "--chunk", str(args.chunk)],
-                                  capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                                  capture_output=True, text=True,
+                                  # A fixed mmap threshold: glibc's adaptive one keeps freed chunk-sized
+                                  # blocks in the heap, so the resident set would count memory no tensor holds.
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "131072"})
             if proc.returncode != 0:
                 print(f"  vocab {vocab:6d} {impl:8s} failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue

@@ -271,12 +271,16 @@ class IMTrainer(AxolotlTrainer):
         # catches any transform after the lm_head that logit_transform() does not know about.
         transform = logit_transform(base.config)
         probe = {"input_ids": inputs["input_ids"][:1, :16]}
-        with torch.no_grad(), _EvalMode(unwrapped):
-            self._capture.attach(decoder)
-            self._capture.arm()
-            logits = unwrapped(**probe, use_cache=False).logits
-            hidden = self._capture.take()
-            ours = transform(head(hidden)) if hidden is not None else None
+        try:
+            with torch.no_grad(), _EvalMode(unwrapped):
+                self._capture.attach(decoder)
+                self._capture.arm()
+                logits = unwrapped(**probe, use_cache=False).logits
+                hidden = self._capture.take()
+                ours = transform(head(hidden)) if hidden is not None else None
+        except Exception as err:  # a model that needs more than input_ids (multimodal, ...)
+            self._capture.take()
+            return f"checking the head against the model's logits failed ({type(err).__name__}: {err})"
         if ours is None or ours.shape != logits.shape:
             return "the decoder's hook did not see the hidden states of the lm_head"
         if not torch.allclose(ours.float(), logits.float(), rtol=1e-4, atol=1e-4 * float(logits.abs().max()) + 1e-6):
