@@ -95,6 +95,19 @@ class IMArgs(BaseModel):
             "logits is kept (lower it for very large vocabularies)."
         },
     )
+    im_loss_impl: Literal["auto", "chunked", "cce", "logits"] = Field(
+        default="auto",
+        json_schema_extra={
+            "description": "How the loss is computed. chunked: from the final hidden states and the output "
+            "layer, chunk by chunk, so the [tokens x vocab] logits and their gradient never exist whole "
+            "(pure PyTorch, exact). cce: the same through Cut Cross Entropy's CUDA kernels (needs "
+            "cut_cross_entropy installed and a GPU; the KL term stays chunked). logits: from the model's full "
+            "logits. auto: cce on CUDA when cut_cross_entropy is importable, else chunked; logits when the "
+            "model's output layer cannot be reproduced from its hidden states (logged with the reason). "
+            "Takes over cut_cross_entropy / liger_fused_linear_cross_entropy, whose patched forwards would "
+            "build full logits under a custom loss."
+        },
+    )
     im_kl_coef: float = Field(
         default=0.0,
         json_schema_extra={
@@ -218,3 +231,42 @@ class IMArgs(BaseModel):
         """Build from an Axolotl config (a dict-like), taking only the ``im_*`` keys that are set."""
         keys = cls.model_fields
         return cls(**{k: cfg.get(k) for k in keys if cfg.get(k) is not None})
+
+
+# Axolotl options whose memory saving the IM loss takes over (their patched forwards only skip the
+# logits when `labels` reach the model, which a custom loss prevents).
+MEMORY_EFFICIENT_CE_OPTIONS = ("cut_cross_entropy", "liger_fused_linear_cross_entropy", "chunked_cross_entropy")
+# Axolotl options that replace the loss function, or split one batch across ranks.
+_CONFLICTS = {
+    "use_eaft": "use_eaft sets its own loss function, which the instruction_modelling loss replaces; remove use_eaft",
+    "enable_dft_loss": "enable_dft_loss sets its own loss function, which the instruction_modelling loss replaces; "
+                       "remove enable_dft_loss",
+}
+_PARALLEL = ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size")
+
+
+def check_axolotl_options(cfg) -> None:
+    """Refuse, in one sentence each, Axolotl options the IM loss would otherwise silently override.
+
+    Args:
+        cfg: the Axolotl config (dict-like).
+
+    Raises:
+        ValueError: naming the option and what to do.
+    """
+    for key, message in _CONFLICTS.items():
+        if cfg.get(key):
+            raise ValueError(message)
+    for key in _PARALLEL:
+        if (cfg.get(key) or 1) > 1:
+            raise ValueError(
+                f"{key} > 1 splits one batch across ranks, and the instruction_modelling loss normalises over "
+                f"whole batches per rank; set {key}: 1 (data parallelism, DeepSpeed and FSDP are supported)"
+            )
+    if cfg.get("im_loss_impl") == "logits":
+        for key in MEMORY_EFFICIENT_CE_OPTIONS:
+            if cfg.get(key):
+                raise ValueError(
+                    f"im_loss_impl: logits builds the full logits that {key}: true is meant to avoid; use "
+                    f"im_loss_impl: auto (IM computes its loss from hidden states) or remove {key}"
+                )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .losses import DEFAULT_CHUNK, ReferenceRows, token_losses
+from .losses import DEFAULT_CHUNK, LogitTransform, ReferenceRows, segment_set, token_losses
 from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, Segment
 
 KL_SEGMENTS = {
@@ -38,7 +38,7 @@ KL_SEGMENTS = {
 def kl_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor | None, segments: str) -> torch.Tensor:
     """Which targets ``[B, T-1]`` carry the KL penalty (independent of which carry CE)."""
     segs = segment_ids[:, 1:].long()
-    chosen = torch.tensor(KL_SEGMENTS[segments], device=segs.device)
+    chosen = segment_set(KL_SEGMENTS[segments], segs.device)
     mask = torch.isin(segs, chosen) & (segs != Segment.TEMPLATE)
     if position_ids is not None:
         mask = mask & (position_ids[:, 1:] != 0)
@@ -98,32 +98,49 @@ def _backbone_and_head(model: torch.nn.Module):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a PEFT wrapper computes with when its adapters are disabled: the original module
+    of a ``modules_to_save`` copy, the base layer of a LoRA layer, else ``module`` itself.
+
+    Resolving it once replaces entering ``disable_adapter()`` (which walks every module of the
+    model) around every chunk's head call.
+    """
+    if hasattr(module, "original_module"):  # peft ModulesToSaveWrapper
+        return module.original_module
+    if hasattr(module, "get_base_layer"):  # peft BaseTunerLayer (LoRA, ...)
+        return module.get_base_layer()
+    return module
+
+
 class AdapterReference:
     """The policy itself with its PEFT adapters disabled: the base model, at no extra memory.
 
+    Adapters are disabled once per step, for the backbone's forward pass; the reference logits of
+    each chunk come from those hidden states and the head's base layer (``base_layer``), so the
+    per-chunk loop never toggles adapters.
+
     Args:
         model: the (unwrapped) ``peft.PeftModel`` being trained.
+        transform: what the model does to the head's output (softcapping, scaling).
     """
 
     mode = "adapter"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, transform: LogitTransform = LogitTransform()):
         if not hasattr(model, "disable_adapter"):
             raise ValueError("im_kl_reference: adapter needs a PEFT model (adapter: lora or qlora)")
         self.model = model
+        self.transform = transform
 
     def __call__(self, forward_inputs: dict) -> ReferenceRows:
         """Run the reference backbone once; return ``reference(start, end)`` over flat positions."""
         backbone, head = _backbone_and_head(self.model)
+        head = base_layer(head)  # an adapted lm_head must be bypassed too
         with torch.no_grad(), self.model.disable_adapter(), _EvalMode(self.model):
             hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
-
-        def reference(start: int, end: int) -> torch.Tensor:
-            with self.model.disable_adapter():  # an adapted lm_head must be bypassed too
-                return head(hidden[start:end])
-
-        return reference
+        transform = self.transform
+        return lambda start, end: transform(head(hidden[start:end]))
 
 
 class CopyReference:
@@ -132,12 +149,14 @@ class CopyReference:
     Args:
         model: a module to use as the reference as it is (already frozen and in eval mode), e.g.
             ``CopyReference.frozen_copy(policy)`` or a separately loaded base model.
+        transform: what the model does to the head's output (softcapping, scaling).
     """
 
     mode = "copy"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, transform: LogitTransform = LogitTransform()):
         self.model = model
+        self.transform = transform
 
     @staticmethod
     def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -153,7 +172,8 @@ class CopyReference:
         with torch.no_grad():
             hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        return lambda start, end: head(hidden[start:end])
+        transform = self.transform
+        return lambda start, end: transform(head(hidden[start:end]))
 
 
 def naive_token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, input_ids: torch.Tensor,

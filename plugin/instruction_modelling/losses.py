@@ -67,6 +67,18 @@ def weight_table(
     return table
 
 
+_SEGMENT_SETS: dict = {}
+
+
+def segment_set(segments, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(segments)`` on ``device``, made once: a host-to-device copy per micro-batch
+    would synchronise the GPU."""
+    key = (tuple(int(s) for s in segments), str(device))
+    if key not in _SEGMENT_SETS:
+        _SEGMENT_SETS[key] = torch.tensor(key[0], device=device)
+    return _SEGMENT_SETS[key]
+
+
 def _shifted(input_ids: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None):
     """Targets, their segments and validity for next-token prediction, shape ``[B, T-1]``."""
     targets = input_ids[:, 1:]
@@ -99,7 +111,7 @@ def _segment_weights(input_ids, segment_ids, table, position_ids) -> torch.Tenso
 
 
 def _is_instruction(segs: torch.Tensor) -> torch.Tensor:
-    return torch.isin(segs, torch.tensor(INSTRUCTION_SEGMENTS, device=segs.device))
+    return torch.isin(segs, segment_set(INSTRUCTION_SEGMENTS, segs.device))
 
 
 def _scale(w: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None, normalisation: str):
@@ -269,14 +281,11 @@ class _TokenLosses(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             logp = logits[s:e].to(dtype).log_softmax(-1)
-            t = targets[s:e].unsqueeze(-1)
-            ce[s:e] = -logp.gather(-1, t).squeeze(-1)
-            if reference is not None:
-                logq = reference(s, e).to(dtype).log_softmax(-1)
-                if kind == "full":
-                    kl[s:e] = (logp.exp() * (logp - logq)).sum(-1)
-                else:
-                    kl[s:e] = (logp.gather(-1, t) - logq.gather(-1, t)).squeeze(-1)
+            logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
+            c, k = _chunk_losses(logp, targets[s:e].unsqueeze(-1), logq, kind)
+            ce[s:e] = c
+            if k is not None:
+                kl[s:e] = k
         ctx.save_for_backward(logits, targets)
         ctx.reference, ctx.kind, ctx.chunk = reference, kind, chunk
         if reference is None:
@@ -286,29 +295,16 @@ class _TokenLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, grad_kl):
         logits, targets = ctx.saved_tensors
-        reference, kind = ctx.reference, ctx.kind
+        reference = ctx.reference
         grad = torch.empty_like(logits)
         dtype = torch.promote_types(logits.dtype, torch.float32)
         for s in range(0, logits.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, logits.shape[0])
             logp = logits[s:e].to(dtype).log_softmax(-1)
-            p = logp.exp()
-            t = targets[s:e].unsqueeze(-1)
-            g = torch.zeros_like(p)
-            if grad_ce is not None:  # d(−log p_t)/dz = p − onehot(t)
-                gc = grad_ce[s:e].unsqueeze(-1)
-                g += p * gc
-                g.scatter_add_(-1, t, -gc)
-            if reference is not None and grad_kl is not None:
-                gk = grad_kl[s:e].unsqueeze(-1)
-                with torch.no_grad():
-                    logq = reference(s, e).to(dtype).log_softmax(-1)
-                if kind == "full":  # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
-                    diff = logp - logq
-                    g += gk * p * (diff - (p * diff).sum(-1, keepdim=True))
-                else:  # d(log p_t − log q_t)/dz = onehot(t) − p
-                    g -= gk * p
-                    g.scatter_add_(-1, t, gk)
+            with torch.no_grad():
+                logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
+            g = _chunk_grad(logp, targets[s:e].unsqueeze(-1), grad_ce[s:e] if grad_ce is not None else None,
+                            grad_kl[s:e] if grad_kl is not None and grad_kl.numel() else None, logq, ctx.kind)
             grad[s:e] = g.to(grad.dtype)
         return grad, None, None, None, None
 
@@ -344,13 +340,237 @@ def token_losses(
     return ce.view(shape), (kl.view(shape) if reference is not None else None)
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to ``lm_head``'s output before the softmax, in the model's own order:
+    ``z = raw * multiplier / divisor``, then ``z = softcap · tanh(z / softcap)``.
+
+    Cohere's ``logit_scale`` is a multiplier, Granite's ``logits_scaling`` a divisor, Gemma-2/3's
+    ``final_logit_softcapping`` a softcap. Applied with the same operations as transformers so the
+    hidden-state path reproduces the model's logits bit for bit.
+    """
+
+    multiplier: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.multiplier is not None:
+            z = z * self.multiplier
+        if self.divisor is not None:
+            z = z / self.divisor
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    @property
+    def is_identity(self) -> bool:
+        return self.multiplier is None and self.divisor is None and self.softcap is None
+
+
+def _chunk_grad(logp, t, grad_ce, grad_kl, logq, kind):
+    """Analytic gradient ``[c, V]`` of ``Σ grad_ce·ce + Σ grad_kl·kl`` w.r.t. the chunk's logits.
+
+    Built in place on ``exp(logp)``: one ``[c, V]`` buffer besides ``logp`` (and ``logq``)."""
+    g = logp.exp()  # p
+    if logq is not None and grad_kl is not None:
+        gk = grad_kl.unsqueeze(-1)
+        if kind == "full":  # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
+            diff = logp - logq
+            kl = (g * diff).sum(-1, keepdim=True)
+            diff.sub_(kl).mul_(gk).add_(grad_ce.unsqueeze(-1) if grad_ce is not None else 0.0)
+            g.mul_(diff)
+        else:  # d(log p_t − log q_t)/dz = onehot(t) − p
+            g.mul_((grad_ce.unsqueeze(-1) if grad_ce is not None else 0.0) - gk)
+            g.scatter_add_(-1, t, gk)
+    elif grad_ce is not None:
+        g.mul_(grad_ce.unsqueeze(-1))
+    else:
+        g.zero_()
+    if grad_ce is not None:  # d(−log p_t)/dz = p − onehot(t)
+        g.scatter_add_(-1, t, -grad_ce.unsqueeze(-1))
+    return g
+
+
+def _chunk_losses(logp, t, logq, kind):
+    ce = -logp.gather(-1, t).squeeze(-1)
+    kl = None
+    if logq is not None:
+        if kind == "full":
+            kl = (logp.exp() * (logp - logq)).sum(-1)
+        else:
+            kl = (logp.gather(-1, t) - logq.gather(-1, t)).squeeze(-1)
+    return ce, kl
+
+
+class _HiddenWeightedLoss(torch.autograd.Function):
+    """``Σ ce_coef·CE + Σ kl_weight·KL`` from hidden states ``[N, D]`` through the model's own output
+    layer, chunk by chunk: neither the ``[N, V]`` logits nor their gradient ever exist whole.
+
+    The loss is a weighted sum with known weights, so each chunk's gradient is computed in the same
+    pass as its loss (as Liger's fused linear cross-entropy does): the head is applied with autograd
+    on, the analytic gradient of the chunk's logits is pushed through it with
+    ``torch.autograd.grad`` (so any head works: ``nn.Linear`` with or without bias, a LoRA-adapted or
+    ``modules_to_save`` head, tied embeddings, dropout inside the adapter), and the gradients of the
+    hidden states and of every trainable head parameter are accumulated; ``backward`` only scales
+    them. One head matmul forward and two backward per chunk, as with whole logits, and no
+    recomputation. Also returns the unweighted per-token CE and KL (detached) for the meters.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, ce_coef, kl_weight, head, transform, reference, kind, chunk, *params):
+        n = hidden.shape[0]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        want_h = ctx.needs_input_grad[0]
+        want_p = [ctx.needs_input_grad[9 + i] for i in range(len(params))]
+        grad_inputs = [p for p, w in zip(params, want_p) if w]
+        backprop = want_h or bool(grad_inputs)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_p = [None] * len(grad_inputs)
+        ce = torch.empty(n, dtype=dtype, device=hidden.device)
+        kl = torch.zeros(n if reference is not None else 0, dtype=dtype, device=hidden.device)
+        loss = torch.zeros((), dtype=dtype, device=hidden.device)
+        # A plain nn.Linear head: matmuls by hand, accumulating the weight gradient in place (the
+        # generic path allocates a [V, D] gradient per chunk before adding it).
+        linear = type(head) is torch.nn.Linear and all(
+            w for p, w in zip(params, want_p) if p is head.weight or p is head.bias)
+        if linear and backprop:
+            grad_w = torch.zeros_like(head.weight) if head.weight.requires_grad else None
+            grad_b = torch.zeros_like(head.bias) if head.bias is not None and head.bias.requires_grad else None
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            t = targets[s:e].unsqueeze(-1)
+            with torch.enable_grad() if backprop else torch.no_grad():
+                h = hidden[s:e].detach().requires_grad_(want_h and not linear)
+                if linear:
+                    raw = F.linear(h, head.weight.detach(), head.bias.detach() if head.bias is not None else None)
+                    raw.requires_grad_(backprop and not transform.is_identity)
+                    z = transform(raw)
+                else:
+                    z = transform(head(h))
+            logp = z.detach().to(dtype).log_softmax(-1)
+            with torch.no_grad():
+                logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
+            c, k = _chunk_losses(logp, t, logq, kind)
+            ce[s:e] = c
+            loss += (c * ce_coef[s:e]).sum()
+            if k is not None:
+                kl[s:e] = k
+                loss += (k * kl_weight[s:e]).sum()
+            if backprop:
+                g = _chunk_grad(logp, t, ce_coef[s:e].to(dtype),
+                                kl_weight[s:e].to(dtype) if k is not None else None, logq, kind)
+                if linear:
+                    g = g.to(z.dtype)
+                    if not transform.is_identity:  # through the softcap / scaling, elementwise
+                        g = torch.autograd.grad(z, raw, g)[0]
+                    if want_h:
+                        grad_h[s:e] = g @ head.weight.detach()
+                    if grad_w is not None:
+                        grad_w.addmm_(g.t(), h)
+                    if grad_b is not None:
+                        grad_b += g.sum(0)
+                    continue
+                grads = torch.autograd.grad(z, ([h] if want_h else []) + grad_inputs, g.to(z.dtype),
+                                            allow_unused=True)
+                if want_h:
+                    grad_h[s:e] = grads[0]
+                    grads = grads[1:]
+                for i, gp in enumerate(grads):
+                    if gp is not None:
+                        grad_p[i] = gp if grad_p[i] is None else grad_p[i].add_(gp)
+        if linear and backprop:
+            by_param = {id(head.weight): grad_w, id(head.bias): grad_b}
+            grad_p = [by_param.get(id(p)) for p in grad_inputs]
+        ctx.grad_h, ctx.want_p, ctx.grad_p = grad_h, want_p, grad_p
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        # In place: these buffers belong to this function, and a copy would double the peak.
+        grad_h = ctx.grad_h.mul_(grad_loss.to(ctx.grad_h.dtype)) if ctx.grad_h is not None else None
+        computed = iter(ctx.grad_p)
+        grad_params = []
+        for want in ctx.want_p:
+            gp = next(computed) if want else None
+            grad_params.append(gp.mul_(grad_loss.to(gp.dtype)) if gp is not None else None)
+        ctx.grad_h = ctx.grad_p = None
+        return (grad_h, None, None, None, None, None, None, None, None, *grad_params)
+
+
+def _cce_token_ce(hidden, weight, bias, targets, transform):
+    """Per-token CE through Cut Cross Entropy's kernels (``reduction="none"``); CUDA only."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    if bias is not None or transform.multiplier is not None or transform.divisor is not None:
+        raise ValueError("cut_cross_entropy supports only a bias-free lm_head with at most a softcap")
+    return linear_cross_entropy(hidden, weight, targets, softcap=transform.softcap, reduction="none").float()
+
+
+@dataclass
+class HiddenStates:
+    """The model's final hidden states and its output layer, to compute the loss without logits.
+
+    Attributes:
+        hidden: ``[B, T, D]`` output of the decoder's final norm (what ``lm_head`` is applied to).
+        head: the output layer module (``model.get_output_embeddings()``, adapted or not).
+        transform: what the model does to the head's output (``LogitTransform``).
+        impl: ``chunked`` (pure PyTorch, exact) or ``cce`` (Cut Cross Entropy kernels, CUDA; CE only).
+    """
+
+    hidden: torch.Tensor
+    head: torch.nn.Module
+    transform: LogitTransform = LogitTransform()
+    impl: str = "chunked"
+
+
+def hidden_weighted_loss(
+    states: HiddenStates,
+    targets: torch.Tensor,
+    ce_coef: torch.Tensor,
+    reference: ReferenceRows | None = None,
+    kl_weight: torch.Tensor | None = None,
+    kl_type: str = "full",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``Σ ce_coef·CE + Σ kl_weight·KL`` computed from hidden states, and the per-token CE / KL.
+
+    Args:
+        states: the hidden states ``[B, T, D]`` and output layer (``HiddenStates``).
+        targets: ``[B, T]`` token scored at each position.
+        ce_coef: ``[B, T]`` coefficient of each position's CE (``target_coefficients``).
+        reference, kl_weight, kl_type: optional KL to a reference (see ``token_losses``) and its
+            ``[B, T]`` coefficients (λ · mask · ``kl_coef``).
+        chunk_size: positions per chunk.
+
+    Returns:
+        ``(loss, ce, kl)``: the scalar loss (gradients reach ``states.hidden`` and every trainable
+        parameter of ``states.head``), the detached per-position CE ``[B, T]`` and KL (or None).
+        ``impl: cce`` computes the CE through Cut Cross Entropy when there is no KL term.
+    """
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"unknown KL type {kl_type!r}; expected one of {KL_TYPES}")
+    shape = targets.shape
+    flat = states.hidden.reshape(-1, states.hidden.shape[-1])
+    if states.impl == "cce" and reference is None:
+        head = states.head
+        ce = _cce_token_ce(flat, head.weight, getattr(head, "bias", None), targets.reshape(-1), states.transform)
+        return (ce * ce_coef.reshape(-1)).sum(), ce.detach().view(shape), None
+    params = tuple(p for p in states.head.parameters() if p.requires_grad)
+    kl_w = kl_weight.reshape(-1) if kl_weight is not None else torch.zeros(0, device=flat.device)
+    loss, ce, kl = _HiddenWeightedLoss.apply(flat, targets.reshape(-1), ce_coef.reshape(-1).detach(), kl_w.detach(),
+                                             states.head, states.transform, reference, kl_type, chunk_size, *params)
+    return loss, ce.view(shape), (kl.view(shape) if reference is not None else None)
+
+
 def per_token_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Cross-entropy per position ``[B, T]`` for logits ``[B, T, V]`` and targets ``[B, T]``."""
     return token_losses(logits, targets, chunk_size=chunk_size)[0]
 
 
 def segment_weighted_loss(
-    logits: torch.Tensor,
+    logits: "torch.Tensor | HiddenStates",
     input_ids: torch.Tensor,
     segment_ids: torch.Tensor,
     table: torch.Tensor,
@@ -367,7 +587,8 @@ def segment_weighted_loss(
     """Segment-weighted next-token cross-entropy.
 
     Args:
-        logits: ``[B, T, V]`` model outputs.
+        logits: ``[B, T, V]`` model outputs, or ``HiddenStates`` (the final hidden states and the
+            output layer) to compute the same loss chunk by chunk without the logits.
         input_ids: ``[B, T]`` tokens; the target of position t is ``input_ids[:, t+1]``.
         segment_ids: ``[B, T]`` ``Segment`` ids (0 = template or padding).
         table: weight per segment id (``weight_table``).
@@ -393,23 +614,34 @@ def segment_weighted_loss(
     targets, segs, valid = _shifted(input_ids, segment_ids, position_ids)
     # Targets padded at the end instead of slicing the logits: slicing [:, :-1] would copy them.
     padded = F.pad(targets, (0, 1), value=0)
-    ce, kl = token_losses(logits, padded, kl_reference, kl_type, chunk_size)
-    ce = ce[:, :-1]
-    kl = kl[:, :-1] if kl is not None else None
     coef = target_coefficients(input_ids, segment_ids, table, position_ids, normalisation, normaliser, instruction_share)
-    loss = (ce * coef.ce_coef).sum()
+    mask = None
+    if kl_reference is not None and kl_coef and normalisation == "share":
+        raise ValueError("KL regularisation is not defined under the share normalisation; use token or sequence")
+    if kl_reference is not None:
+        mask = kl_mask if kl_mask is not None else valid
+    if isinstance(logits, HiddenStates):
+        # Position T-1 has no target: its coefficients are 0 (padded like the targets).
+        ce_coef = F.pad(coef.ce_coef, (0, 1))
+        dtype = torch.promote_types(logits.hidden.dtype, torch.float32)
+        kl_weight = F.pad((mask * coef.kl_coef).to(dtype) * kl_coef, (0, 1)) if mask is not None else None
+        loss, ce, kl = hidden_weighted_loss(logits, padded, ce_coef, kl_reference, kl_weight, kl_type, chunk_size)
+        ce = ce[:, :-1]
+        kl = kl[:, :-1] if kl is not None else None
+    else:
+        ce, kl = token_losses(logits, padded, kl_reference, kl_type, chunk_size)
+        ce = ce[:, :-1]
+        kl = kl[:, :-1] if kl is not None else None
+        loss = (ce * coef.ce_coef).sum()
+        if kl is not None and kl_coef:
+            loss = loss + kl_coef * (kl * mask * coef.kl_coef).sum()
     kl_sum = kl_count = None
     if kl is not None:
-        mask = kl_mask if kl_mask is not None else valid
-        if kl_coef and normalisation == "share":
-            raise ValueError("KL regularisation is not defined under the share normalisation; use token or sequence")
-        if kl_coef:
-            loss = loss + kl_coef * (kl * mask * coef.kl_coef).sum()
         kl_sum, kl_count = (kl.detach() * mask).sum(), mask.sum()
 
     ce_d = ce.detach()
     is_instr = valid & _is_instruction(segs)
-    is_out = valid & torch.isin(segs, torch.tensor(OUTPUT_SEGMENTS, device=segs.device))
+    is_out = valid & torch.isin(segs, segment_set(OUTPUT_SEGMENTS, segs.device))
     return SegmentLoss(
         loss=loss,
         instruction_sum=(ce_d * is_instr).sum(),

@@ -64,7 +64,9 @@ class InstructionModellingPlugin(BasePlugin):
         from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 
         from . import strategy
-        from .args import IMArgs
+        from .args import IMArgs, check_axolotl_options
+
+        check_axolotl_options(cfg)
 
         DatasetWrappingStrategy.register(strategy.InstructionModellingStrategy)
         sys.modules.setdefault(_STRATEGY_ALIAS, strategy)

@@ -1,0 +1,28 @@
+"""A test-only Axolotl plugin for data-parallel runs on CPU.
+
+Axolotl 0.19 sets ``device_map = {"": LOCAL_RANK}`` for every multi-process run
+(``utils/config/__init__.py``), an accelerator index that does not exist on a CPU-only machine,
+and copies it into the model's loading arguments before any plugin hook runs
+(``ModelLoader._set_device_map_config``). This plugin clears it there, which is all a CPU run needs;
+everything else is Axolotl's own multi-process path (accelerate, DDP over gloo).
+"""
+
+from __future__ import annotations
+
+from axolotl.integrations.base import BasePlugin
+
+
+class CpuDdpPlugin(BasePlugin):
+    def register(self, cfg):
+        from axolotl.loaders.model import ModelLoader
+
+        original = ModelLoader._set_device_map_config
+        if getattr(original, "_cpu_ddp", False):
+            return
+
+        def set_device_map_config(loader):
+            loader.cfg.device_map = None
+            return original(loader)
+
+        set_device_map_config._cpu_ddp = True
+        ModelLoader._set_device_map_config = set_device_map_config
