@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("generate", help="write every recipe and the README table")
     sub.add_parser("check", help="exit 1 if a committed recipe or the README table differs from the table")
     p = sub.add_parser("render", help="print one recipe (any model x dataset x variant, committed or not)")
-    p.add_argument("--model", default="llama2_7b")
+    p.add_argument("--model", default="llama2_7b", help="model of table.yaml (default: %(default)s)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--variant", required=True)
     args = parser.parse_args(argv)
