@@ -183,7 +183,15 @@ def test_bad_rows_are_named(tmp_path, capsys, name, content, expected):
         path.write_text(json.dumps(content))
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in content))
-    assert main([str(path)]) == 2
+    good = sum(r == GOOD for r in content)
+    # By default a bad row is part of the diagnosis; only a file without one usable row fails.
+    assert main([str(path)]) == (0 if good else 2)
+    captured = capsys.readouterr()
+    assert expected in (captured.out if good else captured.err)
+    if good:
+        assert f"examples {good} " in captured.out and "im_on_bad_rows: skip" in captured.out
+    # --on-bad-rows error stops at the first bad row, naming it.
+    assert main([str(path), "--on-bad-rows", "error"]) == 2
     assert expected in capsys.readouterr().err
 
 
@@ -225,9 +233,48 @@ def test_skip_counts_bad_rows(tmp_path):
     path = tmp_path / "mixed.jsonl"
     bad = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}
     path.write_text("".join(json.dumps(r) + "\n" for r in (GOOD, bad, GOOD, bad)))
-    rep = diagnose(path, on_bad_rows="skip")
-    assert rep["examples"] == 2 and rep["skipped"] == 2
-    assert rep["skipped_rows"][0].startswith("mixed.jsonl row 1 (line 2)")
+    rep = diagnose(path)
+    assert rep["examples"] == 2 and rep["bad_rows"]["count"] == 2
+    assert rep["bad_rows"]["first"][0].startswith("mixed.jsonl row 1 (line 2)")
+    assert rep["ratio"] == pytest.approx(2 / 1)  # good rows only: "Hi there." / "Hello."
+
+
+def test_four_empty_outputs_among_5000_rows_are_diagnosed_not_refused(tmp_path):
+    """The issue's case: a full diagnosis over the 4,996 good rows, the 4 bad ones reported, exit 0."""
+    rows = [{"messages": [{"role": "user", "content": f"Add {i} and {i + 1}, please."},
+                          {"role": "assistant", "content": f"{2 * i + 1}"}]} for i in range(5000)]
+    empty_at = (7, 1234, 2500, 4999)
+    for i in empty_at:
+        rows[i]["messages"][1]["content"] = ""
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugin"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "instruction_modelling.diagnose", str(path), *extra],
+        capture_output=True, text=True, env=env, timeout=300)
+    text = run()
+    assert text.returncode == 0, text.stderr
+    assert "examples 4996 " in text.stdout and "4 bad rows, left out of the statistics" in text.stdout
+    for i in empty_at:
+        assert f"big.jsonl row {i} (line {i + 1}): field 'messages[1].content': is empty" in text.stdout
+    assert "im_on_bad_rows: skip" in text.stdout
+    assert "Recommendation (heuristic)" in text.stdout and "instruction/output ratio" in text.stdout
+    as_json = run("--json")
+    assert as_json.returncode == 0, as_json.stderr
+    rep = json.loads(as_json.stdout.strip().splitlines()[-1])
+    assert rep["examples"] == 4996 and rep["bad_rows"]["count"] == 4 and len(rep["bad_rows"]["first"]) == 4
+    assert rep["words"]["instruction"]["mean"] == pytest.approx(5)  # "Add i and i+1, please." = 5 words
+    assert rep["ratio"] == pytest.approx(5.0) and list(rep)[-1] == "ratio"
+
+
+def test_json_on_undiagnosable_input_still_has_ratio_and_bad_rows(tmp_path, capsys):
+    path = tmp_path / "broken.jsonl"
+    path.write_text("{not json\n")
+    assert main([str(path), "--json"]) == 2
+    captured = capsys.readouterr()
+    rep = json.loads(captured.out.strip().splitlines()[-1])
+    assert rep["ratio"] is None and "bad_rows" in rep and "not valid JSON" in rep["error"]
+    assert "not valid JSON" in captured.err
 
 
 # -- Forecast and recommendation -------------------------------------------------------------

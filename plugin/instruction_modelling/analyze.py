@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit (default: %(default)s)")
     p = sub.add_parser("gains", help="relative IM-over-IT gain vs ratio and vs size, with log fits (Figure 2)")
     p.add_argument("table", help="CSV/JSON/JSONL with columns dataset, ratio, size, it_score, im_score (or gain_pct)")
-    p.add_argument("--score-name", default="AlpacaEval 1.0", help="what the scores are, for the axis label")
+    p.add_argument("--score-name", default="AlpacaEval 1.0", help="what the scores are, for the axis label (default: %(default)s)")
     p.add_argument("--out", default="analysis", help="output directory (default: %(default)s)")
     args = parser.parse_args(argv)
 
@@ -491,4 +491,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import run_module_main  # third-party noise filtered; --verbose keeps it
+
+    raise SystemExit(run_module_main(main))

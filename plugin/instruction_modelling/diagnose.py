@@ -7,6 +7,12 @@ an Axolotl YAML (every local dataset under ``datasets:`` and ``test_datasets:`` 
 the recommendation is made for the training datasets taken together, as Axolotl concatenates
 them).
 
+Bad rows (a missing, empty or mistyped field, an unknown role ...) are part of the diagnosis: they
+are counted, the first reasons are listed with what training would do with them
+(``im_on_bad_rows``), and the statistics are computed over the good rows. The exit code is 2 only
+when nothing can be diagnosed (an unreadable file, or not one usable row); ``--on-bad-rows error``
+stops at the first bad row instead.
+
 What is measured, and why in words
 ----------------------------------
 The paper's two predictors of IM's benefit (Shi et al. 2024, §4.2 and Table 5) are the
@@ -279,7 +285,13 @@ class Source:
 
 
 class BadRowsError(ValueError):
-    """Rows that cannot be read, with their file, row, line and field."""
+    """Input that cannot be diagnosed (unreadable file, no usable row), naming file, row, line and field."""
+
+
+# What training does with the same rows (the plugin's `im_on_bad_rows` option), said wherever bad rows are reported.
+BAD_ROWS_ADVICE = ("training stops at the first of them (im_on_bad_rows: error, the default); "
+                   "fix them, or set im_on_bad_rows: skip to drop and count them")
+FIRST_BAD_ROWS = 10  # reasons listed in the report
 
 
 def _where(path: Path, index: int) -> str:
@@ -294,7 +306,7 @@ class _Counts:
     output_parts: list[int] = field(default_factory=list)
     formats: dict[str, int] = field(default_factory=dict)
     multi_turn: int = 0
-    skipped: list[str] = field(default_factory=list)
+    bad_rows: list[str] = field(default_factory=list)  # "<file> row i (line j): field 'f': reason"
     tokens: dict[str, list[int]] | None = None
 
 
@@ -322,11 +334,12 @@ def _count(source: Source, on_bad_rows: str, encoder: Any = None) -> _Counts:
             counts.tokens["output"].append(sum(s in OUTPUT_SEGMENTS for s in segs))
             counts.tokens["template"].append(sum(s == Segment.TEMPLATE for s in segs))
     if bad and on_bad_rows == "error":
-        more = f" ({len(bad) - 1} more bad rows; --on-bad-rows skip drops and counts them)" if len(bad) > 1 else ""
+        more = f" ({len(bad) - 1} more bad rows; without --on-bad-rows error they are counted)" if len(bad) > 1 else ""
         raise BadRowsError(f"{source.path}: {bad[0]}{more}")
-    counts.skipped = bad
+    counts.bad_rows = bad
     if not counts.output_words:
-        raise BadRowsError(f"{source.path}: no usable rows ({len(source.rows)} rows, {len(bad)} bad)")
+        first = f"; first: {bad[0]}" if bad else ""
+        raise BadRowsError(f"{source.path}: no usable rows ({len(source.rows)} rows, {len(bad)} bad{first})")
     return counts
 
 
@@ -338,7 +351,7 @@ def _merge(parts: Sequence[_Counts]) -> _Counts:
         merged.instruction_parts += c.instruction_parts
         merged.output_parts += c.output_parts
         merged.multi_turn += c.multi_turn
-        merged.skipped += c.skipped
+        merged.bad_rows += c.bad_rows
         for k, v in c.formats.items():
             merged.formats[k] = merged.formats.get(k, 0) + v
         if merged.tokens is not None:
@@ -364,8 +377,9 @@ def _report(name: str, counts: _Counts, tokenizer_info: dict | None) -> dict[str
         "examples": len(out),
         "formats": counts.formats,
         "multi_turn": counts.multi_turn,
-        "skipped": len(counts.skipped),
-        "skipped_rows": counts.skipped[:10],
+        # Left out of every statistic below; the same rows would stop (or be skipped by) training.
+        "bad_rows": {"count": len(counts.bad_rows), "first": counts.bad_rows[:FIRST_BAD_ROWS],
+                     "advice": BAD_ROWS_ADVICE if counts.bad_rows else None},
         "words": {"instruction": distribution(instr), "output": distribution(out)},
         "table5_convention": _table5(counts),
         # Per-example ratios; rows with an empty side cannot occur (validation rejects empty content).
@@ -473,7 +487,7 @@ def _encoder(tokenizer_path: str):
     return (lambda fields: row_encoder(tok, fields)[0]), {"tokenizer": str(tokenizer_path), "chat_template": name}
 
 
-def diagnose(path: str | Path, tokenizer: str | None = None, on_bad_rows: str = "error",
+def diagnose(path: str | Path, tokenizer: str | None = None, on_bad_rows: str = "skip",
              plot: str | Path | None = None) -> dict[str, Any]:
     """The full report for a data file or an Axolotl YAML (see the module docstring).
 
@@ -514,10 +528,15 @@ def format_report(rep: Mapping[str, Any]) -> str:
     def block(r, title):
         lines.append(title)
         fmts = ", ".join(f"{k} {v}" for k, v in r["formats"].items())
+        bad = r["bad_rows"]
         lines.append(f"  examples {r['examples']} ({fmts}; {r['multi_turn']} multi-turn)"
-                     + (f"; {r['skipped']} bad rows skipped" if r["skipped"] else ""))
-        for s in r["skipped_rows"][:3]:
-            lines.append(f"    skipped {s}")
+                     + (f"; {bad['count']} bad rows, left out of the statistics" if bad["count"] else ""))
+        for s in bad["first"][:5]:
+            lines.append(f"    bad row: {s}")
+        if bad["count"] > 5:
+            lines.append(f"    ... {bad['count'] - 5} more (--json lists the first {FIRST_BAD_ROWS})")
+        if bad["count"]:
+            lines.append(f"    {bad['advice']}")
         lines.append(_dist_line("instruction words", r["words"]["instruction"]))
         lines.append(_dist_line("output words", r["words"]["output"]))
         lines.append(_dist_line("per-example ratio", r["per_example_ratio"]))
@@ -605,14 +624,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="local tokenizer (or model) directory: also count tokens per segment")
     parser.add_argument("--json", action="store_true", help="print the report as one line of JSON (key `ratio` last)")
     parser.add_argument("--plot", metavar="PNG", help="write length histograms to this PNG")
-    parser.add_argument("--on-bad-rows", choices=("error", "skip"), default="error",
-                        help="error (default): stop at the first bad row, naming file, row and field; "
-                             "skip: leave bad rows out and report how many")
+    parser.add_argument("--on-bad-rows", choices=("skip", "error"), default="skip",
+                        help="skip: leave bad rows out of the statistics and report them (count, first reasons, "
+                             "what training would do); error: stop at the first one with exit code 2 "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         rep = diagnose(args.data, args.tokenizer, args.on_bad_rows, args.plot)
     except (FileNotFoundError, BadRowsError) as exc:
+        # Exit 2 only when nothing can be diagnosed: unreadable input, or not one usable row.
         print(f"error: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"source": args.data, "error": str(exc), "bad_rows": None, "ratio": None}))
         return 2
     if args.json:
         print(json.dumps(rep, ensure_ascii=False))
@@ -624,4 +647,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import run_module_main  # third-party noise filtered; --verbose keeps it
+
+    raise SystemExit(run_module_main(main))

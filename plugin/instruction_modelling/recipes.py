@@ -37,9 +37,13 @@ PLACEHOLDERS = {"@tulu": TULU_TEMPLATE}
 
 
 def default_recipes_dir() -> Path:
-    """``recipes/`` of the source checkout this package lives in, else of the current directory."""
-    here = Path(__file__).resolve().parents[2] / "recipes"
-    return here if (here / "table.yaml").exists() else Path.cwd() / "recipes"
+    """``recipes/`` of the source checkout this package lives in, else the copy an installed wheel
+    puts in ``<prefix>/share/instruction-modelling/recipes``, else ``./recipes``."""
+    import sysconfig
+
+    checkout = Path(__file__).resolve().parents[2] / "recipes"
+    installed = Path(sysconfig.get_path("data")) / "share" / "instruction-modelling" / "recipes"
+    return next((d for d in (checkout, installed) if (d / "table.yaml").exists()), Path.cwd() / "recipes")
 
 
 @dataclass
@@ -300,12 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m instruction_modelling.recipes",
                                      description="Generate or check the paper's Axolotl recipes from recipes/table.yaml.")
     parser.add_argument("--recipes-dir", type=Path, default=None,
-                        help="folder with table.yaml (default: the checkout's recipes/, else ./recipes)")
+                        help="folder with table.yaml (default: the checkout's recipes/, else the installed copy, else ./recipes)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("generate", help="write every recipe and the README table")
     sub.add_parser("check", help="exit 1 if a committed recipe or the README table differs from the table")
     p = sub.add_parser("render", help="print one recipe (any model x dataset x variant, committed or not)")
-    p.add_argument("--model", default="llama2_7b")
+    p.add_argument("--model", default="llama2_7b", help="model of table.yaml (default: %(default)s)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--variant", required=True)
     args = parser.parse_args(argv)
@@ -334,4 +338,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import run_module_main  # third-party noise filtered; --verbose keeps it
+
+    raise SystemExit(run_module_main(main))

@@ -136,4 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ..cli import run_module_main  # third-party noise filtered; --verbose keeps it
+
+    raise SystemExit(run_module_main(main))
