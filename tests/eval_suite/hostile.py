@@ -216,3 +216,30 @@ def host_leftovers(mark: str, ipc_key: int) -> dict[str, list]:
         except OSError:
             pass
     return {"files": files, "ipc": ipc, "processes": processes}
+
+
+def memory_hogs(mib: int) -> str:
+    """A program of 4 processes that each touch ``mib`` MiB; exits 0 only when all 4 got their memory
+    (each is under RLIMIT_AS: only a whole-tree cap stops the sum)."""
+    return f"""import os, time
+r, w = os.pipe()
+kids = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray({mib} << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        os.write(w, b"k")
+        time.sleep(0.5)
+        os._exit(0)
+    kids.append(pid)
+os.close(w)
+got = b""
+while chunk := os.read(r, 8):
+    got += chunk
+for pid in kids:
+    os.waitpid(pid, 0)
+if len(got) != 4:
+    raise SystemExit(f"{{len(got)}} of 4 processes got their memory")
+"""

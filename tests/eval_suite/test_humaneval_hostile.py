@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, run_cli
-from hostile import CORRECT_BODY, FORGES, NOISY, TASK, host_leftovers, leaks, marker, unhooked
+from hostile import CORRECT_BODY, FORGES, NOISY, TASK, host_leftovers, leaks, marker, memory_hogs, unhooked
 
 from eval_suite.humaneval import bench, sandbox
 
@@ -115,37 +115,13 @@ def test_two_concurrent_runs_cannot_touch_each_other(tmp_path, problems):
     assert [r["passed"] for r in hostile_results[:2]] == [True] * 2, hostile_results
 
 
-HOGS = textwrap.dedent("""
-    import os, time
-    r, w = os.pipe()
-    kids = []
-    for _ in range(4):
-        pid = os.fork()
-        if pid == 0:
-            block = bytearray(MB << 20)
-            for i in range(0, len(block), 4096):
-                block[i] = 1
-            os.write(w, b"k")
-            time.sleep(0.5)
-            os._exit(0)
-        kids.append(pid)
-    os.close(w)
-    got = b""
-    while chunk := os.read(r, 8):
-        got += chunk
-    for pid in kids:
-        os.waitpid(pid, 0)
-    raise SystemExit(0 if len(got) == 4 else 1)
-""")
-
-
 @pytest.mark.skipif(MODE != "namespaces", reason="the whole-tree cap is a cgroup, made as root")
 def test_the_memory_cap_holds_for_a_multi_process_sample(tmp_path):
     if not sandbox._cgroup_parents():
         pytest.skip("no usable cgroup on this machine (the bound is RLIMIT_AS x RLIMIT_NPROC)")
     # 4 processes x 300 MiB: each is under RLIMIT_AS (1 GiB), together over the 1 GiB sandbox cap.
-    samples = write_samples(tmp_path / "hogs.jsonl", [unhooked(HOGS.replace("MB", "300")),
-                                                      unhooked(HOGS.replace("MB", "64"))])
+    samples = write_samples(tmp_path / "hogs.jsonl", [unhooked(memory_hogs(300)),
+                                                      unhooked(memory_hogs(64))])
     over, under = score(samples, "--timeout", "15")
     assert not over["passed"] and under["passed"], (over, under)
 

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hostile import CORRECT_BODY, FORGES, NOISY, TASK, host_leftovers, leaks, marker, unhooked
+from hostile import CORRECT_BODY, FORGES, NOISY, TASK, host_leftovers, leaks, marker, memory_hogs, unhooked
 
 from eval_suite.humaneval import plain_data, sandbox
 from eval_suite.humaneval.sandbox import (SandboxLimits, check_completion, isolation_mode, leftover_processes,
@@ -242,30 +242,10 @@ def test_sweep_removes_what_a_uid_left_behind():
 def test_memory_cap_holds_for_the_whole_process_tree():
     if not sandbox._cgroup_parents():
         pytest.skip("no usable cgroup on this machine (the bound is RLIMIT_AS x RLIMIT_NPROC)")
-    hogs = """
-import os, time
-r, w = os.pipe()
-kids = []
-for _ in range(4):
-    pid = os.fork()
-    if pid == 0:
-        block = bytearray(MB * 1024 * 1024)
-        for i in range(0, len(block), 4096):
-            block[i] = 1
-        os.write(w, b"k")
-        time.sleep(0.5)
-        os._exit(0)
-    kids.append(pid)
-os.close(w)
-got = b""
-while chunk := os.read(r, 8):
-    got += chunk
-assert len(got) == 4, f"{len(got)} of 4 processes got their memory"
-"""
     limits = SandboxLimits(wall_seconds=15, cpu_seconds=15, memory_bytes=512 << 20)
     # 4 x 64 MiB fits under the 512 MiB cap; 4 x 200 MiB does not, though each is under RLIMIT_AS.
-    assert run_program(hogs.replace("MB", "64"), limits, audit_hook=False).passed
-    over = run_program(hogs.replace("MB", "200"), limits, audit_hook=False)
+    assert run_program(memory_hogs(64), limits, audit_hook=False).passed
+    over = run_program(memory_hogs(200), limits, audit_hook=False)
     assert not over.passed and ("of 4 processes" in over.detail or "out of memory" in over.detail), over
 
 
