@@ -8,6 +8,7 @@ exactly the length the labels get, then defer to Axolotl.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,3 +62,31 @@ def collator_for(cfg, is_eval: bool):
     ):
         return SegmentV2BatchSamplerDataCollatorForSeq2Seq
     return SegmentBatchSamplerDataCollatorForSeq2Seq
+
+
+def collator_kwargs(cfg, cls, is_eval: bool) -> dict:
+    """Keyword arguments Axolotl would give its own class of this collator.
+
+    Axolotl 0.21 lets its packing collators emit flash-attention varlen metadata (``cu_seq_lens``),
+    which spares transformers several host syncs per layer, but it checks for its exact classes, so
+    our subclasses would lose the fast path. The same conditions as Axolotl's builder, for our classes;
+    nothing on versions whose collators have no such field.
+    """
+    if "emit_fa_varlen_kwargs" not in {f.name for f in dataclasses.fields(cls)}:
+        return {}
+    from axolotl.monkeypatch.multipack import SUPPORTED_MULTIPACK_MODEL_TYPES
+    from transformers.utils.generic import is_flash_attention_requested
+
+    packing = cfg.eval_sample_packing if is_eval else cfg.sample_packing
+    dispatches = (cfg.accelerator_config or {}).get("dispatch_batches")
+    if dispatches is None:
+        dispatches = bool(cfg.streaming or cfg.pretraining_dataset)
+    fast = (
+        issubclass(cls, (V2BatchSamplerDataCollatorForSeq2Seq, BatchSamplerDataCollatorForSeq2Seq))
+        and packing
+        and is_flash_attention_requested(requested_attention_implementation=cfg.attn_implementation)
+        and cfg.fa_varlen_kwargs_in_collator is not False
+        and cfg.model_config_type in SUPPORTED_MULTIPACK_MODEL_TYPES
+        and not dispatches
+    )  # Axolotl also excludes DeepSpeed sequence parallelism, which the plugin refuses
+    return {"emit_fa_varlen_kwargs": True} if fast else {}

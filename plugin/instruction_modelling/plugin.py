@@ -108,9 +108,10 @@ class InstructionModellingPlugin(BasePlugin):
     def get_collator_cls_and_kwargs(self, cfg, is_eval=False):
         if cfg.get("rl"):
             return None
-        from .collator import collator_for
+        from .collator import collator_for, collator_kwargs
 
-        return collator_for(cfg, is_eval), {}
+        cls = collator_for(cfg, is_eval)
+        return cls, collator_kwargs(cfg, cls, is_eval)
 
     def post_trainer_create(self, cfg, trainer):
         if cfg.get("rl"):
