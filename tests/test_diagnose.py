@@ -196,7 +196,6 @@ def test_bad_rows_are_named(tmp_path, capsys, name, content, expected):
 
 
 @pytest.mark.parametrize("name, text, expected", [
-    ("broken.jsonl", json.dumps(GOOD) + "\n{not json\n", "broken.jsonl row 1 (line 2): not valid JSON"),
     ("broken.json", '[{"messages": [}', "broken.json line 1: not valid JSON"),
     ("dict.json", json.dumps({"rows": [GOOD]}), "dict.json: expected a JSON list of rows, got dict"),
     ("bad.yml", "datasets: [path: x.jsonl", "bad.yml: not valid YAML"),
@@ -215,18 +214,33 @@ def test_unreadable_rows_are_named_or_skipped_and_counted(tmp_path, capsys):
     lines = [json.dumps(GOOD).encode(), b'{"prompt": "caf\xe9", "completion": "x"}', b'"bare"',
              json.dumps({"prompt": "p" * 5000, "completion": "c"}).encode(), json.dumps(GOOD).encode()]
     path.write_bytes(b"\n".join(lines) + b"\n")
-    assert main([str(path)]) == 2
+    # Unreadable rows are part of the diagnosis (issue 11): counted and named, exit 0 ...
+    assert main([str(path)]) == 0
+    assert "raw.jsonl row 1 (line 2): not UTF-8 text" in capsys.readouterr().out
+    # ... and stop it at the first one only when asked to behave like training's default.
+    assert main([str(path), "--on-bad-rows", "error"]) == 2
     assert "raw.jsonl row 1 (line 2): not UTF-8 text" in capsys.readouterr().err
     from instruction_modelling.data import read
 
     rep = diagnose(path, on_bad_rows="skip")
-    assert rep["examples"] == 3 and rep["skipped"] == 2  # the long row is under the default cap (8 MiB)
-    assert rep["skipped_rows"] == ["raw.jsonl row 1 (line 2): not UTF-8 text (byte 16 of the line: invalid continuation byte)",
+    assert rep["examples"] == 3 and rep["bad_rows"]["count"] == 2  # the long row is under the default cap (8 MiB)
+    assert rep["bad_rows"]["first"] == ["raw.jsonl row 1 (line 2): not UTF-8 text (byte 16 of the line: invalid continuation byte)",
                                    "raw.jsonl row 2 (line 3): field '<row>': must be a JSON object, got str"]
     rows = read.read_local(path, max_row_bytes=4096, on_bad_rows="skip")
     assert rows.unreadable == ["raw.jsonl row 1 (line 2): not UTF-8 text (byte 16 of the line: invalid continuation byte)",
                                "raw.jsonl row 3 (line 4): longer than 4096 bytes"]
     assert rows.where(2) == "raw.jsonl row 4 (line 5)"  # rows keep their numbers in the file
+
+
+def test_a_broken_json_line_is_a_bad_row_of_the_diagnosis(tmp_path, capsys):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{not json\n")
+    assert main([str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["examples"] == 1 and rep["bad_rows"]["count"] == 1 and rep["ratio"] is not None
+    assert rep["bad_rows"]["first"][0].startswith("broken.jsonl row 1 (line 2): not valid JSON")
+    assert main([str(path), "--on-bad-rows", "error"]) == 2
+    assert "broken.jsonl row 1 (line 2): not valid JSON" in capsys.readouterr().err
 
 
 def test_skip_counts_bad_rows(tmp_path):
