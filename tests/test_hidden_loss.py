@@ -11,6 +11,7 @@ from instruction_modelling.kl import kl_mask
 from instruction_modelling.losses import (
     HiddenStates,
     LogitTransform,
+    ReferenceHidden,
     loss_normaliser,
     segment_weighted_loss,
     target_coefficients,
@@ -110,7 +111,11 @@ def test_hidden_path_equals_logits_path_and_float64_brute_force(table_name, norm
     ref_logits = reference = mask = None
     kl_lambda = 0.0
     if kl_type is not None:
-        ref_logits = torch.randn(*ids.shape, V, generator=g, dtype=torch.float64)
+        # The reference as AdapterReference / CopyReference give it (its hidden states and output
+        # layer; the KL rows' logits only), and as plain rows of logits for the logits path.
+        ref_head = torch.nn.Linear(D, V, bias=head_kind == "bias").to(torch.float64)
+        ref_hidden = torch.randn(ids.numel(), D, generator=g, dtype=torch.float64)
+        ref_logits = ref_head(ref_hidden).detach().view(*ids.shape, V)
         flat = ref_logits.flatten(0, 1)
         reference = lambda s, e: flat[s:e]  # noqa: E731
         mask = kl_mask(segs, pos, "output")
@@ -126,6 +131,14 @@ def test_hidden_path_equals_logits_path_and_float64_brute_force(table_name, norm
 
     hidden_out = run(HiddenStates(hidden, head, transform))
     logits_out = run(transform(head(hidden)))
+    if kl_type is not None:  # the hidden path with either form of reference
+        rows_out = hidden_out
+        reference = ReferenceHidden(ref_hidden, ref_head)
+        hidden_out = run(HiddenStates(hidden, head, transform))
+        torch.testing.assert_close(hidden_out.loss, rows_out.loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(hidden_out.kl_sum, rows_out.kl_sum, rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads(run(HiddenStates(hidden, head, transform)).loss, params), grads(rows_out.loss, params)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     brute = brute_force(hidden, head, transform, ids, segs, pos, table, normalisation, ref_logits,
                         kl_type or "full", kl_lambda) / 2
 
@@ -206,16 +219,20 @@ def test_dropout_in_an_adapted_head_gets_the_gradient_of_the_masks_drawn():
 
 
 class _RowsPerVocabTensor(torch.overrides.TorchFunctionMode):
-    """Records the row count of every tensor an op returns with the vocabulary as its last dim."""
+    """Records the row count of every tensor an op returns with the vocabulary as its last dim,
+    except views of (and ``out=`` writes into) a tensor it was given: those allocate nothing."""
 
     def __init__(self):
         super().__init__()
         self.rows = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        given = {a.untyped_storage().data_ptr() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, tuple) else (out,):
-            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == V:
+            if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == V
+                    and t.untyped_storage().data_ptr() not in given):
                 self.rows.append(t.numel() // V)
         return out
 

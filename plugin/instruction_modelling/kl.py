@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .losses import DEFAULT_CHUNK, LogitTransform, ReferenceRows, segment_set, token_losses
+from .losses import DEFAULT_CHUNK, LogitTransform, ReferenceHidden, ReferenceRows, segment_set, token_losses
 from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, Segment
 
 KL_SEGMENTS = {
@@ -132,15 +132,13 @@ class AdapterReference:
         self.model = model
         self.transform = transform
 
-    def __call__(self, forward_inputs: dict) -> ReferenceRows:
+    def __call__(self, forward_inputs: dict) -> ReferenceHidden:
         """Run the reference backbone once; return ``reference(start, end)`` over flat positions."""
         backbone, head = _backbone_and_head(self.model)
         head = base_layer(head)  # an adapted lm_head must be bypassed too
         with torch.no_grad(), self.model.disable_adapter(), _EvalMode(self.model):
             hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        transform = self.transform
-        return lambda start, end: transform(head(hidden[start:end]))
+        return ReferenceHidden(hidden.reshape(-1, hidden.shape[-1]), head, self.transform)
 
 
 class CopyReference:
@@ -167,13 +165,11 @@ class CopyReference:
         ref.requires_grad_(False)
         return ref
 
-    def __call__(self, forward_inputs: dict) -> ReferenceRows:
+    def __call__(self, forward_inputs: dict) -> ReferenceHidden:
         backbone, head = _backbone_and_head(self.model)
         with torch.no_grad():
             hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        transform = self.transform
-        return lambda start, end: transform(head(hidden[start:end]))
+        return ReferenceHidden(hidden.reshape(-1, hidden.shape[-1]), head, self.transform)
 
 
 def naive_token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, input_ids: torch.Tensor,

@@ -121,7 +121,8 @@ def _scale(w: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tenso
     if normalisation != "sequence":
         raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}")
     ex = _example_ids(segment_ids, position_ids)
-    totals = torch.zeros(int(ex.max()) + 1, dtype=w.dtype, device=w.device).scatter_add_(0, ex.flatten(), w.flatten())
+    # Sized by the static bound (an example per position), not ex.max(): no host sync.
+    totals = torch.zeros(segment_ids.numel(), dtype=w.dtype, device=w.device).scatter_add_(0, ex.flatten(), w.flatten())
     denom = totals[ex]
     return torch.where(denom > 0, 1.0 / denom.clamp_min(1e-12), torch.zeros_like(denom))
 
@@ -259,6 +260,7 @@ class SegmentLoss:
 
 
 ReferenceRows = Callable[[int, int], torch.Tensor]
+"""``reference(start, end)``: the reference logits of rows ``start..end-1`` of the flat positions."""
 KL_TYPES = ("full", "target_token")
 DEFAULT_CHUNK = 256
 
@@ -282,7 +284,7 @@ class _TokenLosses(torch.autograd.Function):
             e = min(s + chunk, n)
             logp = logits[s:e].to(dtype).log_softmax(-1)
             logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
-            c, k = _chunk_losses(logp, targets[s:e].unsqueeze(-1), logq, kind)
+            c, k, _ = _chunk_terms(logp, targets[s:e].unsqueeze(-1), logq, kind)
             ce[s:e] = c
             if k is not None:
                 kl[s:e] = k
@@ -303,8 +305,9 @@ class _TokenLosses(torch.autograd.Function):
             logp = logits[s:e].to(dtype).log_softmax(-1)
             with torch.no_grad():
                 logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
-            g = _chunk_grad(logp, targets[s:e].unsqueeze(-1), grad_ce[s:e] if grad_ce is not None else None,
-                            grad_kl[s:e] if grad_kl is not None and grad_kl.numel() else None, logq, ctx.kind)
+            g = _chunk_terms(logp, targets[s:e].unsqueeze(-1), logq, ctx.kind,
+                             grad_ce[s:e] if grad_ce is not None else None,
+                             grad_kl[s:e] if grad_kl is not None and grad_kl.numel() else None, want_grad=True)[2]
             grad[s:e] = g.to(grad.dtype)
         return grad, None, None, None, None
 
@@ -368,39 +371,137 @@ class LogitTransform:
         return self.multiplier is None and self.divisor is None and self.softcap is None
 
 
-def _chunk_grad(logp, t, grad_ce, grad_kl, logq, kind):
-    """Analytic gradient ``[c, V]`` of ``Σ grad_ce·ce + Σ grad_kl·kl`` w.r.t. the chunk's logits.
-
-    Built in place on ``exp(logp)``: one ``[c, V]`` buffer besides ``logp`` (and ``logq``)."""
-    g = logp.exp()  # p
-    if logq is not None and grad_kl is not None:
-        gk = grad_kl.unsqueeze(-1)
-        if kind == "full":  # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
-            diff = logp - logq
-            kl = (g * diff).sum(-1, keepdim=True)
-            diff.sub_(kl).mul_(gk).add_(grad_ce.unsqueeze(-1) if grad_ce is not None else 0.0)
-            g.mul_(diff)
-        else:  # d(log p_t − log q_t)/dz = onehot(t) − p
-            g.mul_((grad_ce.unsqueeze(-1) if grad_ce is not None else 0.0) - gk)
-            g.scatter_add_(-1, t, gk)
-    elif grad_ce is not None:
-        g.mul_(grad_ce.unsqueeze(-1))
-    else:
-        g.zero_()
-    if grad_ce is not None:  # d(−log p_t)/dz = p − onehot(t)
-        g.scatter_add_(-1, t, -grad_ce.unsqueeze(-1))
-    return g
+def _plain_linear(head: torch.nn.Module, transform: LogitTransform) -> bool:
+    return type(head) is torch.nn.Linear and transform.is_identity
 
 
-def _chunk_losses(logp, t, logq, kind):
+def _linear_into(h: torch.Tensor, head: torch.nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    """``head(h)`` written into ``out`` (no grad)."""
+    w, b = head.weight.detach(), head.bias
+    if b is None:
+        return torch.mm(h, w.t(), out=out)
+    return torch.addmm(b.detach(), h, w.t(), out=out)
+
+
+@dataclass
+class ReferenceHidden:
+    """``ReferenceRows`` from a reference model's final hidden states ``[N, D]`` and output layer:
+    each chunk's logits are computed when asked for, so the reference never holds ``[N, V]``.
+
+    ``kl.AdapterReference`` and ``kl.CopyReference`` return one. Called with ``out`` (a
+    ``[end-start, V]`` buffer of ``out_dtype``), a plain ``nn.Linear`` head writes into it.
+    """
+
+    hidden: torch.Tensor
+    head: torch.nn.Module
+    transform: LogitTransform = LogitTransform()
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def __call__(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.hidden[start:end]
+            if out is not None and _plain_linear(self.head, self.transform) and h.dtype == self.head.weight.dtype:
+                return _linear_into(h, self.head, out)
+            return self.transform(self.head(h))
+
+    def rows(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference logits of the flat positions ``index`` (into ``out`` when it can)."""
+        with torch.no_grad():
+            h = self.hidden.index_select(0, index)
+            if out is not None and _plain_linear(self.head, self.transform) and h.dtype == self.head.weight.dtype:
+                return _linear_into(h, self.head, out)
+            return self.transform(self.head(h))
+
+
+def _chunk_terms(logp, t, logq, kind, grad_ce=None, grad_kl=None, want_grad=False, out=None):
+    """Per-row CE and KL of one chunk and, with ``want_grad``, the analytic gradient ``[c, V]`` of
+    ``Σ grad_ce·ce + Σ grad_kl·kl`` with respect to the chunk's logits.
+
+    ``logp`` / ``logq`` are the chunk's fp32 log-softmaxes and belong to the caller's scratch
+    space: with a full KL both are overwritten. The gradient is written into ``out``
+    (a ``[c, V]`` buffer) when given. Each quantity is computed once and shared by the loss and its
+    gradient; the full KL costs four passes over ``[c, V]`` beyond the CE's two, and no new
+    ``[c, V]`` tensor.
+
+    Returns:
+        ``(ce, kl, grad)``: ``kl`` is None without a reference, ``grad`` None unless ``want_grad``.
+    """
     ce = -logp.gather(-1, t).squeeze(-1)
+    full = logq is not None and kind == "full"
     kl = None
-    if logq is not None:
-        if kind == "full":
-            kl = (logp.exp() * (logp - logq)).sum(-1)
-        else:
-            kl = (logp.gather(-1, t) - logq.gather(-1, t)).squeeze(-1)
-    return ce, kl
+    if logq is not None and not full:
+        kl = (logp.gather(-1, t) - logq.gather(-1, t)).squeeze(-1)
+    if not want_grad and not full:
+        return ce, kl, None
+    p = torch.exp(logp, out=out) if out is not None else logp.exp()
+    if full:
+        diff = torch.sub(logp, logq, out=logq)  # log p − log q
+        kl = torch.mul(p, diff, out=logp).sum(-1)  # logp is no longer needed
+        if not want_grad:
+            return ce, kl, None
+    gce = grad_ce.unsqueeze(-1) if grad_ce is not None else None
+    gk = grad_kl.unsqueeze(-1) if grad_kl is not None and kl is not None else None
+    if full and gk is not None:  # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
+        shift = -gk * kl.unsqueeze(-1)
+        if gce is not None:
+            shift = shift + gce
+        g = p.mul_(diff.mul_(gk).add_(shift))  # (addcmul is 3× slower on the CPU)
+    elif gk is not None:  # target_token: d(log p_t − log q_t)/dz = onehot(t) − p
+        g = p.mul_((gce if gce is not None else 0.0) - gk)
+        g.scatter_add_(-1, t, gk)
+    elif gce is not None:
+        g = p.mul_(gce)
+    else:
+        g = p.zero_()
+    if gce is not None:  # d(−log p_t)/dz = p − onehot(t)
+        g.scatter_add_(-1, t, -gce)
+    return ce, kl, g
+
+
+def _kl_terms(logp, logq, p, t, kind, weight=None):
+    """KL per row of chunk rows that carry it, and (given ``weight``) the gradient ``[k, V]`` of
+    ``Σ weight·kl`` with respect to their logits, written over ``logq``.
+
+    ``logp`` / ``p`` are the policy's log-probabilities and probabilities (``logp`` is overwritten
+    by a full KL), ``logq`` the reference's log-probabilities.
+    """
+    if kind == "full":
+        diff = torch.sub(logp, logq, out=logq)  # log p − log q
+        kl = torch.mul(p, diff, out=logp).sum(-1)
+        if weight is None:
+            return kl, None
+        # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
+        return kl, diff.sub_(kl.unsqueeze(-1)).mul_(weight.unsqueeze(-1)).mul_(p)
+    kl = (logp.gather(-1, t) - logq.gather(-1, t)).squeeze(-1)
+    if weight is None:
+        return kl, None
+    w = weight.unsqueeze(-1)
+    g = torch.mul(p, -w, out=logq)  # d(log p_t − log q_t)/dz = onehot(t) − p
+    return kl, g.scatter_add_(-1, t, w)
+
+
+class _Scratch:
+    """Per-call ``[chunk, V]`` buffers, reused by every chunk: on the CPU each fresh 10–100 MB
+    tensor costs page faults (as much as a pass over it); on CUDA this only saves allocator calls."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name, rows, cols, dtype, device):
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[1] != cols or buf.shape[0] < rows or buf.dtype != dtype:
+            buf = self.buffers[name] = torch.empty(rows, cols, dtype=dtype, device=device)
+        return buf[:rows]
+
+
+def _log_softmax_into(z, out):
+    """``log_softmax(z)`` in ``out``'s dtype (fp32) written into ``out``."""
+    if z.dtype != out.dtype:
+        z = z.to(out.dtype)
+    return torch.ops.aten._log_softmax.out(z, -1, False, out=out)
 
 
 class _HiddenWeightedLoss(torch.autograd.Function):
@@ -418,18 +519,19 @@ class _HiddenWeightedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, ce_coef, kl_weight, head, transform, reference, kind, chunk, *params):
+    def forward(ctx, hidden, targets, ce_coef, kl_weight, kl_rows, head, transform, reference, kind, chunk, *params):
         n = hidden.shape[0]
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 stays fp64)
         want_h = ctx.needs_input_grad[0]
-        want_p = [ctx.needs_input_grad[9 + i] for i in range(len(params))]
+        want_p = [ctx.needs_input_grad[10 + i] for i in range(len(params))]
         grad_inputs = [p for p, w in zip(params, want_p) if w]
         backprop = want_h or bool(grad_inputs)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_p = [None] * len(grad_inputs)
-        ce = torch.empty(n, dtype=dtype, device=hidden.device)
-        kl = torch.zeros(n if reference is not None else 0, dtype=dtype, device=hidden.device)
-        loss = torch.zeros((), dtype=dtype, device=hidden.device)
+        device = hidden.device
+        ce = torch.empty(n, dtype=dtype, device=device)
+        kl = torch.zeros(n if reference is not None else 0, dtype=dtype, device=device)
+        loss = torch.zeros((), dtype=dtype, device=device)
         # A plain nn.Linear head: matmuls by hand, accumulating the weight gradient in place (the
         # generic path allocates a [V, D] gradient per chunk before adding it).
         linear = type(head) is torch.nn.Linear and all(
@@ -437,48 +539,90 @@ class _HiddenWeightedLoss(torch.autograd.Function):
         if linear and backprop:
             grad_w = torch.zeros_like(head.weight) if head.weight.requires_grad else None
             grad_b = torch.zeros_like(head.bias) if head.bias is not None and head.bias.requires_grad else None
-        for s in range(0, n, chunk):
+        # ... and without a logit transform, every [chunk, V] tensor lives in a reused buffer: the
+        # head's output, the log-softmaxes, the reference's logits and the gradient.
+        direct = linear and transform.is_identity and hidden.dtype == head.weight.dtype
+        scratch = _Scratch()
+        fp32_model = hidden.dtype == dtype
+        logq_name = "z" if direct and fp32_model else "logq"  # the policy's logits are dead by then
+        pk_name = "zq" if isinstance(reference, ReferenceHidden) and reference.out_dtype == dtype else "pk"
+        if reference is not None:
+            # The KL (reference logits included) is computed only where it carries weight: the
+            # output tokens by default. Per chunk, how many of those rows it holds: one host sync
+            # per call on an accelerator (the count sizes the work), none per chunk.
+            kl_at = kl_rows.nonzero().squeeze(1)
+            per_chunk = torch.bincount(torch.div(kl_at, chunk, rounding_mode="floor"),
+                                       minlength=(n + chunk - 1) // chunk).tolist()
+            kl_start = 0
+        for i, s in enumerate(range(0, n, chunk)):
             e = min(s + chunk, n)
             t = targets[s:e].unsqueeze(-1)
-            with torch.enable_grad() if backprop else torch.no_grad():
-                h = hidden[s:e].detach().requires_grad_(want_h and not linear)
-                if linear:
-                    raw = F.linear(h, head.weight.detach(), head.bias.detach() if head.bias is not None else None)
-                    raw.requires_grad_(backprop and not transform.is_identity)
-                    z = transform(raw)
-                else:
-                    z = transform(head(h))
-            logp = z.detach().to(dtype).log_softmax(-1)
-            with torch.no_grad():
-                logq = reference(s, e).to(dtype).log_softmax(-1) if reference is not None else None
-            c, k = _chunk_losses(logp, t, logq, kind)
+            h = hidden[s:e].detach()
+            if direct:
+                cols = head.out_features
+                z = _linear_into(h, head, scratch.get("z", e - s, cols, hidden.dtype, device))
+            else:
+                with torch.enable_grad() if backprop else torch.no_grad():
+                    if linear:
+                        raw = F.linear(h, head.weight.detach(), head.bias.detach() if head.bias is not None else None)
+                        raw.requires_grad_(backprop and not transform.is_identity)
+                        z = transform(raw)
+                    else:
+                        h.requires_grad_(want_h)
+                        z = transform(head(h))
+                cols = z.shape[-1]
+            logp = _log_softmax_into(z.detach(), scratch.get("logp", e - s, cols, dtype, device))
+            c = -logp.gather(-1, t).squeeze(-1)
             ce[s:e] = c
             loss += (c * ce_coef[s:e]).sum()
-            if k is not None:
-                kl[s:e] = k
-                loss += (k * kl_weight[s:e]).sum()
-            if backprop:
-                g = _chunk_grad(logp, t, ce_coef[s:e].to(dtype),
-                                kl_weight[s:e].to(dtype) if k is not None else None, logq, kind)
-                if linear:
-                    g = g.to(z.dtype)
-                    if not transform.is_identity:  # through the softcap / scaling, elementwise
-                        g = torch.autograd.grad(z, raw, g)[0]
-                    if want_h:
-                        grad_h[s:e] = g @ head.weight.detach()
-                    if grad_w is not None:
-                        grad_w.addmm_(g.t(), h)
-                    if grad_b is not None:
-                        grad_b += g.sum(0)
-                    continue
-                grads = torch.autograd.grad(z, ([h] if want_h else []) + grad_inputs, g.to(z.dtype),
-                                            allow_unused=True)
+            p = torch.exp(logp, out=scratch.get("g", e - s, cols, dtype, device))
+            g_kl = None
+            if reference is not None and per_chunk[i]:
+                rows = kl_at[kl_start:kl_start + per_chunk[i]]
+                kl_start += per_chunk[i]
+                whole = per_chunk[i] == e - s
+                local = None if whole else rows - s
+                if isinstance(reference, ReferenceHidden):
+                    zq = reference.rows(rows, out=scratch.get("zq", len(rows), cols, reference.out_dtype, device))
+                else:
+                    zq = reference(s, e)
+                    zq = zq if whole else zq.index_select(0, local)
+                logq = _log_softmax_into(zq, scratch.get(logq_name, len(rows), cols, dtype, device))
+                if whole:
+                    lp_k, p_k, t_k = logp, p, t
+                else:
+                    lp_k = torch.index_select(logp, 0, local, out=scratch.get("lpk", len(rows), cols, dtype, device))
+                    p_k = torch.index_select(p, 0, local, out=scratch.get(pk_name, len(rows), cols, dtype, device))
+                    t_k = t.index_select(0, local)
+                w_k = kl_weight[rows].to(dtype)
+                k, g_kl = _kl_terms(lp_k, logq, p_k, t_k, kind, w_k if backprop else None)
+                kl[rows] = k
+                loss += (k * w_k).sum()
+            if not backprop:
+                continue
+            gce = ce_coef[s:e].to(dtype).unsqueeze(-1)
+            g = p.mul_(gce)  # d(−log p_t)/dz = p − onehot(t)
+            g.scatter_add_(-1, t, -gce)
+            if g_kl is not None:
+                g.add_(g_kl) if local is None else g.index_add_(0, local, g_kl)
+            if linear:
+                g = g.to(z.dtype)
+                if not transform.is_identity:  # through the softcap / scaling, elementwise
+                    g = torch.autograd.grad(z, raw, g)[0]
                 if want_h:
-                    grad_h[s:e] = grads[0]
-                    grads = grads[1:]
-                for i, gp in enumerate(grads):
-                    if gp is not None:
-                        grad_p[i] = gp if grad_p[i] is None else grad_p[i].add_(gp)
+                    torch.mm(g, head.weight.detach(), out=grad_h[s:e])
+                if grad_w is not None:
+                    grad_w.addmm_(g.t(), h)
+                if grad_b is not None:
+                    grad_b += g.sum(0)
+                continue
+            grads = torch.autograd.grad(z, ([h] if want_h else []) + grad_inputs, g.to(z.dtype), allow_unused=True)
+            if want_h:
+                grad_h[s:e] = grads[0]
+                grads = grads[1:]
+            for i, gp in enumerate(grads):
+                if gp is not None:
+                    grad_p[i] = gp if grad_p[i] is None else grad_p[i].add_(gp)
         if linear and backprop:
             by_param = {id(head.weight): grad_w, id(head.bias): grad_b}
             grad_p = [by_param.get(id(p)) for p in grad_inputs]
@@ -496,7 +640,7 @@ class _HiddenWeightedLoss(torch.autograd.Function):
             gp = next(computed) if want else None
             grad_params.append(gp.mul_(grad_loss.to(gp.dtype)) if gp is not None else None)
         ctx.grad_h = ctx.grad_p = None
-        return (grad_h, None, None, None, None, None, None, None, None, *grad_params)
+        return (grad_h, None, None, None, None, None, None, None, None, None, *grad_params)
 
 
 def _cce_token_ce(hidden, weight, bias, targets, transform):
@@ -533,6 +677,7 @@ def hidden_weighted_loss(
     kl_weight: torch.Tensor | None = None,
     kl_type: str = "full",
     chunk_size: int = DEFAULT_CHUNK,
+    kl_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``Σ ce_coef·CE + Σ kl_weight·KL`` computed from hidden states, and the per-token CE / KL.
 
@@ -542,6 +687,9 @@ def hidden_weighted_loss(
         ce_coef: ``[B, T]`` coefficient of each position's CE (``target_coefficients``).
         reference, kl_weight, kl_type: optional KL to a reference (see ``token_losses``) and its
             ``[B, T]`` coefficients (λ · mask · ``kl_coef``).
+        kl_rows: ``[B, T]`` bool, where the KL is computed (the KL mask; default: where
+            ``kl_weight`` is not 0). Elsewhere the returned KL is 0 and no reference logits are
+            computed.
         chunk_size: positions per chunk.
 
     Returns:
@@ -559,8 +707,12 @@ def hidden_weighted_loss(
         return (ce * ce_coef.reshape(-1)).sum(), ce.detach().view(shape), None
     params = tuple(p for p in states.head.parameters() if p.requires_grad)
     kl_w = kl_weight.reshape(-1) if kl_weight is not None else torch.zeros(0, device=flat.device)
+    if reference is not None and kl_rows is None:
+        kl_rows = kl_w != 0
+    rows = kl_rows.reshape(-1) if reference is not None else None
     loss, ce, kl = _HiddenWeightedLoss.apply(flat, targets.reshape(-1), ce_coef.reshape(-1).detach(), kl_w.detach(),
-                                             states.head, states.transform, reference, kl_type, chunk_size, *params)
+                                             rows, states.head, states.transform, reference, kl_type, chunk_size,
+                                             *params)
     return loss, ce.view(shape), (kl.view(shape) if reference is not None else None)
 
 
@@ -625,7 +777,9 @@ def segment_weighted_loss(
         ce_coef = F.pad(coef.ce_coef, (0, 1))
         dtype = torch.promote_types(logits.hidden.dtype, torch.float32)
         kl_weight = F.pad((mask * coef.kl_coef).to(dtype) * kl_coef, (0, 1)) if mask is not None else None
-        loss, ce, kl = hidden_weighted_loss(logits, padded, ce_coef, kl_reference, kl_weight, kl_type, chunk_size)
+        kl_rows = F.pad(mask, (0, 1)) if mask is not None else None
+        loss, ce, kl = hidden_weighted_loss(logits, padded, ce_coef, kl_reference, kl_weight, kl_type, chunk_size,
+                                            kl_rows)
         ce = ce[:, :-1]
         kl = kl[:, :-1] if kl is not None else None
     else:
