@@ -57,12 +57,14 @@ def test_chunked_and_logits_log_the_same_losses_and_only_logits_builds_full_logi
     train = {k: [h for h in v if "loss" in h] for k, v in history.items()}
     evals = {k: [h for h in v if "eval_loss" in h] for k, v in history.items()}
     assert len(train["chunked"]) == len(train["logits"]) == 3 and len(evals["chunked"]) == len(evals["logits"]) >= 1
+    # abs: at the first step policy and reference are the same model and the KL is rounding (~1e-9,
+    # the two paths multiply the reference's rows in different blocks)
     for a, b in zip(train["chunked"], train["logits"]):
         for key in ("loss", "instruction_loss", "output_loss", "kl"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (key, a, b)
     for a, b in zip(evals["chunked"], evals["logits"]):
         for key in ("eval_loss", "eval_instruction_loss", "eval_output_loss", "eval_kl"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (key, a, b)
     # The logits path runs the head over whole micro-batches; the chunked path never over more than a
     # chunk (the model's own call is cut to the last position by logits_to_keep=1).
     assert max(n for n, _ in calls["logits"]) > 4 * CHUNK
