@@ -26,7 +26,7 @@ define pytest
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests selected by '$(1)'"; rc=0; fi; exit $$rc
 endef
 
-.PHONY: quickstart test test-slow test-all bench clean-venv
+.PHONY: quickstart test test-slow test-all layers bench clean-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,10 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(call pytest,)
+
+# The package's layer contracts (import-linter; pyproject.toml [tool.importlinter], docs/design.md).
+layers: $(STAMP)
+	$(BIN)/lint-imports
 
 clean-venv:
 	rm -rf $(VENV)

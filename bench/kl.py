@@ -51,8 +51,8 @@ def run_variant(variant: str, preset: str, device: str, steps: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from instruction_modelling.kl import AdapterReference, CopyReference, kl_mask, naive_token_kl
-    from instruction_modelling.losses import HiddenStates, segment_weighted_loss, weight_table
+    from instruction_modelling.core.kl import AdapterReference, CopyReference, kl_mask, naive_token_kl
+    from instruction_modelling.core.losses import HiddenStates, segment_weighted_loss, weight_table
 
     p = dict(PRESETS[preset])
     seq, batch = p.pop("seq"), p.pop("batch")

@@ -56,7 +56,7 @@ def run_impl(impl: str, vocab: int, tokens: int, hidden_size: int, device: str, 
     import psutil
     import torch
 
-    from instruction_modelling.losses import HiddenStates, segment_weighted_loss, target_coefficients, weight_table
+    from instruction_modelling.core.losses import HiddenStates, segment_weighted_loss, target_coefficients, weight_table
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)

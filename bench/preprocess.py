@@ -39,7 +39,7 @@ def main() -> int:
     from axolotl.utils.dict import DictDefault
 
     from instruction_modelling.quickstart.tiny import TULU_TEMPLATE, build_tokenizer, corpus_from_jsonl
-    from instruction_modelling.strategy import load as load_im
+    from instruction_modelling.axolotl.strategy import load as load_im
 
     datasets.disable_caching()
     datasets.disable_progress_bars()

@@ -32,11 +32,11 @@ def main() -> int:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from instruction_modelling.evaluation import read_rows
-    from instruction_modelling.losses import segment_weighted_loss, weight_table
+    from instruction_modelling.core.evaluation import read_rows
+    from instruction_modelling.core.losses import segment_weighted_loss, weight_table
     from instruction_modelling.quickstart.sample_data import TRAIN_FILE
     from instruction_modelling.quickstart.tiny import build_tokenizer, corpus_from_jsonl
-    from instruction_modelling.segments import ChatRenderer, RowEncoder, Segment
+    from instruction_modelling.core.segments import ChatRenderer, RowEncoder, Segment
 
     tok = build_tokenizer(corpus_from_jsonl(TRAIN_FILE))
     enc = RowEncoder(tok, ChatRenderer(tok, tok.chat_template))

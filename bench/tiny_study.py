@@ -47,8 +47,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "plugin"))  # run from a checkout without installing
 
-from instruction_modelling.analyze import run_losses, run_memorisation  # noqa: E402
-from instruction_modelling.quickstart.config import cpu_config, write_config  # noqa: E402
+from instruction_modelling.commands.analyze import run_losses, run_memorisation  # noqa: E402
+from instruction_modelling.axolotl.configs import cpu_config, write_config  # noqa: E402
 from instruction_modelling.quickstart.tiny import build_model, build_tokenizer  # noqa: E402
 
 LIMA = REPO.parent / "shared" / "data" / "lima.jsonl"

@@ -64,7 +64,7 @@ class AxolotlRun:
 
 def run_axolotl(command: str, cfg: dict, path: Path, timeout: int = 600) -> AxolotlRun:
     """Run ``python -m axolotl.cli.<command> <path>`` after writing ``cfg`` to ``path``."""
-    from instruction_modelling.quickstart.config import write_config
+    from instruction_modelling.axolotl.configs import write_config
 
     write_config(cfg, path)
     proc = subprocess.run(

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli_helpers import axolotl_template
-from instruction_modelling.segments import OUTPUT_SEGMENTS, ChatRenderer, RowEncoder, RowError, Segment
-from instruction_modelling.strategy import row_fields_from_dataset_config, train_on_eos_of
+from instruction_modelling.core.segments import OUTPUT_SEGMENTS, ChatRenderer, RowEncoder, RowError, Segment
+from instruction_modelling.axolotl.strategy import row_fields_from_dataset_config, train_on_eos_of
 
 pytest.importorskip("axolotl")
 
@@ -189,8 +189,8 @@ def test_segments_of_a_tool_conversation(tokenizer):
 
 
 def test_reasoning_is_its_own_output_segment(tokenizer):
-    from instruction_modelling.args import IMArgs
-    from instruction_modelling.losses import weight_table
+    from instruction_modelling.core.options import IMArgs
+    from instruction_modelling.core.losses import weight_table
 
     ex = our_encode(tokenizer, "qwen3", REASONING_ROWS["reasoning_then_call"])
     # Qwen3 keeps the reasoning of the turns after the last user message (both here).

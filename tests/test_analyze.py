@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from instruction_modelling.analyze import (
+from instruction_modelling.commands.analyze import (
     bleu,
     log_fit,
     main,
@@ -112,7 +112,7 @@ def test_losses_equal_a_direct_computation(models, data, tmp_path):
 
 
 def test_losses_prompt_completion_rows(models, data, tmp_path):
-    from instruction_modelling.segments import tokenizer_adds_bos
+    from instruction_modelling.core.segments import tokenizer_adds_bos
 
     name, path = models[0]
     res = run_losses([models[0]], data["pc"], None, tmp_path, device="cpu")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from instruction_modelling.args import IMArgs
+from instruction_modelling.core.options import IMArgs
 
 
 def test_defaults_are_im():

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from cli_helpers import run_axolotl, write_jsonl
-from instruction_modelling.quickstart.config import cpu_config
+from instruction_modelling.axolotl.configs import cpu_config
 from instruction_modelling.quickstart.sample_data import TRAIN_FILE
-from instruction_modelling.segments import ChatRenderer, RowEncoder, Segment
+from instruction_modelling.core.segments import ChatRenderer, RowEncoder, Segment
 from test_segments import CONVERSATIONS
 
 pytest.importorskip("axolotl")
@@ -147,7 +147,7 @@ def test_invalid_option_is_a_one_sentence_error(tmp_path, tiny_model_dir):
 
 
 def test_preview_marks_what_carries_loss(tmp_path, tiny_model_dir):
-    from instruction_modelling.quickstart.config import write_config
+    from instruction_modelling.axolotl.configs import write_config
 
     data = write_jsonl(tmp_path / "one.jsonl", [{"messages": CONVERSATIONS["single_turn"]}])
     path = write_config(cpu_config(tiny_model_dir, data, tmp_path / "out", mode="it"), tmp_path / "cfg.yml")

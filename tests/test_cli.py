@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from instruction_modelling.cli import COMMANDS
+from instruction_modelling.commands.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -22,7 +22,7 @@ NOISE = ("_C_mxfp8", "Failed to load", "is an Enum subclass", "publisher trust c
 def im(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``im ARGS`` as a user runs it: the installed console script when there is one, else its module."""
     script = Path(sys.executable).parent / "im"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "instruction_modelling.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "instruction_modelling.commands.cli"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
@@ -60,9 +60,9 @@ def test_im_diagnose_is_python_m_diagnose():
 
 def test_importing_the_package_installs_no_filter():
     """The filters belong to our entry points: a user's own code importing us sees every message."""
-    code = ("import logging, warnings, instruction_modelling.cli, instruction_modelling.diagnose, "
-            "instruction_modelling.preview\n"
-            "from instruction_modelling.cli import NOISY_LOG_RECORDS\n"
+    code = ("import logging, warnings, instruction_modelling.commands.cli, instruction_modelling.commands.diagnose, "
+            "instruction_modelling.commands.preview\n"
+            "from instruction_modelling.commands.cli import NOISY_LOG_RECORDS\n"
             "assert not any(logging.getLogger(n).filters for n, _ in NOISY_LOG_RECORDS)\n"
             "assert not any('trust check' in str(f[1]) for f in warnings.filters)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
@@ -72,7 +72,7 @@ def test_importing_the_package_installs_no_filter():
 def test_preview_is_quiet_by_default_and_verbose_keeps_the_messages(tiny_model_dir, tmp_path):
     """Real imports of Axolotl, torchao and bitsandbytes; the noise they print depends on the
     environment, so the test compares the same command with and without --verbose."""
-    from instruction_modelling.quickstart.config import cpu_config, write_config
+    from instruction_modelling.axolotl.configs import cpu_config, write_config
     from instruction_modelling.quickstart.sample_data import TRAIN_FILE
 
     cfg = write_config(cpu_config(tiny_model_dir, TRAIN_FILE, tmp_path / "run"), tmp_path / "cfg.yml")

@@ -15,7 +15,7 @@ pytest.importorskip("axolotl")
 from axolotl.utils.collators import V2BatchSamplerDataCollatorForSeq2Seq  # noqa: E402
 from axolotl.utils.dict import DictDefault  # noqa: E402
 
-from instruction_modelling.collator import collator_for, collator_kwargs  # noqa: E402
+from instruction_modelling.axolotl.collator import collator_for, collator_kwargs  # noqa: E402
 
 HAS_FAST_PATH = "emit_fa_varlen_kwargs" in {f.name for f in dataclasses.fields(V2BatchSamplerDataCollatorForSeq2Seq)}
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from instruction_modelling.data import BadRowsError, InputError, build, prepare
-from instruction_modelling.data.catalog import DATASETS
-from instruction_modelling.data.read import read_local
-from instruction_modelling.data.templates import (
+from instruction_modelling.commands.data import BadRowsError, InputError, build, prepare
+from instruction_modelling.commands.data.catalog import DATASETS
+from instruction_modelling.core.read import read_local
+from instruction_modelling.commands.data.templates import (
     STREAM_OFFSET, TEMPLATES_WITH_INPUT, TEMPLATES_WITHOUT_INPUT, TemplateStream, fill, wrap_all)
-from instruction_modelling.data.tulu import percent_subset, ratio_subset
-from instruction_modelling.stats import count_words, dataset_stats
+from instruction_modelling.commands.data.tulu import percent_subset, ratio_subset
+from instruction_modelling.core.stats import count_words, dataset_stats
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

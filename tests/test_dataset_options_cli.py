@@ -9,8 +9,8 @@ import copy
 import pytest
 
 from cli_helpers import run_axolotl, write_jsonl
-from instruction_modelling.quickstart.config import cpu_config
-from instruction_modelling.segments import OUTPUT_SEGMENTS, Segment
+from instruction_modelling.axolotl.configs import cpu_config
+from instruction_modelling.core.segments import OUTPUT_SEGMENTS, Segment
 from test_agentic import FLAGGED, OPENAI_ROWS, axolotl_encode
 from test_axolotl_cli import small_train_file
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from cli_helpers import REPO_ROOT, run_axolotl, write_jsonl
-from instruction_modelling.quickstart.config import PLUGIN, cpu_config, write_config
+from instruction_modelling.axolotl.configs import PLUGIN, cpu_config, write_config
 from instruction_modelling.quickstart.sample_data import TRAIN_FILE
 
 pytest.importorskip("axolotl")

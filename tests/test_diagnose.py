@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from instruction_modelling.diagnose import (
+from instruction_modelling.commands.diagnose import (
     diagnose,
     main,
     predicted_gain_from_ratio,
@@ -145,7 +145,7 @@ def test_token_counts_match_the_tokenizer(tokenizer_dir, tmp_path):
     assert rep["tokens"]["instruction"]["mean"] == pytest.approx(sum(n(r["prompt"]) for r in rows) / 2)
     # completion tokens + the EOS that closes the output; a BOS (only if the tokenizer adds one itself,
     # as in training) is a template token
-    from instruction_modelling.segments import tokenizer_adds_bos
+    from instruction_modelling.core.segments import tokenizer_adds_bos
 
     assert rep["tokens"]["output"]["mean"] == pytest.approx(sum(n(r["completion"]) + 1 for r in rows) / 2)
     assert rep["tokens"]["template_mean"] == pytest.approx(1.0 if tokenizer_adds_bos(tok) else 0.0)
@@ -220,7 +220,7 @@ def test_unreadable_rows_are_named_or_skipped_and_counted(tmp_path, capsys):
     # ... and stop it at the first one only when asked to behave like training's default.
     assert main([str(path), "--on-bad-rows", "error"]) == 2
     assert "raw.jsonl row 1 (line 2): not UTF-8 text" in capsys.readouterr().err
-    from instruction_modelling.data import read
+    from instruction_modelling.core import read
 
     rep = diagnose(path, on_bad_rows="skip")
     assert rep["examples"] == 3 and rep["bad_rows"]["count"] == 2  # the long row is under the default cap (8 MiB)
@@ -332,7 +332,7 @@ def test_axolotl_yaml_field_mappings(tmp_path):
 
 
 def test_generation_ratio_arithmetic_and_geometric():
-    from instruction_modelling.diagnose import generation_ratio
+    from instruction_modelling.commands.diagnose import generation_ratio
 
     rg = generation_ratio([10, 10, 5], [20, 5, 20])  # per-example ratios 2, 0.5, 4
     assert rg["arithmetic"] == pytest.approx(6.5 / 3)

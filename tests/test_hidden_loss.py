@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from instruction_modelling.kl import kl_mask
-from instruction_modelling.losses import (
+from instruction_modelling.core.kl import kl_mask
+from instruction_modelling.core.losses import (
     HiddenStates,
     LogitTransform,
     ReferenceHidden,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instruction_modelling.kl import kl_mask, naive_token_kl, token_kl
-from instruction_modelling.losses import segment_weighted_loss, weight_table
-from instruction_modelling.segments import Segment
+from instruction_modelling.core.kl import kl_mask, naive_token_kl, token_kl
+from instruction_modelling.core.losses import segment_weighted_loss, weight_table
+from instruction_modelling.core.segments import Segment
 
 V = 13
 
@@ -99,7 +99,7 @@ def test_loss_with_kl_term(normalisation):
     base = segment_weighted_loss(policy, ids, segs, table, pos, normalisation)
     with_kl = segment_weighted_loss(policy, ids, segs, table, pos, normalisation, kl_reference=reference,
                                     kl_mask=mask, kl_coef=0.5)
-    from instruction_modelling.losses import effective_weights, example_scale
+    from instruction_modelling.core.losses import effective_weights, example_scale
 
     scale = example_scale(ids, segs, table, pos, normalisation)
     norm = effective_weights(ids, segs, table, pos, normalisation).sum()
@@ -129,7 +129,7 @@ def test_target_token_variant_cancels_the_ce_gradient_at_lambda_1():
 
 @pytest.mark.parametrize("kind", ["full", "target_token"])
 def test_fused_ce_and_kl_pass_gradcheck(kind):
-    from instruction_modelling.losses import token_losses
+    from instruction_modelling.core.losses import token_losses
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 5, 7, dtype=torch.float64, generator=g).requires_grad_(True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cli_helpers import run_axolotl, write_jsonl
-from instruction_modelling.quickstart.config import cpu_config
+from instruction_modelling.axolotl.configs import cpu_config
 from instruction_modelling.quickstart.sample_data import HELDOUT_FILE, TRAIN_FILE
 
 pytest.importorskip("axolotl")
@@ -49,8 +49,8 @@ def _model_kl_to_base(model_dir, base_dir, rows) -> float:
     """Mean per-token full KL(trained ‖ base) over the output tokens of ``rows``, measured here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from instruction_modelling.kl import kl_mask, naive_token_kl
-    from instruction_modelling.segments import ChatRenderer, RowEncoder
+    from instruction_modelling.core.kl import kl_mask, naive_token_kl
+    from instruction_modelling.core.segments import ChatRenderer, RowEncoder
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     enc = RowEncoder(tok, ChatRenderer(tok, tok.chat_template))
@@ -70,7 +70,7 @@ def _model_kl_to_base(model_dir, base_dir, rows) -> float:
 
 
 def test_large_lambda_keeps_the_model_closer_to_base(tmp_path, tiny_model_dir):
-    from instruction_modelling.evaluation import read_rows
+    from instruction_modelling.core.evaluation import read_rows
 
     held_out = read_rows(HELDOUT_FILE)[:20]
     kls = {}
@@ -92,7 +92,7 @@ def test_reference_is_bit_identical_after_training(tmp_path, tiny_model_dir, set
     from axolotl.train import train
     from safetensors.torch import load_file
 
-    from instruction_modelling.quickstart.config import write_config
+    from instruction_modelling.axolotl.configs import write_config
 
     extra = dict(LORA_CPU) if setup == "lora_adapter" else {}
     cfg_dict = kl_cfg(tmp_path, tiny_model_dir, setup, 1.0, max_steps=3, save_steps=3, eval_steps=3, **extra)

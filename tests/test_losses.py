@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from instruction_modelling.losses import (
+from instruction_modelling.core.losses import (
     loss_normaliser,
     per_token_ce,
     segment_weighted_loss,
     weight_table,
 )
-from instruction_modelling.segments import Segment
+from instruction_modelling.core.segments import Segment
 
 V = 11
 

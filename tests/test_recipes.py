@@ -14,11 +14,11 @@ os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # before anything imports Ax
 import pytest
 import yaml
 
-from instruction_modelling.args import IMArgs
-from instruction_modelling.quickstart.config import write_config
+from instruction_modelling.core.options import IMArgs
+from instruction_modelling.axolotl.configs import write_config
 from instruction_modelling.quickstart.sample_data import TRAIN_FILE
 from instruction_modelling.quickstart.tiny import build_tiny_llama, corpus_from_jsonl
-from instruction_modelling.recipes import (
+from instruction_modelling.commands.recipes import (
     build_recipes, check, default_recipes_dir, for_cpu_smoke_test, generate, load_recipe, load_table)
 
 REPO = Path(__file__).resolve().parents[1]

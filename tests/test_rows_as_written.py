@@ -11,8 +11,8 @@ import json
 import pytest
 
 from cli_helpers import run_axolotl, write_jsonl
-from instruction_modelling.data.read import InputError, read_local
-from instruction_modelling.quickstart.config import cpu_config
+from instruction_modelling.core.read import InputError, read_local
+from instruction_modelling.axolotl.configs import cpu_config
 
 pytest.importorskip("axolotl")
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from instruction_modelling.segments import (
+from instruction_modelling.core.segments import (
     ChatRenderer,
     INSTRUCTION_SEGMENTS,
     RowEncoder,
@@ -211,7 +211,7 @@ def test_prompt_completion(tokenizer):
 
 def test_whitespace_glue_but_not_template_text(tokenizer):
     """A token merging template *text* with content is masked and counted; whitespace glue is not."""
-    from instruction_modelling.segments import Piece, encode_pieces
+    from instruction_modelling.core.segments import Piece, encode_pieces
 
     end_ids = end_of_turn_ids(tokenizer)
     # A word that is one token, split so that template text and content merge into it.

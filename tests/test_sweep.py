@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from instruction_modelling.args import IMArgs
-from instruction_modelling.sweep import main
+from instruction_modelling.core.options import IMArgs
+from instruction_modelling.commands.sweep import main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -24,8 +24,8 @@ import math
 import pytest
 import torch
 
-from instruction_modelling.losses import loss_normaliser, segment_weighted_loss, weight_table
-from instruction_modelling.segments import INSTRUCTION_SEGMENTS, Segment
+from instruction_modelling.core.losses import loss_normaliser, segment_weighted_loss, weight_table
+from instruction_modelling.core.segments import INSTRUCTION_SEGMENTS, Segment
 from test_losses import V, make_examples, packed_batch, padded_batch
 
 TABLES = {
@@ -209,7 +209,7 @@ def test_share_needs_the_normaliser_pair():
 
 
 def test_share_refuses_kl():
-    from instruction_modelling.kl import kl_mask
+    from instruction_modelling.core.kl import kl_mask
 
     examples, ex_logits = _examples(seed=6)
     ids, segs, pos, logits = _batch(examples, ex_logits, "padded")
@@ -220,7 +220,7 @@ def test_share_refuses_kl():
 
 
 def test_options_validate():
-    from instruction_modelling.args import IMArgs
+    from instruction_modelling.core.options import IMArgs
 
     assert IMArgs(im_loss_normalization="nonzero", im_instruction_weight=0.4, im_output_weight=0.6)
     assert IMArgs(im_loss_normalization="share", im_instruction_share=0.05).im_instruction_share == 0.05
@@ -243,7 +243,7 @@ def test_share_through_axolotl_gradient_accumulation_1_vs_4(tmp_path, tiny_model
     from cli_helpers import run_axolotl
     from test_axolotl_cli import small_train_file
 
-    from instruction_modelling.quickstart.config import cpu_config
+    from instruction_modelling.axolotl.configs import cpu_config
 
     runs = {}
     for name, mb, ga in (("ga1", 4, 1), ("ga4", 1, 4)):

@@ -9,8 +9,18 @@ Enable in any Axolotl YAML::
         type: instruction_modelling
     im_mode: im            # or: it (the instruction-tuning baseline)
 
-The pure pieces (``segments``, ``losses``, ``args``) import without Axolotl; the plugin class
-imports Axolotl lazily so ``import instruction_modelling`` stays cheap.
+The package is layered (``docs/design.md``; ``lint-imports`` checks it):
+
+* ``core``: the method (segments, losses, KL, options), plain Python and PyTorch, no Axolotl.
+* ``axolotl``: the adapter (plugin hooks, dataset strategy, collators, trainer).
+* ``commands``: ``im diagnose | analyze | preview | recipes | data``, and ``sweep``.
+* ``quickstart``: the tiny CPU demo (``im quickstart``).
+* ``resources``: shipped files (the paper's chat template, the quickstart's data).
+
+Public API: ``InstructionModellingPlugin`` (here), the ``im_*`` options
+(``instruction_modelling.core.options.IMArgs``), the ``im`` command and
+``python -m instruction_modelling.<command>`` (the command modules at this level forward to
+``commands``). The plugin class imports Axolotl lazily, so ``import instruction_modelling`` stays cheap.
 """
 
 from __future__ import annotations
@@ -20,9 +30,9 @@ __all__ = ["InstructionModellingPlugin"]
 
 
 def __getattr__(name):
-    # Lazy: the pure modules (segments, losses, args) must import without Axolotl.
+    # Lazy: the core must import without Axolotl.
     if name == "InstructionModellingPlugin":
-        from .plugin import InstructionModellingPlugin
+        from instruction_modelling.axolotl.plugin import InstructionModellingPlugin
 
         return InstructionModellingPlugin
     raise AttributeError(f"module 'instruction_modelling' has no attribute {name!r}")

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import cpu_config, write_config
+from instruction_modelling.axolotl.configs import cpu_config, write_config
+
 from .sample_data import HELDOUT_FILE, TRAIN_FILE
 from .tiny import build_tiny_llama, corpus_from_jsonl
 
@@ -39,8 +40,8 @@ def _train(config_path: Path, log_path: Path) -> None:
 def _losses(model_dir: Path, files: dict[str, Path]) -> dict[str, dict[str, float]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..evaluation import example_losses, pooled, read_rows
-    from ..segments import ChatRenderer, RowEncoder
+    from instruction_modelling.core.evaluation import example_losses, pooled, read_rows
+    from instruction_modelling.core.segments import ChatRenderer, RowEncoder
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -94,6 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run_module_main  # third-party noise filtered; --verbose keeps it
+    from instruction_modelling.commands.cli import run_module_main  # third-party noise filtered; --verbose keeps it
 
     raise SystemExit(run_module_main(main))

@@ -14,7 +14,9 @@ import json
 import random
 from pathlib import Path
 
-DATA_DIR = Path(__file__).parent / "data"
+from .. import resources
+
+DATA_DIR = resources.ROOT / "quickstart"  # written by `python -m instruction_modelling.quickstart.sample_data`
 TRAIN_FILE = DATA_DIR / "tiny_tasks_train.jsonl"
 HELDOUT_FILE = DATA_DIR / "tiny_tasks_heldout.jsonl"
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-TULU_TEMPLATE = (TEMPLATES_DIR / "tulu.jinja").read_text(encoding="utf-8").strip()
+from ..resources import TULU_TEMPLATE
 
 SPECIAL_TOKENS = [
     "<pad>",

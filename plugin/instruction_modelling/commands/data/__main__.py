@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..stats import dataset_stats
+from instruction_modelling.core.read import read_local
+from instruction_modelling.core.stats import dataset_stats
+
 from . import DATASETS, DEFAULT_PREPARED_DIR, DEFAULT_RAW_DIR, MAIN_DATASETS, InputError, prepare
-from .read import read_local
 
 GROUPS = {"main": MAIN_DATASETS, "all": tuple(DATASETS)}
 
@@ -136,6 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run_module_main  # third-party noise filtered; --verbose keeps it
+    from instruction_modelling.commands.cli import run_module_main  # third-party noise filtered; --verbose keeps it
 
     raise SystemExit(run_module_main(main))

@@ -28,7 +28,7 @@ class ExampleLoss:
 
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a JSONL file, or of a JSON file holding a list of rows (``data.read.read_local``)."""
-    from .data.read import read_local
+    from .read import read_local
 
     return read_local(path).rows
 

@@ -1,4 +1,4 @@
-"""Raw records from local files (JSON list, JSONL, a member of a .zip) or, online, from the hub.
+"""Raw records from local files (JSON list, JSONL, a member of a .zip).
 
 Every record keeps its position so that a bad one can be reported as ``file row N (line N+1)``.
 Each row is decoded on its own (``json.loads`` per line), so one row's types never change how
@@ -8,13 +8,10 @@ another is read (Arrow's JSON reader, and pandas behind it, re-type a whole colu
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
-
-from .catalog import DatasetSpec
 
 
 class InputError(ValueError):
@@ -174,39 +171,3 @@ def read_local(path: str | Path, member: str | None = None, max_row_bytes: int =
                 return _parse(f, f"{path.name}:{hits[0]}", hits[0].endswith(".jsonl"), max_row_bytes, on_bad_rows)
     with open(path, "rb") as f:
         return _parse(f, path.name, path.suffix != ".json", max_row_bytes, on_bad_rows)
-
-
-def is_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def read_online(spec: DatasetSpec, local_path: str | Path | None = None) -> Records:
-    """Download ``spec.online`` (needs network; not exercised by the offline test suite).
-
-    * ``hub:<id>``: ``datasets.load_dataset(id, split="train")``;
-    * ``hub-file:<org>/<name>/<file>``: ``huggingface_hub.hf_hub_download`` of that file, then
-      read like a local file (the LESS release is one zip);
-    * ``https://...``: ``datasets.load_dataset("json", data_files=url, split="train")``.
-    """
-    target = spec.online
-    if not target:
-        raise InputError(f"{spec.name}: no online source is known; pass a local file with --source")
-    if is_offline():
-        raise InputError(
-            f"{spec.name}: no local raw file, and the machine is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE "
-            f"set). Download it from {target} and pass --source, or put it at {local_path or spec.raw}"
-        )
-    if target.startswith("hub-file:"):
-        from huggingface_hub import hf_hub_download
-
-        org, name, filename = target[len("hub-file:"):].split("/", 2)
-        local = hf_hub_download(f"{org}/{name}", filename, repo_type="dataset")
-        return read_local(local, spec.member)
-    import datasets
-
-    if target.startswith("hub:"):
-        ds = datasets.load_dataset(target[len("hub:"):], split="train")
-    else:
-        ds = datasets.load_dataset("json", data_files=target, split="train")
-    return Records([dict(r) for r in ds], target)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from instruction_modelling.core.read import InputError, Records, read_local
+
 from .catalog import DATASETS, DEFAULT_PREPARED_DIR, DEFAULT_RAW_DIR, MAIN_DATASETS, DatasetSpec, Table5, get
 from .convert import BadRowsError, Converted, convert
-from .read import InputError, Records, read_local, read_online
+from .online import read_online
 from .tulu import percent_subset, ratio_subset
 
 __all__ = ["DATASETS", "MAIN_DATASETS", "DatasetSpec", "Table5", "build", "load_raw", "prepare", "write_jsonl",

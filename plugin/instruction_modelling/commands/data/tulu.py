@@ -18,7 +18,7 @@ import random
 from collections import Counter
 from typing import Sequence
 
-from ..stats import count_words
+from instruction_modelling.core.stats import count_words
 
 
 def percent_subset(rows: Sequence[dict], fraction: float, source_field: str = "dataset") -> list[dict]:

@@ -35,9 +35,15 @@ import logging
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from .args import MEMORY_EFFICIENT_CE_OPTIONS, IMArgs
-from .kl import AdapterReference, CopyReference, _EvalMode, kl_mask
-from .losses import HiddenStates, LogitTransform, loss_normaliser, segment_weighted_loss, weight_table
+from instruction_modelling.core.kl import AdapterReference, CopyReference, EvalMode, kl_mask
+from instruction_modelling.core.losses import (
+    HiddenStates,
+    LogitTransform,
+    loss_normaliser,
+    segment_weighted_loss,
+    weight_table,
+)
+from instruction_modelling.core.options import MEMORY_EFFICIENT_CE_OPTIONS, IMArgs
 
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
@@ -272,7 +278,7 @@ class IMTrainer(AxolotlTrainer):
         transform = logit_transform(base.config)
         probe = {"input_ids": inputs["input_ids"][:1, :16]}
         try:
-            with torch.no_grad(), _EvalMode(unwrapped):
+            with torch.no_grad(), EvalMode(unwrapped):
                 self._capture.attach(decoder)
                 self._capture.arm()
                 logits = unwrapped(**probe, use_cache=False).logits

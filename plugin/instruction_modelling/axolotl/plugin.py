@@ -13,7 +13,7 @@ DATASET_TYPE = "instruction_modelling"
 _STRATEGY_ALIAS = f"axolotl.prompt_strategies.{DATASET_TYPE}"
 
 
-def _is_im_dataset(ds) -> bool:
+def is_im_dataset(ds) -> bool:
     t = ds.get("type") if hasattr(ds, "get") else None
     return isinstance(t, str) and (t == DATASET_TYPE or t.startswith(DATASET_TYPE + "."))
 
@@ -29,7 +29,7 @@ def check_config(cfg, args) -> bool:
     from .strategy import check_dataset_options
 
     entries = [(key, ds) for key in ("datasets", "test_datasets") for ds in cfg.get(key) or []]
-    im = [ds for _, ds in entries if _is_im_dataset(ds)]
+    im = [ds for _, ds in entries if is_im_dataset(ds)]
     if cfg.get("rl"):
         if im:
             raise ValueError(
@@ -37,7 +37,7 @@ def check_config(cfg, args) -> bool:
                 "remove `rl:` to train IM, or use a preference dataset type (the plugin then steps aside)"
             )
         return False
-    others = [(key, ds) for key, ds in entries if not _is_im_dataset(ds)]
+    others = [(key, ds) for key, ds in entries if not is_im_dataset(ds)]
     if others:
         key, ds = others[0]
         raise ValueError(
@@ -63,8 +63,9 @@ class InstructionModellingPlugin(BasePlugin):
         dataset hash (Axolotl hashes ``roles_to_train`` but not plugin options)."""
         from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 
+        from instruction_modelling.core.options import IMArgs, check_axolotl_options
+
         from . import strategy
-        from .args import IMArgs, check_axolotl_options
 
         check_axolotl_options(cfg)
 
@@ -91,7 +92,7 @@ class InstructionModellingPlugin(BasePlugin):
         sys.modules.pop(_STRATEGY_ALIAS, None)
 
     def get_input_args(self):
-        return "instruction_modelling.args.IMArgs"
+        return "instruction_modelling.core.options.IMArgs"
 
     def pre_model_load(self, cfg):
         from .strategy import REPORT

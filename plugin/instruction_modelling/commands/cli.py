@@ -24,13 +24,13 @@ from typing import Callable, Sequence
 
 # command -> (module whose `main(argv)` runs it, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "diagnose": ("instruction_modelling.diagnose",
+    "diagnose": ("instruction_modelling.commands.diagnose",
                  "is IM right for this data? length statistics, Table 5 ratio and a recommendation"),
-    "analyze": ("instruction_modelling.analyze",
+    "analyze": ("instruction_modelling.commands.analyze",
                 "did IM reduce overfitting? per-example losses, memorisation BLEU, gain fits"),
-    "preview": ("instruction_modelling.preview", "show which tokens of an Axolotl config's rows carry loss"),
-    "data": ("instruction_modelling.data.__main__", "prepare the paper's datasets and report their statistics"),
-    "recipes": ("instruction_modelling.recipes", "generate, check or render the paper's Axolotl recipes"),
+    "preview": ("instruction_modelling.commands.preview", "show which tokens of an Axolotl config's rows carry loss"),
+    "data": ("instruction_modelling.commands.data.__main__", "prepare the paper's datasets and report their statistics"),
+    "recipes": ("instruction_modelling.commands.recipes", "generate, check or render the paper's Axolotl recipes"),
     "quickstart": ("instruction_modelling.quickstart.__main__",
                    "train IT and IM on a tiny local model through axolotl.cli.train (CPU, ~1 min)"),
 }
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0 if args else 2
     if args[0] == "--version":
-        from . import __version__
+        from instruction_modelling import __version__
 
         print(f"instruction-modelling {__version__}")
         return 0

@@ -20,9 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..segments import RowError, RowFields, normalize_messages
+from instruction_modelling.core.read import InputError, Records
+from instruction_modelling.core.segments import RowError, RowFields, normalize_messages
+
 from .catalog import DatasetSpec
-from .read import InputError, Records
 from .templates import SEED, STREAM_OFFSET, TemplateStream, fill, has_input
 
 FIELDS = RowFields()

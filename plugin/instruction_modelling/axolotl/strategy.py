@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from . import raw_rows
-from .args import IMArgs
-from .segments import (
+from instruction_modelling.core.options import IMArgs
+from instruction_modelling.core.segments import (
     AXOLOTL_TEMPLATE_ROLES,
     DEFAULT_ROLE_ALIASES,
     OUTPUT_SEGMENTS,
@@ -24,6 +23,8 @@ from .segments import (
     describe_row,
     detect_format,
 )
+
+from . import raw_rows
 
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 

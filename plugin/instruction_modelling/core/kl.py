@@ -77,7 +77,7 @@ def token_kl(
     return token_losses(policy_logits, padded, reference, kind, chunk_size)[1][:, :-1]
 
 
-class _EvalMode:
+class EvalMode:
     """Put a module in eval mode (no dropout, no NEFTune noise) and restore it afterwards."""
 
     def __init__(self, module: torch.nn.Module):
@@ -136,7 +136,7 @@ class AdapterReference:
         """Run the reference backbone once; return ``reference(start, end)`` over flat positions."""
         backbone, head = _backbone_and_head(self.model)
         head = base_layer(head)  # an adapted lm_head must be bypassed too
-        with torch.no_grad(), self.model.disable_adapter(), _EvalMode(self.model):
+        with torch.no_grad(), self.model.disable_adapter(), EvalMode(self.model):
             hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state
         return ReferenceHidden(hidden.reshape(-1, hidden.shape[-1]), head, self.transform)
 
