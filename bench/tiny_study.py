@@ -12,7 +12,7 @@
 3. LIMA (``../shared/data/lima.jsonl``): a seeded shuffle gives ``--train-rows`` training rows
    and ``--heldout-rows`` other rows as held-out data (the paper used a Tulu V2 sample as its
    test set; we have none, so held-out LIMA rows play that role).
-4. IT and IM fine-tuning through the real Axolotl CLI (``quickstart.config.cpu_config`` with
+4. IT and IM fine-tuning through the real Axolotl CLI (``axolotl.configs.cpu_config`` with
    ``mode="it"`` / ``"im"``; the configs differ in that line only), rows truncated to
    ``--seq-len`` tokens (a row whose instruction alone fills them is skipped by the plugin and
    counted in the Axolotl log; it is the same row for IT and IM).
