@@ -388,8 +388,9 @@ class ReferenceHidden:
     """``ReferenceRows`` from a reference model's final hidden states ``[N, D]`` and output layer:
     each chunk's logits are computed when asked for, so the reference never holds ``[N, V]``.
 
-    ``kl.AdapterReference`` and ``kl.CopyReference`` return one. Called with ``out`` (a
-    ``[end-start, V]`` buffer of ``out_dtype``), a plain ``nn.Linear`` head writes into it.
+    ``kl.AdapterReference`` and ``kl.CopyReference`` return one. ``rows(index, out)`` projects only
+    the positions asked for, into ``out`` (a buffer of ``out_dtype``) when the head is a plain
+    ``nn.Linear``.
     """
 
     hidden: torch.Tensor
@@ -400,65 +401,50 @@ class ReferenceHidden:
     def out_dtype(self) -> torch.dtype:
         return self.hidden.dtype
 
-    def __call__(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.no_grad():
-            h = self.hidden[start:end]
-            if out is not None and _plain_linear(self.head, self.transform) and h.dtype == self.head.weight.dtype:
-                return _linear_into(h, self.head, out)
-            return self.transform(self.head(h))
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        return self._project(self.hidden[start:end])
 
     def rows(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The reference logits of the flat positions ``index`` (into ``out`` when it can)."""
+        """The reference logits of the flat positions ``index``."""
+        return self._project(self.hidden.index_select(0, index), out)
+
+    def _project(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
-            h = self.hidden.index_select(0, index)
             if out is not None and _plain_linear(self.head, self.transform) and h.dtype == self.head.weight.dtype:
                 return _linear_into(h, self.head, out)
             return self.transform(self.head(h))
 
 
-def _chunk_terms(logp, t, logq, kind, grad_ce=None, grad_kl=None, want_grad=False, out=None):
+def _chunk_terms(logp, t, logq, kind, grad_ce=None, grad_kl=None, want_grad=False):
     """Per-row CE and KL of one chunk and, with ``want_grad``, the analytic gradient ``[c, V]`` of
-    ``Σ grad_ce·ce + Σ grad_kl·kl`` with respect to the chunk's logits.
+    ``Σ grad_ce·ce + Σ grad_kl·kl`` with respect to the chunk's logits (the logits path; the
+    hidden-state path calls ``_kl_terms`` and ``_ce_grad`` itself, on the KL rows only).
 
-    ``logp`` / ``logq`` are the chunk's fp32 log-softmaxes and belong to the caller's scratch
-    space: with a full KL both are overwritten. The gradient is written into ``out``
-    (a ``[c, V]`` buffer) when given. Each quantity is computed once and shared by the loss and its
-    gradient; the full KL costs four passes over ``[c, V]`` beyond the CE's two, and no new
-    ``[c, V]`` tensor.
+    ``logp`` / ``logq`` are the chunk's fp32 log-softmaxes and belong to the caller: with a full KL
+    both are overwritten.
 
     Returns:
         ``(ce, kl, grad)``: ``kl`` is None without a reference, ``grad`` None unless ``want_grad``.
     """
     ce = -logp.gather(-1, t).squeeze(-1)
-    full = logq is not None and kind == "full"
-    kl = None
-    if logq is not None and not full:
-        kl = (logp.gather(-1, t) - logq.gather(-1, t)).squeeze(-1)
-    if not want_grad and not full:
+    kl = g_kl = p = None
+    if want_grad or (logq is not None and kind == "full"):
+        p = logp.exp()
+    if logq is not None:
+        kl, g_kl = _kl_terms(logp, logq, p, t, kind, grad_kl if want_grad else None)
+    if not want_grad:
         return ce, kl, None
-    p = torch.exp(logp, out=out) if out is not None else logp.exp()
-    if full:
-        diff = torch.sub(logp, logq, out=logq)  # log p − log q
-        kl = torch.mul(p, diff, out=logp).sum(-1)  # logp is no longer needed
-        if not want_grad:
-            return ce, kl, None
-    gce = grad_ce.unsqueeze(-1) if grad_ce is not None else None
-    gk = grad_kl.unsqueeze(-1) if grad_kl is not None and kl is not None else None
-    if full and gk is not None:  # d KL(p‖q)/dz = p ⊙ (log p − log q − KL)
-        shift = -gk * kl.unsqueeze(-1)
-        if gce is not None:
-            shift = shift + gce
-        g = p.mul_(diff.mul_(gk).add_(shift))  # (addcmul is 3× slower on the CPU)
-    elif gk is not None:  # target_token: d(log p_t − log q_t)/dz = onehot(t) − p
-        g = p.mul_((gce if gce is not None else 0.0) - gk)
-        g.scatter_add_(-1, t, gk)
-    elif gce is not None:
-        g = p.mul_(gce)
-    else:
-        g = p.zero_()
-    if gce is not None:  # d(−log p_t)/dz = p − onehot(t)
-        g.scatter_add_(-1, t, -gce)
-    return ce, kl, g
+    g = _ce_grad(p, t, grad_ce)
+    return ce, kl, g if g_kl is None else g.add_(g_kl)
+
+
+def _ce_grad(p, t, grad_ce):
+    """Gradient ``[c, V]`` of ``Σ grad_ce·(−log p_t)`` with respect to the logits,
+    ``grad_ce·(p − onehot(t))``, written over ``p``."""
+    if grad_ce is None:
+        return p.zero_()
+    g = grad_ce.unsqueeze(-1)
+    return p.mul_(g).scatter_add_(-1, t, -g)
 
 
 def _kl_terms(logp, logq, p, t, kind, weight=None):
@@ -575,9 +561,10 @@ class _HiddenWeightedLoss(torch.autograd.Function):
             c = -logp.gather(-1, t).squeeze(-1)
             ce[s:e] = c
             loss += (c * ce_coef[s:e]).sum()
-            p = torch.exp(logp, out=scratch.get("g", e - s, cols, dtype, device))
+            has_kl = reference is not None and per_chunk[i] > 0
+            p = torch.exp(logp, out=scratch.get("g", e - s, cols, dtype, device)) if backprop or has_kl else None
             g_kl = None
-            if reference is not None and per_chunk[i]:
+            if has_kl:
                 rows = kl_at[kl_start:kl_start + per_chunk[i]]
                 kl_start += per_chunk[i]
                 whole = per_chunk[i] == e - s
@@ -600,9 +587,7 @@ class _HiddenWeightedLoss(torch.autograd.Function):
                 loss += (k * w_k).sum()
             if not backprop:
                 continue
-            gce = ce_coef[s:e].to(dtype).unsqueeze(-1)
-            g = p.mul_(gce)  # d(−log p_t)/dz = p − onehot(t)
-            g.scatter_add_(-1, t, -gce)
+            g = _ce_grad(p, t, ce_coef[s:e].to(dtype))
             if g_kl is not None:
                 g.add_(g_kl) if local is None else g.index_add_(0, local, g_kl)
             if linear:
@@ -620,9 +605,9 @@ class _HiddenWeightedLoss(torch.autograd.Function):
             if want_h:
                 grad_h[s:e] = grads[0]
                 grads = grads[1:]
-            for i, gp in enumerate(grads):
+            for j, gp in enumerate(grads):
                 if gp is not None:
-                    grad_p[i] = gp if grad_p[i] is None else grad_p[i].add_(gp)
+                    grad_p[j] = gp if grad_p[j] is None else grad_p[j].add_(gp)
         if linear and backprop:
             by_param = {id(head.weight): grad_w, id(head.bias): grad_b}
             grad_p = [by_param.get(id(p)) for p in grad_inputs]
