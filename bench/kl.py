@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 PRESETS = {
     # ~20M parameters; LLaMA-2's 32k vocabulary so the KL over the vocabulary is realistic.
@@ -47,12 +45,12 @@ VARIANTS = ("im_lora", "kl_adapter", "kl_adapter_all", "kl_adapter_naive", "im_f
 
 
 def run_variant(variant: str, preset: str, device: str, steps: int) -> dict:
-    import psutil
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from instruction_modelling.core.kl import AdapterReference, CopyReference, kl_mask, naive_token_kl
     from instruction_modelling.core.losses import HiddenStates, segment_weighted_loss, weight_table
+    from measure import baseline, peak_since, time_steps  # bench/measure.py
 
     p = dict(PRESETS[preset])
     seq, batch = p.pop("seq"), p.pop("batch")
@@ -99,26 +97,9 @@ def run_variant(variant: str, preset: str, device: str, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
-    else:
-        base_mem = psutil.Process().memory_info().rss
-    times = []
-    for _ in range(steps + 1):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base_mem
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem
+    base_mem = baseline(device)
+    times = time_steps(step, device, steps + 1)
+    peak = peak_since(base_mem, device)
     # The fastest step after the warm-up: on a shared or virtual machine, interference only ever
     # adds time, so the minimum is the stable estimate (as timeit does).
     return {"variant": variant, "step_s": min(times[1:]), "peak_bytes": peak, "kl_share": mask.float().mean().item(),

@@ -26,11 +26,9 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
 IMPLS = ("hf", "logits", "chunked", "cce", "liger")
 VOCABS = (32000, 128256)
@@ -53,10 +51,10 @@ def available(impl: str, device: str) -> str | None:
 
 def run_impl(impl: str, vocab: int, tokens: int, hidden_size: int, device: str, dtype_name: str, reps: int,
              chunk: int) -> dict:
-    import psutil
     import torch
 
     from instruction_modelling.core.losses import HiddenStates, segment_weighted_loss, target_coefficients, weight_table
+    from measure import baseline, peak_since, sync, time_steps  # bench/measure.py
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
@@ -88,33 +86,16 @@ def run_impl(impl: str, vocab: int, tokens: int, hidden_size: int, device: str, 
             ce = LigerFusedLinearCrossEntropyLoss(reduction="none")(head.weight, h, t)
         return (ce.float() * coef).sum()
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     def step():
         loss_fn().backward()
         hidden.grad = None
         head.weight.grad = None
 
     step()  # warm-up (kernels, allocator)
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = psutil.Process().memory_info().rss
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    sync(device)
+    base = baseline(device)
+    times = time_steps(step, device, reps)
+    peak = peak_since(base, device)
     return {"impl": impl, "vocab": vocab, "time_s": statistics.median(times), "peak_bytes": max(peak, 0)}
 
 
