@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         tr, ho = v["train"], v["heldout"]
         print(f"{name:<8}{tr['mean']:>10.4f}{ho['mean']:>10.4f}{ho['mean'] - tr['mean']:>8.3f}"
               f"{tr['pooled']:>14.4f}{ho['pooled']:>17.4f}")
-    print(f"paper (LLaMA-2-7B, LIMA): IT train 1.37 / test 1.32; IM train 1.45 / test 1.17")
+    print("paper (LLaMA-2-7B, LIMA): IT train 1.37 / test 1.32; IM train 1.45 / test 1.17")
     if memo:
         print("BLEU vs training outputs: " + ", ".join(f"{k} {v['bleu']:.2f}" for k, v in memo["models"].items()))
     for split, p in paired.items():

@@ -230,7 +230,7 @@ def _section_html(s: Section, columns: list[str], suite: Suite) -> str:
     for row in _rows(s):
         out.append(f"<tr><td>{html.escape(_label(row))}</td>" + "".join(_cell(row, c) for c in columns) + "</tr>")
         if s.base and row is not s.base:
-            out.append(f"<tr class='delta'><td>Δ IM − IT</td>" if s.title != "Runs" else
+            out.append("<tr class='delta'><td>Δ IM − IT</td>" if s.title != "Runs" else
                        f"<tr class='delta'><td>Δ {html.escape(row.label)} − {html.escape(s.base.label.split(' (')[0])}</td>")
             out[-1] += "".join(_delta_cell(delta(row.values[c], s.base.values[c])) for c in columns) + "</tr>"
     out.append("</table>")

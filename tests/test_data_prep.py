@@ -15,7 +15,6 @@ import pytest
 
 from instruction_modelling.commands.data import BadRowsError, InputError, build, prepare
 from instruction_modelling.commands.data.catalog import DATASETS
-from instruction_modelling.core.read import read_local
 from instruction_modelling.commands.data.templates import (
     STREAM_OFFSET, TEMPLATES_WITH_INPUT, TEMPLATES_WITHOUT_INPUT, TemplateStream, fill, wrap_all)
 from instruction_modelling.commands.data.tulu import percent_subset, ratio_subset

@@ -15,7 +15,6 @@ from instruction_modelling.core.losses import (
     loss_normaliser,
     segment_weighted_loss,
     target_coefficients,
-    weight_table,
 )
 from test_losses import TABLES, make_examples
 

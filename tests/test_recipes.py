@@ -12,14 +12,13 @@ from pathlib import Path
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # before anything imports Axolotl
 
 import pytest
-import yaml
 
 from instruction_modelling.core.options import IMArgs
 from instruction_modelling.axolotl.configs import write_config
 from instruction_modelling.quickstart.sample_data import TRAIN_FILE
 from instruction_modelling.quickstart.tiny import build_tiny_llama, corpus_from_jsonl
 from instruction_modelling.commands.recipes import (
-    build_recipes, check, default_recipes_dir, for_cpu_smoke_test, generate, load_recipe, load_table)
+    check, for_cpu_smoke_test, generate, load_recipe)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

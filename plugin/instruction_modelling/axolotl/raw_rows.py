@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from instruction_modelling.core.read import DEFAULT_MAX_ROW_BYTES, InputError, iter_raw_rows
+from instruction_modelling.core.read import DEFAULT_MAX_ROW_BYTES, iter_raw_rows
 from instruction_modelling.core.segments import RowError
 
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
