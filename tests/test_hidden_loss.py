@@ -3,6 +3,8 @@ float64 brute force: values and gradients w.r.t. the hidden states and every hea
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,3 +255,58 @@ def test_no_full_logits_are_built(head_kind):
     with _RowsPerVocabTensor() as mode:  # the check can fail: the logits path has them
         segment_weighted_loss(transform(head(hidden)), ids, segs, TABLES["im"], chunk_size=4).loss.backward()
     assert max(mode.rows) == ids.numel()
+
+
+# --- impl: cce ------------------------------------------------------------------------------------
+# Cut Cross Entropy's CUDA kernel cannot run on this CPU machine. Its own reference implementation,
+# `impl="torch_compile"` (same function, same arguments, same per-token result), stands in for it
+# here, run eagerly, so that everything of ours around the call is tested: the flattening, the
+# targets, the softcap, the per-token coefficients, the returned CE and every gradient.
+@pytest.fixture
+def cce_on_cpu(monkeypatch):
+    cce = pytest.importorskip("cut_cross_entropy")
+    real = cce.linear_cross_entropy
+
+    def on_cpu(*args, **kwargs):
+        assert "impl" not in kwargs, "the plugin leaves the kernel choice to Cut Cross Entropy"
+        return real(*args, impl="torch_compile", **kwargs)
+
+    monkeypatch.setattr(cce, "linear_cross_entropy", on_cpu)
+    # eagerly: the function under its torch.compile wrapper (no C++ compile in a unit test)
+    compiled = importlib.import_module("cut_cross_entropy.torch_compile")
+    monkeypatch.setattr(compiled, "torch_compile_linear_cross_entropy_apply",
+                        compiled.torch_compile_linear_cross_entropy_apply.__wrapped__)
+
+
+@pytest.mark.parametrize("head_kind,table_name,normalisation,layout", [
+    ("plain", "im", "token", "padded"),
+    ("tied", "weighted", "sequence", "packed"),
+    ("softcap", "role_overrides", "token", "packed"),
+])
+def test_cce_impl_equals_the_chunked_path(cce_on_cpu, head_kind, table_name, normalisation, layout):
+    table = TABLES[table_name]
+    ids, segs, pos = batch(layout, seed=11)
+    head, transform = make_head(head_kind, dtype=torch.float32)
+    hidden = (torch.randn(*ids.shape, D, generator=torch.Generator().manual_seed(2)) * 2).requires_grad_()
+    params = [hidden] + list(head.parameters())
+
+    def run(impl):
+        return segment_weighted_loss(HiddenStates(hidden, head, transform, impl=impl), ids, segs, table, pos,
+                                     normalisation, chunk_size=7)
+
+    cce, chunked = run("cce"), run("chunked")
+    assert cce.loss.item() > 0
+    torch.testing.assert_close(cce.loss, chunked.loss, rtol=1e-5, atol=1e-6)
+    for key in ("instruction_sum", "output_sum"):
+        torch.testing.assert_close(getattr(cce, key), getattr(chunked, key), rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads(cce.loss, params), grads(chunked.loss, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_kind", ["bias", "scaled"])
+def test_cce_impl_refuses_what_its_kernel_cannot_compute(cce_on_cpu, head_kind):
+    ids, segs, _ = batch("padded")
+    head, transform = make_head(head_kind, dtype=torch.float32)
+    hidden = torch.randn(*ids.shape, D, requires_grad=True)
+    with pytest.raises(ValueError, match="bias-free lm_head with at most a softcap"):
+        segment_weighted_loss(HiddenStates(hidden, head, transform, impl="cce"), ids, segs, TABLES["im"])
