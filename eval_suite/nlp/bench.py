@@ -99,6 +99,25 @@ def aggregate(raw: dict[str, float | None], suite: Suite) -> tuple[dict[str, flo
     return tasks, categories, statistics.fmean(present) if present else None, notes
 
 
+# The lm-eval releases this suite runs on; pyproject's `eval` extra declares the same range. lm-eval
+# 0.4.12 rebuilt the task index that the overrides (here) and the dataset preflight read: its entries
+# became `Entry` objects and `TaskManager._get_config` went away.
+LM_EVAL_RANGE = ("0.4.11", "0.4.12")  # [lowest, first unsupported)
+
+
+def check_lm_eval_version(installed: str | None = None) -> None:
+    """A one-sentence ``ValueError`` when the installed lm-eval is outside ``LM_EVAL_RANGE``."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    installed = installed or version("lm_eval")
+    low, high = LM_EVAL_RANGE
+    if not Version(low) <= Version(installed) < Version(high):
+        raise ValueError(f"eval-suite nlp runs on lm-eval >={low},<{high} (0.4.12 changed the task index it reads), "
+                         f"and this environment has lm-eval {installed}: pip install 'lm-eval[hf]>={low},<{high}'")
+
+
 def overrides_include_dir(overrides: dict[str, dict[str, Any]], task_manager, out_dir: Path) -> Path:
     """Write one YAML per overridden task that includes its registered config and replaces fields."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +160,7 @@ def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] 
         log_samples: lm-eval's ``--log_samples``: every prompt and answer, written to RUN_DIR/nlp/samples_<task>.jsonl.
         use_cache: lm-eval's request cache (SQLite path prefix): a rerun answers cached requests without the model.
     """
+    check_lm_eval_version()
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable

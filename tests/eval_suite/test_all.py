@@ -175,3 +175,15 @@ def test_gpu_memory_check_names_the_fix():
     with pytest.raises(PreflightError, match=r"cuda: 14.0 GiB free, but the model needs 13.0 GiB plus 5.0 GiB of KV "
                                              r"cache for one sample; free the GPU"):
         check_gpu_memory(14 * gib, 13 * gib, 512 * 1024, 10_240, "cuda")
+
+
+def test_preflight_names_an_unsupported_lm_eval(tmp_path):
+    """lm-eval 0.4.13's metadata ahead of the real one on the path: one more preflight line, nothing run."""
+    fake = tmp_path / "site" / "lm_eval-0.4.13.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: lm_eval\nVersion: 0.4.13\n")
+    repo = Path(__file__).resolve().parents[2]
+    stderr, _ = preflight(tmp_path, "--skip", "humaneval", "alpaca_eval_1", "alpaca_eval_2", "mt_bench", "--device", "cpu",
+                          env={"PYTHONPATH": f"{tmp_path / 'site'}:{repo}"})
+    assert any(line.startswith("eval-suite nlp runs on lm-eval >=0.4.11,<0.4.12") and line.endswith(
+        "this environment has lm-eval 0.4.13: pip install 'lm-eval[hf]>=0.4.11,<0.4.12'") for line in failure_lines(stderr)), stderr

@@ -204,3 +204,34 @@ def test_tydiqa_metrics():
     assert tydiqa.process_results_en(doc, [" Eiffel tower!"]) == {"exact_match": 1.0, "f1": 1.0}
     assert tydiqa.process_results_en(doc, ["a tower in Paris"])["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
     assert tydiqa.normalize("«Habari», dunia!", "sw") == ["habari", "dunia"]
+
+
+@pytest.mark.parametrize("installed,ok", [("0.4.11", True), ("0.4.11.post1", True), ("0.4.10", False),
+                                          ("0.4.12", False), ("0.4.13", False), ("0.5.0", False)])
+def test_lm_eval_version_gate(installed, ok):
+    if ok:
+        bench.check_lm_eval_version(installed)
+    else:
+        with pytest.raises(ValueError, match=rf"lm-eval {re.escape(installed)}: pip install 'lm-eval\[hf\]>=0.4.11,<0.4.12'"):
+            bench.check_lm_eval_version(installed)
+
+
+def test_installed_lm_eval_passes_the_gate_and_pyproject_declares_the_same_range():
+    bench.check_lm_eval_version()  # the environment the suite is tested in
+    low, high = bench.LM_EVAL_RANGE
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert f'"lm-eval[hf]>={low},<{high}"' in pyproject
+
+
+def test_an_unsupported_lm_eval_is_one_sentence_before_any_work(tiny_model_dir, tmp_path):
+    """lm-eval 0.4.13's metadata ahead of the real one on the path: the CLI stops at once and says what to install."""
+    fake = tmp_path / "site" / "lm_eval-0.4.13.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: lm_eval\nVersion: 0.4.13\n")
+    repo = Path(__file__).resolve().parents[2]
+    proc = run_cli("nlp", "--model", str(tiny_model_dir), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+                   env={"PYTHONPATH": f"{tmp_path / 'site'}:{repo}"})
+    assert proc.returncode != 0
+    assert "this environment has lm-eval 0.4.13: pip install 'lm-eval[hf]>=0.4.11,<0.4.12'" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "results").exists()
