@@ -69,6 +69,15 @@ def judge_server():
         yield server
 
 
+def lm_eval_reported_as(version: str, root: Path) -> dict:
+    """An environment for ``run_cli`` in which ``importlib.metadata`` reports lm-eval ``version``: a
+    dist-info folder ahead of the installed one on the path (the installed code is what still runs)."""
+    dist = root / "site" / f"lm_eval-{version}.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: lm_eval\nVersion: {version}\n")
+    return {"PYTHONPATH": f"{root / 'site'}{os.pathsep}{REPO_ROOT}"}
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m eval_suite ...`` in a subprocess with this checkout first on the path."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}

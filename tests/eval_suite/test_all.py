@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, benchmarks_dir, run_cli
+from conftest import REPO_ROOT, benchmarks_dir, lm_eval_reported_as, run_cli
 
 from eval_suite.judge.server import JudgeServer
 from eval_suite.preflight import PreflightError, check_gpu_memory
@@ -178,12 +178,8 @@ def test_gpu_memory_check_names_the_fix():
 
 
 def test_preflight_names_an_unsupported_lm_eval(tmp_path):
-    """lm-eval 0.4.13's metadata ahead of the real one on the path: one more preflight line, nothing run."""
-    fake = tmp_path / "site" / "lm_eval-0.4.13.dist-info"
-    fake.mkdir(parents=True)
-    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: lm_eval\nVersion: 0.4.13\n")
-    repo = Path(__file__).resolve().parents[2]
+    """lm-eval reported as 0.4.13: one more preflight line, nothing run."""
     stderr, _ = preflight(tmp_path, "--skip", "humaneval", "alpaca_eval_1", "alpaca_eval_2", "mt_bench", "--device", "cpu",
-                          env={"PYTHONPATH": f"{tmp_path / 'site'}:{repo}"})
+                          env=lm_eval_reported_as("0.4.13", tmp_path))
     assert any(line.startswith("eval-suite nlp runs on lm-eval >=0.4.11,<0.4.12") and line.endswith(
         "this environment has lm-eval 0.4.13: pip install 'lm-eval[hf]>=0.4.11,<0.4.12'") for line in failure_lines(stderr)), stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import lm_eval_reported_as, run_cli
 
 from eval_suite.nlp import bench
 from eval_suite.nlp.bench import Suite, aggregate
@@ -224,13 +224,9 @@ def test_installed_lm_eval_passes_the_gate_and_pyproject_declares_the_same_range
 
 
 def test_an_unsupported_lm_eval_is_one_sentence_before_any_work(tiny_model_dir, tmp_path):
-    """lm-eval 0.4.13's metadata ahead of the real one on the path: the CLI stops at once and says what to install."""
-    fake = tmp_path / "site" / "lm_eval-0.4.13.dist-info"
-    fake.mkdir(parents=True)
-    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: lm_eval\nVersion: 0.4.13\n")
-    repo = Path(__file__).resolve().parents[2]
+    """lm-eval reported as 0.4.13: the CLI stops at once and says what to install."""
     proc = run_cli("nlp", "--model", str(tiny_model_dir), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
-                   env={"PYTHONPATH": f"{tmp_path / 'site'}:{repo}"})
+                   env=lm_eval_reported_as("0.4.13", tmp_path))
     assert proc.returncode != 0
     assert "this environment has lm-eval 0.4.13: pip install 'lm-eval[hf]>=0.4.11,<0.4.12'" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
