@@ -292,11 +292,6 @@ def preflight(run: Run, benchmarks: list[str]) -> list[str]:
     if "nlp" in benchmarks:
         from eval_suite.nlp import bench
 
-        try:
-            bench.check_lm_eval_version()
-        except ValueError as e:
-            failures.append(str(e))
-            return failures
         overrides = bench.load_overrides(bench.DEFAULT_OVERRIDES if not a.no_builtin_tasks else None, a.dataset_overrides)
         attempt(pf.check_nlp_datasets, [bench.TASKS_DIR, *a.include_path], a.tasks or [bench.Suite.load().lm_eval_group],
                 overrides, not a.no_builtin_tasks, run.run_dir / "nlp" / "dataset_overrides.todo.yaml")

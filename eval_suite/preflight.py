@@ -203,6 +203,12 @@ def _simple_config(task_manager, name: str) -> dict[str, Any]:
 def check_nlp_datasets(include_paths: list[Path], tasks: list[str], overrides: dict[str, dict[str, Any]],
                        include_defaults: bool, template_path: Path) -> None:
     """Every dataset the NLP suite needs is loadable here; else one line listing all that are not."""
+    from eval_suite.nlp.bench import check_lm_eval_version
+
+    try:
+        check_lm_eval_version()  # before the task index below, which lm-eval 0.4.12 changed
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
     import lm_eval
     from lm_eval.tasks import TaskManager
 
