@@ -3,8 +3,6 @@ float64 brute force: values and gradients w.r.t. the hidden states and every hea
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,6 +263,7 @@ def test_no_full_logits_are_built(head_kind):
 @pytest.fixture
 def cce_on_cpu(monkeypatch):
     cce = pytest.importorskip("cut_cross_entropy")
+    import cut_cross_entropy.torch_compile as compiled
     real = cce.linear_cross_entropy
 
     def on_cpu(*args, **kwargs):
@@ -273,7 +272,6 @@ def cce_on_cpu(monkeypatch):
 
     monkeypatch.setattr(cce, "linear_cross_entropy", on_cpu)
     # eagerly: the function under its torch.compile wrapper (no C++ compile in a unit test)
-    compiled = importlib.import_module("cut_cross_entropy.torch_compile")
     monkeypatch.setattr(compiled, "torch_compile_linear_cross_entropy_apply",
                         compiled.torch_compile_linear_cross_entropy_apply.__wrapped__)
 

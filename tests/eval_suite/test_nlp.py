@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import lm_eval_reported_as, run_cli
+from conftest import REPO_ROOT, lm_eval_reported_as, run_cli
 
 from eval_suite.nlp import bench
 from eval_suite.nlp.bench import Suite, aggregate
@@ -219,7 +219,7 @@ def test_lm_eval_version_gate(installed, ok):
 def test_installed_lm_eval_passes_the_gate_and_pyproject_declares_the_same_range():
     bench.check_lm_eval_version()  # the environment the suite is tested in
     low, high = bench.LM_EVAL_RANGE
-    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert f'"lm-eval[hf]>={low},<{high}"' in pyproject
 
 
