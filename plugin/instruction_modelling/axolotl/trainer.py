@@ -28,6 +28,7 @@ reach the host only when logged.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -109,6 +110,8 @@ class _HiddenCapture:
         self.armed = False
         self.hidden = None
         self.handle = None
+        self.device = "cpu"
+        self.autocast_dtype = None  # accelerate runs the model's forward, not the loss, under autocast
 
     def attach(self, decoder: torch.nn.Module):
         if self.handle is None:
@@ -117,6 +120,14 @@ class _HiddenCapture:
     def _hook(self, module, args, output):
         if self.armed and self.hidden is None:
             self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            self.device = self.hidden.device.type
+            self.autocast_dtype = torch.get_autocast_dtype(self.device) if torch.is_autocast_enabled(self.device) else None
+
+    def autocast(self):
+        """The autocast the model's last forward ran under (a no-op without one)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.autocast_dtype)
 
     def arm(self):
         self.armed, self.hidden = True, None
@@ -283,7 +294,8 @@ class IMTrainer(AxolotlTrainer):
                 self._capture.arm()
                 logits = unwrapped(**probe, use_cache=False).logits
                 hidden = self._capture.take()
-                ours = transform(head(hidden)) if hidden is not None else None
+                with self._capture.autocast():  # the head in the dtype the model's forward used
+                    ours = transform(head(hidden)) if hidden is not None else None
         except Exception as err:  # a model that needs more than input_ids (multimodal, ...)
             self._capture.take()
             return f"checking the head against the model's logits failed ({type(err).__name__}: {err})"
@@ -385,10 +397,13 @@ class IMTrainer(AxolotlTrainer):
             if hidden is None:
                 raise RuntimeError("the decoder's forward hook saw no hidden states; set im_loss_impl: logits")
             _, base, _, head = self._parts(b["model"])
-            scores = HiddenStates(hidden, head, logit_transform(base.config), self._loss_impl)
+            scores = HiddenStates(hidden, head, logit_transform(base.config), self._loss_impl,
+                                  autocast_dtype=self._capture.autocast_dtype,
+                                  accum_dtype=torch.float32 if a.im_loss_accum_dtype == "float32" else None)
         reference = mask = None
         if self.kl_enabled:
-            reference = self.kl_reference(b["forward"])
+            with self._capture.autocast():  # the reference's forward as numerically as the policy's
+                reference = self.kl_reference(b["forward"])
             mask = kl_mask(b["segment_ids"], b["position_ids"], a.im_kl_segments)
         ids = b["input_ids"]
         out = segment_weighted_loss(

@@ -28,7 +28,8 @@ never predicting the first token of an example from the previous one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
@@ -375,12 +376,58 @@ def _plain_linear(head: torch.nn.Module, transform: LogitTransform) -> bool:
     return type(head) is torch.nn.Linear and transform.is_identity
 
 
-def _linear_into(h: torch.Tensor, head: torch.nn.Linear, out: torch.Tensor) -> torch.Tensor:
-    """``head(h)`` written into ``out`` (no grad)."""
-    w, b = head.weight.detach(), head.bias
-    if b is None:
-        return torch.mm(h, w.t(), out=out)
-    return torch.addmm(b.detach(), h, w.t(), out=out)
+def _linear_into(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``F.linear(h, weight, bias)`` written into ``out`` (no grad)."""
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def _linear_params(head: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's detached weight and bias in ``dtype``, the dtype its input is computed in: an fp32
+    head applied to bf16 hidden states (QLoRA's ``prepare_model_for_kbit_training`` upcasts the head,
+    Gemma-style norms return the input's dtype) runs in bf16 under the model's autocast, which casts
+    the weight once per forward; so is it here, once per call, not per chunk."""
+    w, b = head.weight.detach(), head.bias.detach() if head.bias is not None else None
+    return w.to(dtype), (b.to(dtype) if b is not None else None)
+
+
+def compute_dtype(hidden_dtype: torch.dtype, head: torch.nn.Module, autocast_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the model's own forward applies its output layer in: the autocast dtype when that
+    forward ran under autocast (HF's Trainer runs the model's forward, not the loss, under
+    accelerate's autocast), else the hidden states' and the head weight's common dtype
+    (``torch.promote_types``; equal dtypes in every model that runs without autocast)."""
+    if autocast_dtype is not None:
+        return autocast_dtype
+    weight = getattr(head, "weight", None)
+    return torch.promote_types(hidden_dtype, weight.dtype) if isinstance(weight, torch.Tensor) else hidden_dtype
+
+
+def _autocast_like(h: torch.Tensor, head: torch.nn.Module):
+    """Autocast to ``h``'s dtype around a head (LoRA-adapted, ``modules_to_save``) whose parameters
+    are in another dtype, as the model's forward ran it; a no-op otherwise."""
+    low = h.dtype in (torch.float16, torch.bfloat16)
+    if low and any(p.is_floating_point() and p.dtype != h.dtype for p in head.parameters()):
+        return torch.autocast(h.device.type, dtype=h.dtype)
+    return contextlib.nullcontext()
+
+
+_ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_exact: torch.Tensor | None = None) -> None:
+    """``acc += a @ b`` with the product kept in ``acc``'s dtype (fp32 when ``a``/``b`` are bf16):
+    rounding each chunk's product to bf16 before adding it makes the error grow with √chunks.
+
+    On CUDA the bf16 GEMM writes fp32 directly (``addmm(out_dtype=)``, torch >= 2.8, as Liger's
+    ``accum_dtype`` does); elsewhere the chunk is upcast (``a_exact``: ``a`` before it was rounded).
+    """
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda" and _ADDMM_OUT_DTYPE and a.dtype == b.dtype:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_((a_exact if a_exact is not None else a).to(acc.dtype), b.to(acc.dtype))
 
 
 @dataclass
@@ -396,6 +443,7 @@ class ReferenceHidden:
     hidden: torch.Tensor
     head: torch.nn.Module
     transform: LogitTransform = LogitTransform()
+    _params: tuple | None = field(default=None, init=False, repr=False)
 
     @property
     def out_dtype(self) -> torch.dtype:
@@ -410,9 +458,14 @@ class ReferenceHidden:
 
     def _project(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
-            if out is not None and _plain_linear(self.head, self.transform) and h.dtype == self.head.weight.dtype:
-                return _linear_into(h, self.head, out)
-            return self.transform(self.head(h))
+            if type(self.head) is torch.nn.Linear:
+                if self._params is None or self._params[0].dtype != h.dtype:
+                    self._params = _linear_params(self.head, h.dtype)  # once per micro-batch
+                if out is not None and self.transform.is_identity:
+                    return _linear_into(h, *self._params, out)
+                return self.transform(F.linear(h, *self._params))
+            with _autocast_like(h, self.head):
+                return self.transform(self.head(h))
 
 
 def _chunk_terms(logp, t, logq, kind, grad_ce=None, grad_kl=None, want_grad=False):
@@ -505,15 +558,19 @@ class _HiddenWeightedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, ce_coef, kl_weight, kl_rows, head, transform, reference, kind, chunk, *params):
+    def forward(ctx, hidden, targets, ce_coef, kl_weight, kl_rows, head, transform, reference, kind, chunk,
+                accum_dtype, *params):
         n = hidden.shape[0]
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 stays fp64)
         want_h = ctx.needs_input_grad[0]
-        want_p = [ctx.needs_input_grad[10 + i] for i in range(len(params))]
+        want_p = [ctx.needs_input_grad[11 + i] for i in range(len(params))]
         grad_inputs = [p for p, w in zip(params, want_p) if w]
         backprop = want_h or bool(grad_inputs)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_p = [None] * len(grad_inputs)
+        # Head gradients summed over chunks in accum_dtype (fp32 by default), cast to the parameter's
+        # dtype once at the end: one rounding whatever the number of chunks.
+        acc_dtypes = [torch.promote_types(p.dtype, accum_dtype or p.dtype) for p in grad_inputs]
         device = hidden.device
         ce = torch.empty(n, dtype=dtype, device=device)
         kl = torch.zeros(n if reference is not None else 0, dtype=dtype, device=device)
@@ -522,12 +579,16 @@ class _HiddenWeightedLoss(torch.autograd.Function):
         # generic path allocates a [V, D] gradient per chunk before adding it).
         linear = type(head) is torch.nn.Linear and all(
             w for p, w in zip(params, want_p) if p is head.weight or p is head.bias)
+        if linear:
+            weight, bias = _linear_params(head, hidden.dtype)
         if linear and backprop:
-            grad_w = torch.zeros_like(head.weight) if head.weight.requires_grad else None
-            grad_b = torch.zeros_like(head.bias) if head.bias is not None and head.bias.requires_grad else None
+            def accumulator(p):
+                return torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, accum_dtype or p.dtype), device=device)
+            grad_w = accumulator(head.weight) if head.weight.requires_grad else None
+            grad_b = accumulator(head.bias) if head.bias is not None and head.bias.requires_grad else None
         # ... and without a logit transform, every [chunk, V] tensor lives in a reused buffer: the
         # head's output, the log-softmaxes, the reference's logits and the gradient.
-        direct = linear and transform.is_identity and hidden.dtype == head.weight.dtype
+        direct = linear and transform.is_identity
         scratch = _Scratch()
         fp32_model = hidden.dtype == dtype
         logq_name = "z" if direct and fp32_model else "logq"  # the policy's logits are dead by then
@@ -546,16 +607,17 @@ class _HiddenWeightedLoss(torch.autograd.Function):
             h = hidden[s:e].detach()
             if direct:
                 cols = head.out_features
-                z = _linear_into(h, head, scratch.get("z", e - s, cols, hidden.dtype, device))
+                z = _linear_into(h, weight, bias, scratch.get("z", e - s, cols, hidden.dtype, device))
             else:
                 with torch.enable_grad() if backprop else torch.no_grad():
                     if linear:
-                        raw = F.linear(h, head.weight.detach(), head.bias.detach() if head.bias is not None else None)
+                        raw = F.linear(h, weight, bias)
                         raw.requires_grad_(backprop and not transform.is_identity)
                         z = transform(raw)
                     else:
                         h.requires_grad_(want_h)
-                        z = transform(head(h))
+                        with _autocast_like(h, head):
+                            z = transform(head(h))
                 cols = z.shape[-1]
             logp = _log_softmax_into(z.detach(), scratch.get("logp", e - s, cols, dtype, device))
             c = -logp.gather(-1, t).squeeze(-1)
@@ -591,15 +653,15 @@ class _HiddenWeightedLoss(torch.autograd.Function):
             if g_kl is not None:
                 g.add_(g_kl) if local is None else g.index_add_(0, local, g_kl)
             if linear:
-                g = g.to(z.dtype)
+                g_exact, g = g, g.to(z.dtype)
                 if not transform.is_identity:  # through the softcap / scaling, elementwise
-                    g = torch.autograd.grad(z, raw, g)[0]
+                    g = g_exact = torch.autograd.grad(z, raw, g)[0]
                 if want_h:
-                    torch.mm(g, head.weight.detach(), out=grad_h[s:e])
+                    torch.mm(g, weight, out=grad_h[s:e])
                 if grad_w is not None:
-                    grad_w.addmm_(g.t(), h)
+                    _accumulate_mm(grad_w, g.t(), h, g_exact.t())
                 if grad_b is not None:
-                    grad_b += g.sum(0)
+                    grad_b.add_(g_exact.sum(0, dtype=grad_b.dtype))
                 continue
             grads = torch.autograd.grad(z, ([h] if want_h else []) + grad_inputs, g.to(z.dtype), allow_unused=True)
             if want_h:
@@ -607,10 +669,13 @@ class _HiddenWeightedLoss(torch.autograd.Function):
                 grads = grads[1:]
             for j, gp in enumerate(grads):
                 if gp is not None:
-                    grad_p[j] = gp if grad_p[j] is None else grad_p[j].add_(gp)
+                    grad_p[j] = gp.to(acc_dtypes[j]) if grad_p[j] is None else grad_p[j].add_(gp)
         if linear and backprop:
             by_param = {id(head.weight): grad_w, id(head.bias): grad_b}
             grad_p = [by_param.get(id(p)) for p in grad_inputs]
+        # Back to each parameter's dtype now, so that only the parameter-sized gradient is held until
+        # backward (which scales it in place).
+        grad_p = [gp.to(p.dtype) if gp is not None else None for gp, p in zip(grad_p, grad_inputs)]
         ctx.grad_h, ctx.want_p, ctx.grad_p = grad_h, want_p, grad_p
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
@@ -625,7 +690,7 @@ class _HiddenWeightedLoss(torch.autograd.Function):
             gp = next(computed) if want else None
             grad_params.append(gp.mul_(grad_loss.to(gp.dtype)) if gp is not None else None)
         ctx.grad_h = ctx.grad_p = None
-        return (grad_h, None, None, None, None, None, None, None, None, None, *grad_params)
+        return (grad_h, None, None, None, None, None, None, None, None, None, None, *grad_params)
 
 
 def _cce_token_ce(hidden, weight, bias, targets, transform):
@@ -646,12 +711,18 @@ class HiddenStates:
         head: the output layer module (``model.get_output_embeddings()``, adapted or not).
         transform: what the model does to the head's output (``LogitTransform``).
         impl: ``chunked`` (pure PyTorch, exact) or ``cce`` (Cut Cross Entropy kernels, CUDA; CE only).
+        autocast_dtype: the autocast dtype the model's forward ran under (None: none); the head is
+            applied in it, as the model applied it (``compute_dtype``).
+        accum_dtype: dtype in which the head's parameter gradients are summed over chunks (None: the
+            parameter's own; fp32 by default, see ``im_loss_accum_dtype``).
     """
 
     hidden: torch.Tensor
     head: torch.nn.Module
     transform: LogitTransform = LogitTransform()
     impl: str = "chunked"
+    autocast_dtype: torch.dtype | None = None
+    accum_dtype: torch.dtype | None = torch.float32
 
 
 def hidden_weighted_loss(
@@ -691,13 +762,15 @@ def hidden_weighted_loss(
         ce = _cce_token_ce(flat, head.weight, getattr(head, "bias", None), targets.reshape(-1), states.transform)
         return (ce * ce_coef.reshape(-1)).sum(), ce.detach().view(shape), None
     params = tuple(p for p in states.head.parameters() if p.requires_grad)
+    # The head runs in the dtype the model's forward ran it in (autocast casts its input the same way).
+    flat = flat.to(compute_dtype(flat.dtype, states.head, states.autocast_dtype))
     kl_w = kl_weight.reshape(-1) if kl_weight is not None else torch.zeros(0, device=flat.device)
     if reference is not None and kl_rows is None:
         kl_rows = kl_w != 0
     rows = kl_rows.reshape(-1) if reference is not None else None
     loss, ce, kl = _HiddenWeightedLoss.apply(flat, targets.reshape(-1), ce_coef.reshape(-1).detach(), kl_w.detach(),
                                              rows, states.head, states.transform, reference, kl_type, chunk_size,
-                                             *params)
+                                             states.accum_dtype, *params)
     return loss, ce.view(shape), (kl.view(shape) if reference is not None else None)
 
 

@@ -108,6 +108,16 @@ class IMArgs(BaseModel):
             "build full logits under a custom loss."
         },
     )
+    im_loss_accum_dtype: Literal["float32", "model"] = Field(
+        default="float32",
+        json_schema_extra={
+            "description": "dtype in which the chunked loss sums the output layer's weight (and bias) "
+            "gradient over its chunks. float32: one rounding to the model's dtype at the end, whatever the "
+            "number of chunks; costs vocab x hidden x 4 bytes while the loss runs (4 GiB for 128k x 8192) "
+            "instead of x 2 in bf16. model: the head's own dtype (the 2 GiB saved there), whose error grows "
+            "with the square root of the number of chunks (about 8x one rounding at 128 chunks in bf16)."
+        },
+    )
     im_kl_coef: float = Field(
         default=0.0,
         json_schema_extra={
