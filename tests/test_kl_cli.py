@@ -85,19 +85,29 @@ def test_large_lambda_keeps_the_model_closer_to_base(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("setup", ["lora_adapter", "full_copy"])
-def test_reference_is_bit_identical_after_training(tmp_path, tiny_model_dir, setup):
-    """Train through Axolotl's own pipeline (what the CLI runs) and inspect the trainer's reference."""
+def test_reference_is_bit_identical_after_training(tmp_path, tiny_model_dir, setup, monkeypatch):
+    """Train through Axolotl's own pipeline (what the CLI runs) and inspect the trainer's reference.
+    Also: every training micro-batch gets its KL rows per chunk counted with the step's (no host sync
+    of its own), and ``logging_nan_inf_filter`` reaches HF's arguments (Axolotl 0.19 has no key)."""
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
     from axolotl.train import train
     from safetensors.torch import load_file
 
     from instruction_modelling.axolotl.configs import write_config
+    from instruction_modelling.core import losses
 
+    counted = []
+    original = losses._kl_rows
+    monkeypatch.setattr(losses, "_kl_rows", lambda rows, chunk, per_chunk=None: (
+        counted.append(per_chunk is not None), original(rows, chunk, per_chunk))[1])
     extra = dict(LORA_CPU) if setup == "lora_adapter" else {}
-    cfg_dict = kl_cfg(tmp_path, tiny_model_dir, setup, 1.0, max_steps=3, save_steps=3, eval_steps=3, **extra)
+    cfg_dict = kl_cfg(tmp_path, tiny_model_dir, setup, 1.0, max_steps=3, save_steps=3, eval_steps=3,
+                      logging_nan_inf_filter=False, **extra)
     cfg = load_cfg(str(write_config(cfg_dict, tmp_path / "cfg.yml")))
     model, _, trainer = train(cfg=cfg, dataset_meta=load_datasets(cfg=cfg))
+    assert trainer.args.logging_nan_inf_filter is False
+    assert counted.count(True) == 3, counted  # 3 training steps × 1 micro-batch; evaluation counts its own
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     ref = trainer.kl_reference
     assert ref.mode == ("adapter" if setup == "lora_adapter" else "copy")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from instruction_modelling.core.losses import HiddenStates, ReferenceHidden, hidden_weighted_loss
 
@@ -133,3 +134,110 @@ def test_fp32_head_reference_on_bf16_hidden_states():
     torch.testing.assert_close(ref(0, 40), expected)
     index = torch.tensor([3, 7, 30])
     torch.testing.assert_close(ref.rows(index, out=torch.empty(3, V, dtype=torch.bfloat16)), expected[index])
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the operations that make a GPU wait for the host or the host wait for the GPU: reading a
+    value (``item``, ``tolist``, ``bool``: ``_local_scalar_dense``), data-dependent shapes (``nonzero``),
+    and new tensors made from Python data (``torch.tensor``: a host-to-device copy per call)."""
+
+    WATCHED = ("aten._local_scalar_dense", "aten.nonzero", "aten.lift_fresh")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.active = False
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith(self.WATCHED):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """``_HostSyncs`` plus ``Tensor.tolist`` / ``Tensor.item`` calls (on CPU they read memory without
+    dispatching an operation)."""
+    mode = _HostSyncs()
+    for method in ("tolist", "item"):
+        original = getattr(torch.Tensor, method)
+
+        def recording(self, *args, _original=original, _name=method, **kwargs):
+            if mode.active:
+                mode.seen.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, recording)
+    return mode
+
+
+def _kl_batch():
+    from test_hidden_loss import batch
+
+    ids, segs, pos = batch("packed", seed=4)
+    torch.manual_seed(5)
+    head = torch.nn.Linear(8, 23)
+    hidden = torch.randn(*ids.shape, 8, requires_grad=True)
+    reference = ReferenceHidden(torch.randn(ids.numel(), 8), torch.nn.Linear(8, 23))
+    return ids, segs, pos, head, hidden, reference
+
+
+def test_share_normalisation_makes_no_host_copy_per_micro_batch(host_syncs):
+    from test_losses import TABLES
+    from instruction_modelling.core.losses import loss_normaliser, segment_weighted_loss
+
+    ids, segs, pos, head, hidden, _ = _kl_batch()
+    table = TABLES["im"]
+    normaliser = loss_normaliser(ids, segs, table, pos, "share") * 2
+
+    def step():
+        out = segment_weighted_loss(HiddenStates(hidden, head), ids, segs, table, pos, "share", normaliser=normaliser,
+                                    chunk_size=7, instruction_share=0.3)
+        out.loss.backward()
+
+    step()  # the first call makes the cached device constants
+    with host_syncs:
+        step()
+    assert host_syncs.seen == []
+
+
+def test_kl_rows_need_no_host_sync_when_counted_for_the_step(host_syncs):
+    """The KL is computed only at its rows, which needs their number per chunk on the host: counted by
+    the trainer for the whole step (``kl_chunk_counts``, one transfer), the loss itself syncs nowhere;
+    without the counts it syncs once (``nonzero`` and ``bincount().tolist()`` did twice)."""
+    from test_losses import TABLES
+    from instruction_modelling.core.kl import kl_mask
+    from instruction_modelling.core.losses import kl_chunk_counts, loss_normaliser, segment_weighted_loss
+
+    ids, segs, pos, head, hidden, reference = _kl_batch()
+    table = TABLES["im"]
+    normaliser = loss_normaliser(ids, segs, table, pos)
+    mask = kl_mask(segs, pos, "output")
+    counts = kl_chunk_counts(F.pad(mask, (0, 1)), 7).tolist()
+
+    def step(kl_counts):
+        out = segment_weighted_loss(HiddenStates(hidden, head), ids, segs, table, pos, normaliser=normaliser,
+                                    kl_reference=reference, kl_mask=mask, kl_coef=0.5, chunk_size=7,
+                                    kl_counts=kl_counts)
+        out.loss.backward()
+        return out
+
+    expected = step(None)
+    with host_syncs:
+        got = step(counts)
+    assert host_syncs.seen == []
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+    torch.testing.assert_close(got.kl_sum, expected.kl_sum, rtol=0, atol=0)
+    host_syncs.seen.clear()
+    with host_syncs:
+        step(None)
+    assert len(host_syncs.seen) == 1, host_syncs.seen

@@ -94,6 +94,12 @@ class InstructionModellingPlugin(BasePlugin):
     def get_input_args(self):
         return "instruction_modelling.core.options.IMArgs"
 
+    def get_training_args(self, cfg):
+        # Axolotl 0.19 has no key for it; 0.21 passes the same value itself.
+        if cfg.get("logging_nan_inf_filter") is not None and not cfg.get("rl"):
+            return {"logging_nan_inf_filter": bool(cfg.get("logging_nan_inf_filter"))}
+        return None
+
     def pre_model_load(self, cfg):
         from .strategy import REPORT
 

@@ -34,12 +34,14 @@ import inspect
 import logging
 
 import torch
+import torch.nn.functional as F
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from instruction_modelling.core.kl import AdapterReference, CopyReference, EvalMode, kl_mask
 from instruction_modelling.core.losses import (
     HiddenStates,
     LogitTransform,
+    kl_chunk_counts,
     loss_normaliser,
     segment_weighted_loss,
     weight_table,
@@ -153,6 +155,7 @@ class IMTrainer(AxolotlTrainer):
         self._capture = _HiddenCapture()
         self._return_logits = False
         self._device_tables: dict = {}
+        self._kl_counts: dict = {}  # id(input_ids) -> KL rows per loss chunk, counted once per step
 
     # -- configuration (``axolotl_cfg`` is set right after __init__ by Axolotl's builder) --
     @property
@@ -242,6 +245,7 @@ class IMTrainer(AxolotlTrainer):
         ``loss_normaliser`` returns), summed over its micro-batches and over all data-parallel
         ranks, whatever ``average_tokens_across_devices`` says. Stays on the device."""
         total = None
+        counts = []
         for batch in batch_samples:
             self._require_segments(batch)
             ids = batch["input_ids"]
@@ -253,6 +257,17 @@ class IMTrainer(AxolotlTrainer):
                 self.im_args.im_loss_normalization,
             )
             total = part if total is None else total + part
+            if self.kl_enabled:
+                # The chunked KL needs its rows per chunk on the host: one transfer for the whole step
+                # here instead of one per micro-batch in the loss.
+                mask = kl_mask(batch[SEGMENT_COLUMN], batch.get("position_ids"), self.im_args.im_kl_segments)
+                counts.append(kl_chunk_counts(F.pad(mask, (0, 1)), self.im_args.im_loss_chunk_size))
+        self._kl_counts = {}
+        if counts:
+            host, start = torch.cat(counts).tolist(), 0
+            for batch, c in zip(batch_samples, counts):
+                self._kl_counts[id(batch["input_ids"])] = host[start:start + len(c)]
+                start += len(c)
         total = total.to(device=device, dtype=torch.float32)
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
@@ -376,6 +391,7 @@ class IMTrainer(AxolotlTrainer):
             "model": model,
             "from_hidden": from_hidden,
             "scaled": num_items_in_batch is not None,
+            "kl_counts": self._kl_counts.pop(id(inputs["input_ids"]), None),
         }
         if from_hidden:
             _, _, decoder, _ = self._parts(model)
@@ -420,6 +436,7 @@ class IMTrainer(AxolotlTrainer):
             kl_type=a.im_kl_type,
             chunk_size=a.im_loss_chunk_size,
             instruction_share=a.im_instruction_share or 0.0,
+            kl_counts=b["kl_counts"],
         )
         b["meter"].add(out)
         loss = out.loss

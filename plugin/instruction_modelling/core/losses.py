@@ -80,6 +80,17 @@ def segment_set(segments, device: torch.device) -> torch.Tensor:
     return _SEGMENT_SETS[key]
 
 
+_SHARE_PAIRS: dict = {}
+
+
+def _share_pair(alpha: float, device: torch.device) -> torch.Tensor:
+    """``[α, 1 − α]`` on ``device``, made once per (α, device): see ``segment_set``."""
+    key = (float(alpha), str(device))
+    if key not in _SHARE_PAIRS:
+        _SHARE_PAIRS[key] = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float32, device=device)
+    return _SHARE_PAIRS[key]
+
+
 def _shifted(input_ids: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None):
     """Targets, their segments and validity for next-token prediction, shape ``[B, T-1]``."""
     targets = input_ids[:, 1:]
@@ -231,7 +242,7 @@ def target_coefficients(
             raise ValueError(f"the share normalisation needs the [instruction, output] normaliser pair, got shape {tuple(normaliser.shape)}")
         _, segs, _ = _shifted(input_ids, segment_ids, position_ids)
         instr = _is_instruction(segs)
-        shares = torch.tensor([instruction_share, 1.0 - instruction_share], dtype=torch.float32, device=w.device)
+        shares = _share_pair(instruction_share, w.device)
         per_group = torch.where(normaliser > 0, shares / normaliser.clamp_min(1e-12), torch.zeros_like(shares))
         coef = torch.where(instr, per_group[0], per_group[1])
         return LossCoefficients(ce_coef=w * coef, kl_coef=torch.zeros_like(w))
@@ -410,6 +421,32 @@ def _autocast_like(h: torch.Tensor, head: torch.nn.Module):
     if low and any(p.is_floating_point() and p.dtype != h.dtype for p in head.parameters()):
         return torch.autocast(h.device.type, dtype=h.dtype)
     return contextlib.nullcontext()
+
+
+@dataclass
+class KLRows:
+    """Where the KL is computed: the flat positions (ascending) and how many fall in each chunk, as
+    host integers (they size the work)."""
+
+    index: torch.Tensor
+    per_chunk: list[int]
+
+
+def kl_chunk_counts(rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """How many of ``rows`` (bool, any shape, flattened as the loss flattens it) fall in each chunk
+    of ``chunk`` positions; on the device (the trainer brings a whole step's counts to the host at once)."""
+    flat = rows.reshape(-1).to(torch.int32)
+    return F.pad(flat, (0, (-flat.numel()) % chunk)).view(-1, chunk).sum(1)
+
+
+def _kl_rows(rows: torch.Tensor, chunk: int, per_chunk: list[int] | None = None) -> KLRows:
+    """``KLRows`` of a flat bool mask, with no host sync when ``per_chunk`` is given (else one:
+    ``nonzero`` and a per-chunk ``tolist`` took two per micro-batch)."""
+    if per_chunk is None:
+        per_chunk = kl_chunk_counts(rows, chunk).tolist()
+    # Stable sort puts the set positions first, in order: their index without nonzero's sync.
+    order = torch.argsort((~rows).to(torch.uint8), stable=True)
+    return KLRows(order[:sum(per_chunk)], per_chunk)
 
 
 _ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
@@ -595,11 +632,8 @@ class _HiddenWeightedLoss(torch.autograd.Function):
         pk_name = "zq" if isinstance(reference, ReferenceHidden) and reference.out_dtype == dtype else "pk"
         if reference is not None:
             # The KL (reference logits included) is computed only where it carries weight: the
-            # output tokens by default. Per chunk, how many of those rows it holds: one host sync
-            # per call on an accelerator (the count sizes the work), none per chunk.
-            kl_at = kl_rows.nonzero().squeeze(1)
-            per_chunk = torch.bincount(torch.div(kl_at, chunk, rounding_mode="floor"),
-                                       minlength=(n + chunk - 1) // chunk).tolist()
+            # output tokens by default (``KLRows``: the positions and their count per chunk).
+            kl_at, per_chunk = kl_rows.index, kl_rows.per_chunk
             kl_start = 0
         for i, s in enumerate(range(0, n, chunk)):
             e = min(s + chunk, n)
@@ -734,6 +768,7 @@ def hidden_weighted_loss(
     kl_type: str = "full",
     chunk_size: int = DEFAULT_CHUNK,
     kl_rows: torch.Tensor | None = None,
+    kl_counts: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``Σ ce_coef·CE + Σ kl_weight·KL`` computed from hidden states, and the per-token CE / KL.
 
@@ -746,6 +781,8 @@ def hidden_weighted_loss(
         kl_rows: ``[B, T]`` bool, where the KL is computed (the KL mask; default: where
             ``kl_weight`` is not 0). Elsewhere the returned KL is 0 and no reference logits are
             computed.
+        kl_counts: how many ``kl_rows`` each chunk holds (``kl_chunk_counts(kl_rows, chunk_size)`` on
+            the host); without it they are counted here, one host sync.
         chunk_size: positions per chunk.
 
     Returns:
@@ -767,7 +804,7 @@ def hidden_weighted_loss(
     kl_w = kl_weight.reshape(-1) if kl_weight is not None else torch.zeros(0, device=flat.device)
     if reference is not None and kl_rows is None:
         kl_rows = kl_w != 0
-    rows = kl_rows.reshape(-1) if reference is not None else None
+    rows = _kl_rows(kl_rows.reshape(-1), chunk_size, kl_counts) if reference is not None else None
     loss, ce, kl = _HiddenWeightedLoss.apply(flat, targets.reshape(-1), ce_coef.reshape(-1).detach(), kl_w.detach(),
                                              rows, states.head, states.transform, reference, kl_type, chunk_size,
                                              states.accum_dtype, *params)
@@ -793,6 +830,7 @@ def segment_weighted_loss(
     kl_type: str = "full",
     chunk_size: int = DEFAULT_CHUNK,
     instruction_share: float = 0.0,
+    kl_counts: list[int] | None = None,
 ) -> SegmentLoss:
     """Segment-weighted next-token cross-entropy.
 
@@ -813,6 +851,9 @@ def segment_weighted_loss(
             per-example scaling as the CE.
         chunk_size: positions per chunk of the CE/KL computation.
         instruction_share: α of the ``share`` normalisation.
+        kl_counts: with ``HiddenStates`` and a KL, the KL rows per chunk on the host
+            (``kl_chunk_counts`` of the padded mask), counted for a whole step at once by the trainer;
+            without it the loss counts them (one host sync).
 
     Returns:
         ``SegmentLoss``; ``loss`` is 0 (with a graph) when nothing carries weight.
@@ -837,7 +878,7 @@ def segment_weighted_loss(
         kl_weight = F.pad((mask * coef.kl_coef).to(dtype) * kl_coef, (0, 1)) if mask is not None else None
         kl_rows = F.pad(mask, (0, 1)) if mask is not None else None
         loss, ce, kl = hidden_weighted_loss(logits, padded, ce_coef, kl_reference, kl_weight, kl_type, chunk_size,
-                                            kl_rows)
+                                            kl_rows, kl_counts)
         ce = ce[:, :-1]
         kl = kl[:, :-1] if kl is not None else None
     else:

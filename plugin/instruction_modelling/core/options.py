@@ -118,6 +118,15 @@ class IMArgs(BaseModel):
             "with the square root of the number of chunks (about 8x one rounding at 128 chunks in bf16)."
         },
     )
+    logging_nan_inf_filter: bool | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "Hugging Face TrainingArguments.logging_nan_inf_filter (default true), which "
+            "Axolotl 0.19 does not expose (0.21 does): its check of every micro-batch's loss for nan/inf "
+            "reads the loss on the host, one GPU sync per micro-batch. false removes it (a nan or inf "
+            "loss is then logged as such instead of being replaced)."
+        },
+    )
     im_kl_coef: float = Field(
         default=0.0,
         json_schema_extra={
