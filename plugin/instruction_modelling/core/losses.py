@@ -794,13 +794,15 @@ def hidden_weighted_loss(
         raise ValueError(f"unknown KL type {kl_type!r}; expected one of {KL_TYPES}")
     shape = targets.shape
     flat = states.hidden.reshape(-1, states.hidden.shape[-1])
-    if states.impl == "cce" and reference is None:
-        head = states.head
-        ce = _cce_token_ce(flat, head.weight, getattr(head, "bias", None), targets.reshape(-1), states.transform)
-        return (ce * ce_coef.reshape(-1)).sum(), ce.detach().view(shape), None
-    params = tuple(p for p in states.head.parameters() if p.requires_grad)
     # The head runs in the dtype the model's forward ran it in (autocast casts its input the same way).
     flat = flat.to(compute_dtype(flat.dtype, states.head, states.autocast_dtype))
+    if states.impl == "cce" and reference is None:
+        head = states.head
+        bias = getattr(head, "bias", None)
+        ce = _cce_token_ce(flat, head.weight.to(flat.dtype), bias.to(flat.dtype) if bias is not None else None,
+                           targets.reshape(-1), states.transform)
+        return (ce * ce_coef.reshape(-1)).sum(), ce.detach().view(shape), None
+    params = tuple(p for p in states.head.parameters() if p.requires_grad)
     kl_w = kl_weight.reshape(-1) if kl_weight is not None else torch.zeros(0, device=flat.device)
     if reference is not None and kl_rows is None:
         kl_rows = kl_w != 0
