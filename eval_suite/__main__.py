@@ -198,7 +198,7 @@ def cmd_alpaca_eval(args) -> None:
                              bench.read_outputs(args.reference_outputs), client, out_dir, args.judge_model, args.lc_data)
     finally:
         client.close()
-    result.config.update(judge_config(args, result.config["judge_model"]))
+    result.config.update(judge_config(args, result.config["judge_model"]), judge_model_reported=client.reported_model())
     _finish(result, args.run_dir, list(result.metrics))  # win_rate is last
 
 
@@ -235,7 +235,7 @@ def cmd_mt_bench(args) -> None:
         result = bench.judge(questions, answers, client, out_dir, model_id, args.judge_model)
     finally:
         client.close()
-    result.config.update(judge_config(args, result.config["judge_model"]))
+    result.config.update(judge_config(args, result.config["judge_model"]), judge_model_reported=client.reported_model())
     _finish(result, args.run_dir, ["turn_1", "turn_2", "n_unparsed", "average"])
 
 
@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in every result's provenance
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -97,7 +97,8 @@ class Run:
             protocol_preset=freshness.protocol_settings(a)["preset"], protocol_settings=freshness.protocol_settings(a),
             dtype={"requested": getattr(a, "dtype", None), "loaded": batch.get("dtype")}, batch=batch,
             generation_sessions=store.sessions if store is not None else None,
-            command=prov.command_line(), project=prov.project())
+            command=prov.command_line(["eval-suite", *a.argv]) if hasattr(a, "argv") else prov.command_line(),
+            project=prov.project())
         if benchmark in JUDGED:
             judge = self.judge_info()
             result.provenance.update(judge=judge, judge_model=judge["model"])
