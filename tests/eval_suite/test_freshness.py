@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO_ROOT
+from test_judge_faults import mt_answers
 
 from eval_suite.__main__ import main
 from eval_suite.judge.server import Completion, JudgeServer
-from eval_suite.mtbench import bench as mt
 from eval_suite.records import RecordError, SampleStore
 
 
@@ -199,14 +199,6 @@ def rating_judge(name: str, rating: int):
 
     judge.served_name = name  # what the server reports as the answering model
     return judge
-
-
-def mt_answers(tmp_path: Path, n: int) -> Path:
-    answers = tmp_path / "answers.jsonl"
-    answers.write_text("".join(json.dumps({"question_id": q["question_id"], "model_id": "m",
-                                           "choices": [{"index": 0, "turns": ["one answer", "another"]}]}) + "\n"
-                               for q in mt.load_questions(limit=n)))
-    return answers
 
 
 def test_another_judge_behind_the_same_url_is_asked_again_and_recorded(tmp_path):
