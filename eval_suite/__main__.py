@@ -307,7 +307,9 @@ def _all_parser(sub) -> None:
     p.add_argument("--baseline-run", type=Path, help="the IT run to compare with in the report")
     p.add_argument("--skip", nargs="+", choices=BENCHMARKS, default=[], help="benchmarks to leave out")
     p.add_argument("--limit", type=int, help="smoke run: the first N items of every benchmark (marked in results)")
-    p.add_argument("--rerun", action="store_true", help="run benchmarks whose results already exist again")
+    p.add_argument("--rerun", action="store_true", help="run every benchmark again from scratch: earlier results, "
+                   "samples and lm-eval caches move to RUN_DIR/<benchmark>/replaced/ (needed when they were made from "
+                   "other weights or settings)")
     p.add_argument("--allow-mixed", action="store_true", help="report: allow a baseline run with another protocol")
     h = p.add_argument_group("HumanEval")
     h.add_argument("--allow-code-execution", action="store_true", help="required for HumanEval: runs model-written code")
