@@ -242,6 +242,7 @@ def cmd_mt_bench(args) -> None:
 def _stage(args, benchmark: str):
     """Run one benchmark as ``eval-suite all`` does (the judge probed first, for its reported name)."""
     from eval_suite import pipeline
+    from eval_suite.freshness import refusal
     from eval_suite.preflight import PreflightError, probe_judge
 
     run = pipeline.Run(args, Path(args.run_dir))
@@ -253,6 +254,8 @@ def _stage(args, benchmark: str):
                 raise SystemExit(f"eval-suite {args.command}: {e}") from None
         if getattr(args, "rerun", False):
             pipeline.rerun(run, benchmark)
+        elif stale := refusal(run.run_dir, benchmark, run.generation_inputs(benchmark), None):
+            raise SystemExit(f"eval-suite {args.command}: {stale}")  # before the model loads
         stage = {"humaneval": pipeline.humaneval_stage, "mt_bench": pipeline.mt_bench_stage}.get(
             benchmark, lambda r: pipeline.alpaca_eval_stage(r, benchmark))
         return run.stamp(benchmark, stage(run))

@@ -111,9 +111,10 @@ def result_inputs(args, benchmark: str, weights_sha: str | None, judge_answering
 
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """``"n: 2 -> 3; weights: 1f… -> 9c…"``: the inputs that differ, old -> new."""
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {json.dumps(old.get(k), default=str)} -> {json.dumps(new.get(k), default=str)}" for k in keys)
+    """``"n: 2 -> 3; weights: '1f…' -> '9c…'"``: the inputs that differ, old -> new."""
+    from eval_suite.records import differences
+
+    return "; ".join(differences(old, json.loads(json.dumps(new, default=str))))
 
 
 def lm_eval_cache(run_dir: Path, inputs: dict[str, Any]) -> Path:
@@ -136,9 +137,12 @@ def stored_result_key(run_dir: Path, benchmark: str) -> tuple[str | None, dict[s
     return provenance.get("key") or "none", provenance.get("inputs") or {}
 
 
-def refusal(run_dir: Path, benchmark: str, gen_inputs: dict[str, Any], res_inputs: dict[str, Any]) -> str | None:
-    """One line when a stored artefact of ``benchmark`` was made from other inputs, else None."""
-    key, old = stored_result_key(run_dir, benchmark)
+def refusal(run_dir: Path, benchmark: str, gen_inputs: dict[str, Any], res_inputs: dict[str, Any] | None) -> str | None:
+    """One line when a stored artefact of ``benchmark`` was made from other inputs, else None.
+
+    ``res_inputs`` None checks the samples only (a single-benchmark command rewrites its results anyway).
+    """
+    key, old = stored_result_key(run_dir, benchmark) if res_inputs is not None else (None, None)
     what = None
     if key is not None and key != digest(res_inputs):
         what = (Path(run_dir) / "results" / f"{benchmark}.json", old)

@@ -69,6 +69,18 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``["n: 2 -> 3", "judge.answering: 'a' -> 'b'"]``: the fields that differ, nested dicts spelt out."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 class SampleStore:
     """Generated texts keyed by row, appended to a JSONL file as they come, so a killed run resumes.
 
@@ -103,10 +115,9 @@ class SampleStore:
                 old = json.loads(meta_path.read_text())
             except json.JSONDecodeError as e:
                 raise RecordError(f"{meta_path}: not valid JSON ({e.msg}); {fix}") from None
-            changed = sorted(k for k in set(old) | set(meta) if k != "sessions" and old.get(k) != meta.get(k))
+            changed = differences({k: v for k, v in old.items() if k != "sessions"}, meta)
             if changed:
-                raise RecordError(f"{self.path} was generated with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {meta.get(k)!r}' for k in changed)}); "
-                                  f"{fix}")
+                raise RecordError(f"{self.path} was generated with other settings ({'; '.join(changed)}); {fix}")
         self.sessions: list[dict[str, Any]] = list(old.get("sessions") or [])
         session = json.loads(json.dumps(session)) if session is not None else None
         if session is not None and (not self.sessions or self.sessions[-1] != session):
