@@ -53,6 +53,9 @@ def _generation_arguments(p: argparse.ArgumentParser, model_positional: bool = F
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM: share of GPU memory it may take")
     g.add_argument("--max-model-len", type=int, help="vLLM: context length to allocate (default: the model's)")
+    if not model_positional:  # `all` has its own --rerun
+        g.add_argument("--rerun", action="store_true", help="move this benchmark's earlier results and samples aside "
+                       "(RUN_DIR/<benchmark>/replaced/) and generate again, instead of resuming")
 
 
 def _generator(args):
@@ -80,6 +83,11 @@ def cmd_nlp(args) -> None:
     from eval_suite.nlp import bench
     from eval_suite.results import load_run
 
+    from eval_suite import pipeline
+
+    run = pipeline.Run(args, Path(args.run_dir))
+    if args.rerun:
+        pipeline.rerun(run, "nlp")
     humaneval = load_run(args.run_dir).get("humaneval") if (Path(args.run_dir) / "results").is_dir() else None
     suite = bench.Suite.load(args.suite) if args.suite else None
     include = [bench.TASKS_DIR, *args.include_path]
@@ -91,8 +99,9 @@ def cmd_nlp(args) -> None:
                                                               gpu_memory_utilization=args.gpu_memory_utilization,
                                                               max_model_len=args.max_model_len).items() if v is not None}
                        if args.backend == "vllm" else {},
-                       log_samples=args.log_samples, use_cache=str(Path(args.run_dir) / "nlp" / "lm_eval_cache"))
+                       log_samples=args.log_samples, use_cache=pipeline._lm_eval_cache(run))
     result.metrics = {"mean": result.headline, **{f"category/{k}": v for k, v in result.breakdown["categories"].items()}}
+    run.stamp("nlp", result)
     _finish(result, args.run_dir, list(result.metrics))
 
 
@@ -127,9 +136,12 @@ def cmd_humaneval(args) -> None:
     problems = bench.load_problems(args.problems)
     samples_path = args.samples
     if args.action == "sample":
-        from eval_suite.pipeline import Run, humaneval_generate
+        from eval_suite.pipeline import Run, humaneval_generate, rerun
 
-        samples_path, _, _ = humaneval_generate(Run(args, Path(args.run_dir)))
+        run = Run(args, Path(args.run_dir))
+        if args.rerun:
+            rerun(run, "humaneval")
+        samples_path, _, _ = humaneval_generate(run)
         print(f"wrote samples to {samples_path}")
         return
     if samples_path is None:
@@ -165,12 +177,14 @@ def cmd_alpaca_eval(args) -> None:
     if args.action in ("generate", "run"):
         import json
 
-        from eval_suite.pipeline import ALPACA_EVAL_MAX_NEW_TOKENS
-        from eval_suite.records import SampleStore
+        from eval_suite import pipeline
 
-        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens or ALPACA_EVAL_MAX_NEW_TOKENS, temperature=0.0,
-                                  top_k=args.top_k, seed=args.seed)
-        store = SampleStore(out_dir / "generations.jsonl", {"model": str(args.model), **sampling.protocol()})
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens or pipeline.ALPACA_EVAL_MAX_NEW_TOKENS,
+                                  temperature=0.0, top_k=args.top_k, seed=args.seed)
+        run = pipeline.Run(args, Path(args.run_dir))
+        if args.rerun:
+            pipeline.rerun(run, args.version)
+        store = pipeline.store_for(run, args.version, sampling.protocol())
         outputs = bench.generate(_generator(args), args.reference_outputs, _model_name(args), sampling, args.limit,
                                  store=store)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +198,7 @@ def cmd_alpaca_eval(args) -> None:
                              bench.read_outputs(args.reference_outputs), client, out_dir, args.judge_model, args.lc_data)
     finally:
         client.close()
-    result.config.update(judge_config(args, result.config["judge_model"]))
+    result.config.update(judge_config(args, result.config["judge_model"]), judge_model_reported=client.reported_model())
     _finish(result, args.run_dir, list(result.metrics))  # win_rate is last
 
 
@@ -201,10 +215,13 @@ def cmd_mt_bench(args) -> None:
     answers_file = args.answers or out_dir / "model_answer.jsonl"
     questions = bench.load_questions(args.questions, args.limit)
     if args.action in ("generate", "run"):
-        from eval_suite.records import SampleStore
+        from eval_suite import pipeline
 
-        store = SampleStore(out_dir / "generations.jsonl", {"model": str(args.model), "format": args.mt_bench_format,
-                                                            "top_k": args.top_k, "max_new_tokens": args.max_new_tokens})
+        run = pipeline.Run(args, Path(args.run_dir))
+        if args.rerun:
+            pipeline.rerun(run, "mt_bench")
+        store = pipeline.store_for(run, "mt_bench", {"format": args.mt_bench_format, "top_k": args.top_k,
+                                                     "max_new_tokens": args.max_new_tokens})
         rows = bench.generate(_generator(args), questions, _model_name(args), args.max_new_tokens, args.mt_bench_format,
                               args.fastchat_model_path, args.top_k, store=store)
         write_jsonl(answers_file, rows)
@@ -218,13 +235,14 @@ def cmd_mt_bench(args) -> None:
         result = bench.judge(questions, answers, client, out_dir, model_id, args.judge_model)
     finally:
         client.close()
-    result.config.update(judge_config(args, result.config["judge_model"]))
+    result.config.update(judge_config(args, result.config["judge_model"]), judge_model_reported=client.reported_model())
     _finish(result, args.run_dir, ["turn_1", "turn_2", "n_unparsed", "average"])
 
 
 def _stage(args, benchmark: str):
     """Run one benchmark as ``eval-suite all`` does (the judge probed first, for its reported name)."""
     from eval_suite import pipeline
+    from eval_suite.freshness import refusal
     from eval_suite.preflight import PreflightError, probe_judge
 
     run = pipeline.Run(args, Path(args.run_dir))
@@ -234,11 +252,13 @@ def _stage(args, benchmark: str):
                 run.judge_reported = probe_judge(run.client(), args.judge_model or "gpt-4")
             except PreflightError as e:
                 raise SystemExit(f"eval-suite {args.command}: {e}") from None
-        if benchmark == "humaneval":
-            return pipeline.humaneval_stage(run)
-        if benchmark == "mt_bench":
-            return pipeline.mt_bench_stage(run)
-        return pipeline.alpaca_eval_stage(run, benchmark)
+        if getattr(args, "rerun", False):
+            pipeline.rerun(run, benchmark)
+        elif stale := refusal(run.run_dir, benchmark, run.generation_inputs(benchmark), None):
+            raise SystemExit(f"eval-suite {args.command}: {stale}")  # before the model loads
+        stage = {"humaneval": pipeline.humaneval_stage, "mt_bench": pipeline.mt_bench_stage}.get(
+            benchmark, lambda r: pipeline.alpaca_eval_stage(r, benchmark))
+        return run.stamp(benchmark, stage(run))
     finally:
         run.close()
 
@@ -290,7 +310,9 @@ def _all_parser(sub) -> None:
     p.add_argument("--baseline-run", type=Path, help="the IT run to compare with in the report")
     p.add_argument("--skip", nargs="+", choices=BENCHMARKS, default=[], help="benchmarks to leave out")
     p.add_argument("--limit", type=int, help="smoke run: the first N items of every benchmark (marked in results)")
-    p.add_argument("--rerun", action="store_true", help="run benchmarks whose results already exist again")
+    p.add_argument("--rerun", action="store_true", help="run every benchmark again from scratch: earlier results, "
+                   "samples and lm-eval caches move to RUN_DIR/<benchmark>/replaced/ (needed when they were made from "
+                   "other weights or settings)")
     p.add_argument("--allow-mixed", action="store_true", help="report: allow a baseline run with another protocol")
     h = p.add_argument_group("HumanEval")
     h.add_argument("--allow-code-execution", action="store_true", help="required for HumanEval: runs model-written code")
@@ -344,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM: share of GPU memory it may take")
     p.add_argument("--max-model-len", type=int, help="vLLM: context length to allocate")
     p.add_argument("--log-samples", action="store_true", help="lm-eval --log_samples: RUN_DIR/nlp/samples_<task>.jsonl")
+    p.add_argument("--rerun", action="store_true", help="move the earlier results and lm-eval cache aside first")
     p.set_defaults(func=cmd_nlp)
 
     he = sub.add_parser("humaneval", help="HumanEval pass@k (sandboxed execution)")
@@ -421,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in every result's provenance
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

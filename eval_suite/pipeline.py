@@ -3,7 +3,8 @@
 Order: preflight (all checks, before anything loads), then HumanEval, AlpacaEval 1.0 and 2.0 and
 MT-Bench on one loaded model (generation resumable per sample), judging (cached), the NLP suite
 (lm-eval with its request cache, so it resumes too), and the report. A benchmark whose results file
-already holds the same protocol is not run again.
+was made from the same inputs (:mod:`eval_suite.freshness`: weights hash, protocol, settings) is not
+run again; one made from other inputs is refused in preflight unless ``--rerun``.
 
 The stage functions are also what the single-benchmark commands call, so every results file carries
 the same provenance.
@@ -18,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from eval_suite import provenance as prov
+from eval_suite.freshness import GENERATION_FILE  # per benchmark folder: SampleStore rows, appended as they come
 from eval_suite.preflight import PreflightError
 from eval_suite.results import BENCHMARKS, BenchmarkResult, load_result
 
 log = logging.getLogger(__name__)
 
-GENERATION_FILE = "generations.jsonl"  # per benchmark folder: SampleStore rows, appended as they come
 JUDGED = ("alpaca_eval_1", "alpaca_eval_2", "mt_bench")
 # The authors' generation lengths (paper.md §4.1): AlpacaEval 8,192 (open-instruct), HumanEval 512,
 # MT-Bench 1,024 (FastChat's default).
@@ -39,7 +40,72 @@ class Run:
     judge_reported: str | None = None
     _generator: Any = None
     _client: Any = None
+    _weights: dict[str, Any] | None = None
+    benchmarks: list[str] | None = None  # what `eval-suite all` runs (None: one benchmark's command)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    stores: dict[str, Any] = field(default_factory=dict)  # benchmark -> its SampleStore, once opened
+
+    def weights(self) -> dict[str, Any]:
+        """The model folder's content hash (:func:`eval_suite.fingerprint.weights_fingerprint`), computed once."""
+        if self._weights is None:
+            from eval_suite.fingerprint import weights_fingerprint
+
+            self._weights = weights_fingerprint(self.model_dir)
+        return self._weights
+
+    def generation_inputs(self, benchmark: str) -> dict[str, Any]:
+        from eval_suite import freshness
+
+        return freshness.generation_inputs(self.args, benchmark, self.weights()["sha256"])
+
+    def result_inputs(self, benchmark: str) -> dict[str, Any]:
+        from eval_suite import freshness
+
+        humaneval_key = None
+        if benchmark == "nlp":  # its Math & Coding category folds in the HumanEval result
+            if self.benchmarks is None:
+                humaneval_key = freshness.stored_result_key(self.run_dir, "humaneval")[0]
+            elif "humaneval" in self.benchmarks:
+                humaneval_key = freshness.digest(self.result_inputs("humaneval"))
+        return freshness.result_inputs(self.args, benchmark, self.weights()["sha256"], self.judge_reported, humaneval_key)
+
+    def batch_settings(self) -> dict[str, Any]:
+        """The batch settings (they decide the sampling seeds), backend and dtype as loaded."""
+        gen, a = self._generator, self.args
+        model = getattr(gen, "_model", None)
+        return {"batch_size": getattr(a, "batch_size", None),
+                "batch_tokens": getattr(gen, "batch_tokens", None) or getattr(a, "batch_tokens", None),
+                "backend": getattr(gen, "backend", None), "device": getattr(gen, "device", None),
+                "dtype": str(model.dtype) if model is not None else getattr(getattr(gen, "options", None), "dtype", None)}
+
+    def begin(self, benchmark: str) -> None:
+        """Before a stage: the judge models recorded are the ones that answer this benchmark."""
+        if self._client is not None:
+            self._client.reported_models.clear()
+
+    def stamp(self, benchmark: str, result: BenchmarkResult) -> BenchmarkResult:
+        """Add what makes a result's provenance its own: the weights hash, the inputs key, command, version."""
+        from eval_suite import freshness
+
+        inputs = self.result_inputs(benchmark)
+        a = self.args
+        store = self.stores.get(benchmark)
+        batch = ({"batch_size": getattr(a, "nlp_batch_size", None) or getattr(a, "batch_size", None)}
+                 if benchmark == "nlp" else self.batch_settings())
+        result.provenance.update(
+            model=self.weights(), key=freshness.digest(inputs), inputs=inputs,
+            protocol_preset=freshness.protocol_settings(a)["preset"], protocol_settings=freshness.protocol_settings(a),
+            dtype={"requested": getattr(a, "dtype", None), "loaded": batch.get("dtype")}, batch=batch,
+            generation_sessions=store.sessions if store is not None else None,
+            command=prov.command_line(["eval-suite", *a.argv]) if hasattr(a, "argv") else prov.command_line(),
+            project=prov.project())
+        if benchmark in JUDGED:
+            judge = self.judge_info()
+            result.provenance.update(judge=judge, judge_model=judge["model"])
+            result.config["judge_model_reported"] = judge["model"]
+            if judge["model"] and ", " in judge["model"]:
+                result.notes.append(f"the judge's answers came from several models ({judge['model']}): not one judge")
+        return result
 
     @property
     def model_dir(self) -> str:
@@ -92,7 +158,10 @@ class Run:
     def judge_info(self) -> dict[str, Any]:
         from eval_suite.preflight import judge_host
 
-        return {"model": self.judge_reported, "requested": self.args.judge_model, "host": judge_host(self.args.judge_base_url)}
+        answered = self._client.reported_model() if self._client is not None else None
+        # The model named in the answers (live and cached) of this benchmark; the preflight probe's name otherwise.
+        return {"model": answered or self.judge_reported, "probed": self.judge_reported,
+                "requested": self.args.judge_model, "host": judge_host(self.args.judge_base_url)}
 
     def count(self, benchmark: str, before: tuple[int, int]) -> None:
         gen = self._generator
@@ -106,9 +175,14 @@ class Run:
 
 
 def store_for(run: Run, folder: str, meta: dict[str, Any]):
+    """The benchmark's SampleStore, keyed on its generation inputs plus the resolved ``meta`` (template, BOS)."""
     from eval_suite.records import SampleStore
 
-    return SampleStore(run.run_dir / folder / GENERATION_FILE, meta)
+    resolved = {k: v for k, v in meta.items() if k != "model"}  # the weights' hash stands for the model, not its path
+    store = SampleStore(run.run_dir / folder / GENERATION_FILE, {"inputs": run.generation_inputs(folder), **resolved},
+                        session=run.batch_settings())
+    run.stores[folder] = store
+    return store
 
 
 # ---- stages ------------------------------------------------------------------------------------
@@ -223,7 +297,7 @@ def nlp_stage(run: Run, humaneval: BenchmarkResult | None) -> BenchmarkResult:
                        limit=a.limit, batch_size=a.nlp_batch_size, device=_lm_eval_device(a.device),
                        model_name=run.model_name, humaneval=humaneval, backend=backend,
                        backend_options=_vllm_model_args(a) if backend == "vllm" else {},
-                       log_samples=a.log_samples, use_cache=str(run.run_dir / "nlp" / "lm_eval_cache"))
+                       log_samples=a.log_samples, use_cache=_lm_eval_cache(run))
     result.provenance = prov.record(model=_fingerprint(run), backend=backend, template=None,
                                     sampling={"decoding": "each task's lm-eval settings"}, limit=a.limit, started=started,
                                     n_shot=result.config.get("n_shot"), tasks=result.config.get("tasks"),
@@ -245,9 +319,13 @@ def _vllm_model_args(a) -> dict[str, Any]:
 
 
 def _fingerprint(run: Run) -> dict[str, Any]:
-    from eval_suite.generation import model_fingerprint
+    return run.weights()
 
-    return model_fingerprint(run.model_dir)
+
+def _lm_eval_cache(run: Run) -> str:
+    from eval_suite.freshness import lm_eval_cache
+
+    return str(lm_eval_cache(run.run_dir, run.generation_inputs("nlp")))
 
 
 # ---- the whole run -----------------------------------------------------------------------------
@@ -289,6 +367,15 @@ def preflight(run: Run, benchmarks: list[str]) -> list[str]:
             run.judge_reported = attempt(pf.probe_judge, client, a.judge_model or "gpt-4")
         except ValueError as e:  # no API key for OpenAI
             failures.append(str(e))
+    if Path(run.model_dir).is_dir() and not getattr(a, "rerun", False):
+        from eval_suite.freshness import refusal
+
+        for benchmark in benchmarks:  # stored artefacts made from other inputs: never reused
+            if benchmark in JUDGED and run.judge_reported is None:
+                continue  # the judge line above says why; its answering model is part of the inputs
+            line = refusal(run.run_dir, benchmark, run.generation_inputs(benchmark), run.result_inputs(benchmark))
+            if line:
+                failures.append(line)
     if "nlp" in benchmarks:
         from eval_suite.nlp import bench
 
@@ -308,22 +395,31 @@ def _check_reference(version: str, path: Path) -> None:
 
 
 def already_done(run: Run, benchmark: str) -> BenchmarkResult | None:
-    """The stored result when it exists and was run with the current limit (the cheap protocol check)."""
+    """The stored result when it was made from the current inputs (weights hash, protocol, settings), else None."""
+    from eval_suite.freshness import digest
+
     path = run.run_dir / "results" / f"{benchmark}.json"
     if not path.is_file():
         return None
     result = load_result(path)
-    if result.provenance.get("limit") != run.args.limit or result.provenance.get("model", {}).get("path") != run.model_dir:
-        return None
-    return result
+    return result if result.provenance.get("key") == digest(run.result_inputs(benchmark)) else None
+
+
+def rerun(run: Run, benchmark: str) -> None:
+    """``--rerun``: move the benchmark's results, samples and lm-eval cache aside, so nothing of them is reused."""
+    from eval_suite.freshness import set_aside
+
+    moved = set_aside(run.run_dir, benchmark)
+    if moved is not None:
+        print(f"{benchmark}: --rerun: its earlier results and samples are now in {moved}", flush=True)
 
 
 def run_all(args) -> dict[str, BenchmarkResult]:
     """Preflight, every benchmark not skipped, then the report. Returns the results by benchmark."""
     import time
 
-    run = Run(args, Path(args.run_dir))
     benchmarks = [b for b in BENCHMARKS if b not in (args.skip or [])]
+    run = Run(args, Path(args.run_dir), benchmarks=benchmarks)
     start = time.monotonic()
     failures = preflight(run, benchmarks)
     if failures:
@@ -336,12 +432,15 @@ def run_all(args) -> dict[str, BenchmarkResult]:
               "nlp": lambda r: nlp_stage(r, results.get("humaneval"))}
     try:
         for benchmark in [b for b in ("humaneval", "alpaca_eval_1", "alpaca_eval_2", "mt_bench", "nlp") if b in benchmarks]:
+            if args.rerun:
+                rerun(run, benchmark)
             done = None if args.rerun else already_done(run, benchmark)
             if done is not None:
                 print(f"{benchmark}: results already in {run.run_dir / 'results'}; skipped (--rerun to redo)", flush=True)
                 results[benchmark] = done
                 continue
-            results[benchmark] = stages[benchmark](run)
+            run.begin(benchmark)
+            results[benchmark] = run.stamp(benchmark, stages[benchmark](run))
             print(f"{benchmark}: wrote {results[benchmark].write(run.run_dir)}", flush=True)
     finally:
         run.close()

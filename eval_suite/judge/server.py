@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+from eval_suite.judge.client import PROBE_MESSAGES
+
 log = logging.getLogger(__name__)
 
 # (pattern that identifies the prompt, pattern that captures each answer in it)
@@ -125,6 +127,7 @@ class ServerState:
     trickle_seconds: float = 0.0  # send each answer's body byte by byte over this long
     hang_after: int | None = None  # stop answering once this many requests were let through
     requests: int = 0
+    probes: int = 0  # 1-token "which model answers?" probes (answered, but not judge calls)
     failed: int = 0
     malformed: int = 0
     answered: int = 0
@@ -142,7 +145,7 @@ class ServerState:
         with self.cond:
             counts = self.answered_by_request.values()
             return {"requests": self.requests, "failed": self.failed, "malformed": self.malformed,
-                    "answered": self.answered,
+                    "answered": self.answered, "probes": self.probes,
                     "distinct_requests": len(counts), "repeated_answers": sum(c - 1 for c in counts),
                     "max_in_flight": self.max_in_flight}
 
@@ -224,7 +227,10 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
             with state.cond:
                 state.in_flight -= 1
                 state.answered += 1
-                state.answered_by_request[key] = state.answered_by_request.get(key, 0) + 1
+                if body.get("max_tokens") == 1 and body["messages"] == PROBE_MESSAGES:
+                    state.probes += 1  # not a judge call: kept out of the per-request counts
+                else:
+                    state.answered_by_request[key] = state.answered_by_request.get(key, 0) + 1
                 state.cond.notify_all()
 
         def _send(self, code: int, payload: dict[str, Any], headers: dict[str, str] | None = None,

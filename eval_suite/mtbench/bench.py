@@ -204,7 +204,7 @@ def judge(questions: list[dict], answers: dict[int, list[str]], client: JudgeCli
     matches = make_matches(questions, answers, judge_model)
     replies = client.complete_many([m.request for m in matches], desc="MT-Bench judge", parse=check_rating)
     judgments = [{"question_id": m.question["question_id"], "model": model_id, "judge": [judge_model, m.prompt_name],
-                  "user_prompt": m.request.messages[1]["content"], "judgment": r.text, "score": parse_rating(r.text),
+                  "user_prompt": m.request.messages[1]["content"], "judgment": r.text, "score": -1.0 if r.failed else parse_rating(r.text),  # a failure is never a score
                   "turn": m.turn, "category": m.question["category"], "tstamp": time.time(),
                   **({"judge_error": r.error} if r.failed else {})}
                  for m, r in zip(matches, replies)]

@@ -84,7 +84,8 @@ def test_generate_and_judge_through_the_cli(tiny_model_dir, judge_server, tmp_pa
     result = json.loads((tmp_path / "results" / "alpaca_eval_1.json").read_text())
     host = judge_server.url.removesuffix("/v1")  # scheme, host and port: never a path, query or key
     assert result["benchmark"] == "alpaca_eval_1" and result["config"]["judge_base_url"] == host
-    assert result["provenance"]["judge"] == {"model": "eval-suite-rule-judge", "requested": None, "host": host}
+    assert result["provenance"]["judge"] == {"model": "eval-suite-rule-judge", "probed": "eval-suite-rule-judge",
+                                             "requested": None, "host": host}
     assert result["provenance"]["sampling"]["max_new_tokens"] == 8
 
 

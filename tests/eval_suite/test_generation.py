@@ -122,6 +122,7 @@ def test_resumed_generation_produces_the_same_samples(tiny_model_dir, tmp_path):
     keep = random.Random(0).sample(range(len(lines)), 5)
     # the kept rows, and a last line cut short by the kill
     partial.write_text("".join(lines[i] + "\n" for i in sorted(keep)) + lines[-1][: len(lines[-1]) // 2])
+    partial.with_suffix(".meta.json").write_text((tmp_path / "full.meta.json").read_text())  # the same settings
     store = SampleStore(partial)
     again = Generator(str(tiny_model_dir), batch_tokens=80)
     resumed = again.complete(prompts, sampling, store=store)
@@ -133,5 +134,5 @@ def test_resumed_generation_produces_the_same_samples(tiny_model_dir, tmp_path):
 def test_a_store_refuses_rows_of_other_settings(tmp_path):
     store = SampleStore(tmp_path / "g.jsonl", {"max_new_tokens": 512})
     store.append({"a#0": "x"})
-    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens: 512 -> 8\); delete it"):
+    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens: 512 -> 8\); pass --rerun"):
         SampleStore(tmp_path / "g.jsonl", {"max_new_tokens": 8})

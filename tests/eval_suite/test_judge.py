@@ -40,9 +40,10 @@ def test_cache_answers_repeats_without_calling_the_judge(judge_server, tmp_path)
     # A new client (a new process would be the same) on the same cache file, and a different judge model.
     again = JudgeClient(JudgeEndpoint(base_url=judge_server.url), cache)
     assert again.complete_many([request(f"answer {i}") for i in range(5)]) == replies
-    assert (again.calls, again.cache_hits, judge_server.state.answered) == (0, 5, 5)
+    # one 1-token probe asks which model answers now; no judge call is repeated
+    assert (again.calls, again.probes, again.cache_hits, judge_server.state.answered) == (0, 1, 5, 6)
     again.complete(request("answer 0", model="another-judge"))
-    assert judge_server.state.answered == 6  # the key includes the judge model
+    assert judge_server.state.answered == 7  # the key includes the judge model
 
 
 def test_concurrency_limit_holds(judge_server):

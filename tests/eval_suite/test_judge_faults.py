@@ -34,7 +34,7 @@ def request(answer: str) -> JudgeRequest:
 
 def cached_rows(path: Path) -> int:
     with sqlite3.connect(path) as db:
-        return db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+        return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
 
 def mt_answers(tmp_path: Path, n: int) -> Path:
@@ -74,7 +74,7 @@ def test_malformed_answers_are_counted_failures_and_never_cached(tmp_path, kind)
         # A rerun against the same judge asks only for the failed judgment, and this time gets it.
         proc = mt_judge(run_dir, answers, 2, server.url, "--judge-concurrency", "1")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert server.state.answered == 4 and server.state.stats()["repeated_answers"] == 0
+        assert server.state.answered - server.state.probes == 4 and server.state.stats()["repeated_answers"] == 0
     assert result_of(run_dir)["metrics"]["n_unparsed"] == 0 and cached_rows(run_dir / "judge_cache.sqlite") == 4
 
 
@@ -111,8 +111,8 @@ def test_switching_the_judge_url_judges_again(tmp_path):
     with JudgeServer() as first:
         assert mt_judge(run_dir, answers, 1, first.url).returncode == 0
         assert first.state.answered == 2
-        again = mt_judge(run_dir, answers, 1, first.url)  # same judge: all from the cache
-        assert again.returncode == 0 and first.state.answered == 2
+        again = mt_judge(run_dir, answers, 1, first.url)  # same judge: all from the cache, after a 1-token probe
+        assert again.returncode == 0 and first.state.answered == 3 and first.state.probes == 1
     with JudgeServer() as second:
         proc = mt_judge(run_dir, answers, 1, second.url)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -171,7 +171,8 @@ def test_two_concurrent_runs_on_one_cache_pay_each_prompt_once(tmp_path):
         stats = server.state.stats()
     for r, (_, err) in zip(runs, outs):
         assert r.returncode == 0, err[-3000:]
-    assert stats["distinct_requests"] == 2 * n and stats["repeated_answers"] == 0 and stats["answered"] == 2 * n
+    assert stats["distinct_requests"] == 2 * n and stats["repeated_answers"] == 0
+    assert stats["answered"] - stats["probes"] == 2 * n  # a run finding cached answers probes which model answers
     results = [result_of(tmp_path / f"run{i}") for i in range(2)]
     assert sum(r["config"]["judge_calls"] for r in results) == 2 * n
     assert results[0]["headline"] == results[1]["headline"]

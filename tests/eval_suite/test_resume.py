@@ -21,7 +21,7 @@ from eval_suite.mtbench import bench as mt
 def cache_rows(path: Path) -> int:
     try:
         with sqlite3.connect(path) as db:
-            return db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+            return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
     except sqlite3.Error:
         return 0
 
