@@ -278,16 +278,58 @@ def row_tools(row: Mapping[str, Any], fields: RowFields) -> list | None:
     return tools or None
 
 
-def _training_detail(value, where: str) -> tuple:
+def _training_detail(value, where: str, content: str) -> tuple:
+    """The checked ``training_detail`` spans of one content, as ``(begin, end_inclusive, train)``.
+
+    Each span needs integer offsets (not booleans) with ``0 <= begin_offset <= end_offset <
+    len(content)`` and a boolean ``train``; anything else is a bad row naming the span, since a
+    string ``"false"`` or an offset past the end would otherwise train the wrong characters.
+    Overlapping spans are resolved by one rule, whatever their order: a character any span marks
+    ``train: false`` is not trained. (The spans are returned with the untrained ones last, so that
+    marking them in order applies the rule.)
+    """
     if not isinstance(value, (list, tuple)):
         raise RowError(where, f"must be a list of {{begin_offset, end_offset, train}}, got {type(value).__name__}")
     spans = []
     for j, d in enumerate(value):
-        if not (isinstance(d, Mapping) and isinstance(d.get("begin_offset"), int)
-                and isinstance(d.get("end_offset"), int) and "train" in d):
-            raise RowError(f"{where}[{j}]", "must be {begin_offset: int, end_offset: int (inclusive), train: bool}")
-        spans.append((d["begin_offset"], d["end_offset"], bool(d["train"])))
-    return tuple(spans)
+        here = f"{where}[{j}]"
+        if not isinstance(d, Mapping):
+            raise RowError(here, f"must be {{begin_offset: int, end_offset: int (inclusive), train: bool}}, "
+                                 f"got {type(d).__name__}")
+        for key in ("begin_offset", "end_offset"):
+            if type(d.get(key)) is not int:  # bool is an int subclass: `true` must not read as 1
+                got = "missing" if key not in d else f"got {d[key]!r}"
+                raise RowError(f"{here}.{key}", f"must be an integer character offset, {got}")
+        if not isinstance(d.get("train"), bool):
+            got = "missing" if "train" not in d else f"got {d['train']!r}"
+            raise RowError(f"{here}.train", f"must be true or false, {got}")
+        begin, end = d["begin_offset"], d["end_offset"]
+        if not 0 <= begin <= end < len(content):
+            raise RowError(here, f"offsets {begin}..{end} (end inclusive) are not inside the content "
+                                 f"(characters 0..{len(content) - 1})" if content else
+                                 f"offsets {begin}..{end} point into an empty content")
+        spans.append((begin, end, d["train"]))
+    return tuple(sorted(spans, key=lambda sp: not sp[2]))
+
+
+def _check_tool_calls(calls, where: str) -> None:
+    """Each tool call names its function with a non-empty string (``{"function": {"name": ...}}``, or
+    ``{"name": ...}`` as some templates also accept): a call without one would be trained as
+    ``{"name": ""...}`` or ``"42"``."""
+    if calls is None:
+        return
+    if not isinstance(calls, (list, tuple)):
+        raise RowError(where, f"must be a list of tool calls, got {type(calls).__name__}")
+    for k, call in enumerate(calls):
+        if not isinstance(call, Mapping):
+            raise RowError(f"{where}[{k}]", f"must be an object, got {type(call).__name__}")
+        function, path = (call["function"], f"{where}[{k}].function") if "function" in call else (call, f"{where}[{k}]")
+        if not isinstance(function, Mapping):
+            raise RowError(path, f"must be an object with a name, got {type(function).__name__}")
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            got = "missing" if name is None else f"got {name!r}"
+            raise RowError(f"{path}.name", f"must be the function's name (a non-empty string), {got}")
 
 
 def _template_turn(msg: Mapping[str, Any], fields: RowFields, where: str) -> dict:
@@ -307,6 +349,7 @@ def _template_turn(msg: Mapping[str, Any], fields: RowFields, where: str) -> dic
         if key not in skip and key not in turn and value is not None:
             turn[key] = value
     turn["role"] = fields.template_roles.get(turn["role"], turn["role"])
+    _check_tool_calls(turn.get("tool_calls"), f"{where}.tool_calls")
     for k, call in enumerate(turn.get("tool_calls") or []):
         if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping) and "arguments" in call["function"]:
             call["function"] = dict(call["function"])
@@ -368,7 +411,7 @@ def normalize_messages(row: Mapping[str, Any], fields: RowFields, *, drop_system
             raise RowError(f"{where}.{fields.training}", f"must be true or false, got {trained!r}")
         detail = msg.get(fields.training_detail) if fields.training_detail else None
         if detail is not None:
-            detail = _training_detail(detail, f"{where}.{fields.training_detail}")
+            detail = _training_detail(detail, f"{where}.{fields.training_detail}", content)
         turn = _template_turn(msg, fields, where)
         messages.append(Message(canonical, content, turn, trained, detail))
     system = row.get(fields.system)

@@ -1,0 +1,115 @@
+"""Rows and options that would train the wrong thing without a word are refused in one line.
+
+Each case here was trained silently before: a misspelt ``im_*`` option was ignored, a
+``training_detail`` span with ``"train": "false"`` or an offset past the content was trained (or
+trained nothing but the end token), overlapping spans depended on their order, and a tool call
+without a function name was trained as ``{"name": ""...}``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cli_helpers import run_axolotl
+from instruction_modelling.axolotl.configs import cpu_config
+from instruction_modelling.core.options import IMArgs, check_axolotl_options
+from instruction_modelling.core.segments import OUTPUT_SEGMENTS, RowError
+from test_agentic import call, our_encode, text_of
+from test_axolotl_cli import small_train_file
+
+DETAIL = dict(message_field_training_detail="detail")
+ANSWER = "It is 18 degrees in Rome."
+
+
+def _detailed(*spans):
+    return {"messages": [{"role": "user", "content": "Weather in Rome?"},
+                         {"role": "assistant", "content": ANSWER, "detail": list(spans)}]}
+
+
+def _span(begin, end, train):
+    return {"begin_offset": begin, "end_offset": end, "train": train}
+
+
+# -- misspelt options ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,hint", [("im_mdoe", "did you mean im_mode?"),
+                                      ("im_instruction_weigth", "did you mean im_instruction_weight?"),
+                                      ("im_kl_coeff", "did you mean im_kl_coef?")])
+def test_a_misspelt_option_is_an_error_naming_the_closest(key, hint):
+    for check in (IMArgs.from_cfg, check_axolotl_options):
+        with pytest.raises(ValueError, match=f"unknown instruction_modelling option '{key}': {hint}"):
+            check({key: "it", "learning_rate": 1e-5})
+
+
+def test_a_misspelt_option_stops_the_cli_before_preprocessing(tmp_path, tiny_model_dir):
+    cfg = cpu_config(tiny_model_dir, small_train_file(tmp_path), tmp_path / "out")
+    cfg.pop("im_mode", None)
+    cfg["im_mdoe"] = "it"
+    run = run_axolotl("preprocess", cfg, tmp_path / "cfg.yml")
+    assert run.returncode != 0
+    assert "unknown instruction_modelling option 'im_mdoe': did you mean im_mode?" in run.output
+    assert "segmenting" not in run.output
+
+
+# -- training_detail ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("span,field,message", [
+    (_span(0, 5, "false"), "detail[0].train", "must be true or false, got 'false'"),
+    (_span(0, 5, "no"), "detail[0].train", "must be true or false, got 'no'"),
+    (_span(0, 5, 1), "detail[0].train", "must be true or false, got 1"),
+    ({"begin_offset": 0, "end_offset": 5}, "detail[0].train", "must be true or false, missing"),
+    (_span(True, 5, True), "detail[0].begin_offset", "must be an integer character offset, got True"),
+    (_span(0, 5.0, True), "detail[0].end_offset", "must be an integer character offset, got 5.0"),
+    (_span(3, 400, True), "detail[0]", "offsets 3..400 (end inclusive) are not inside the content (characters 0..24)"),
+    (_span(9, 2, True), "detail[0]", "offsets 9..2 (end inclusive) are not inside the content"),
+    (_span(-1, 2, True), "detail[0]", "offsets -1..2 (end inclusive) are not inside the content"),
+    ("0-5", "detail", "must be a list of {begin_offset, end_offset, train}, got str"),
+])
+def test_a_bad_training_detail_span_is_a_bad_row(tokenizer, span, field, message):
+    row = _detailed(span) if not isinstance(span, str) else {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ANSWER, "detail": span}]}
+    with pytest.raises(RowError) as err:
+        our_encode(tokenizer, "qwen_25", row, **DETAIL)
+    assert err.value.field == f"messages[1].{field}"
+    assert message in str(err.value)
+
+
+def test_overlapping_spans_do_not_depend_on_their_order(tokenizer):
+    """Documented rule: a character any span marks train: false is not trained."""
+    whole, hole = _span(0, len(ANSWER) - 1, True), _span(6, 15, False)  # "18 degrees" untrained
+    first = our_encode(tokenizer, "qwen_25", _detailed(whole, hole), **DETAIL)
+    second = our_encode(tokenizer, "qwen_25", _detailed(hole, whole), **DETAIL)
+    assert first.segment_ids == second.segment_ids
+    trained = text_of(tokenizer, second, OUTPUT_SEGMENTS)
+    assert "degrees" not in trained and "Rome" in trained
+
+
+# -- tool calls --------------------------------------------------------------------------------
+
+def _with_calls(calls):
+    return {"messages": [{"role": "user", "content": "Weather in Rome?"},
+                         {"role": "assistant", "content": "", "tool_calls": calls},
+                         {"role": "tool", "content": "{\"temp\": 18}"},
+                         {"role": "assistant", "content": "18 degrees."}]}
+
+
+@pytest.mark.parametrize("calls,field,message", [
+    ([{"type": "function", "function": {"arguments": "{}"}}], "tool_calls[0].function.name", "missing"),
+    ([{"type": "function", "function": {"name": "", "arguments": "{}"}}], "tool_calls[0].function.name", "got ''"),
+    ([{"type": "function", "function": {"name": 42, "arguments": "{}"}}], "tool_calls[0].function.name", "got 42"),
+    ([call("get_weather", {"city": "Rome"}), {"function": {"name": None}}], "tool_calls[1].function.name", "missing"),
+    ([{"arguments": {"city": "Rome"}}], "tool_calls[0].name", "missing"),
+    (["get_weather(Rome)"], "tool_calls[0]", "must be an object, got str"),
+    ({"function": {"name": "get_weather"}}, "tool_calls", "must be a list of tool calls, got dict"),
+])
+def test_a_tool_call_without_a_function_name_is_a_bad_row(tokenizer, calls, field, message):
+    with pytest.raises(RowError) as err:
+        our_encode(tokenizer, "qwen_25", _with_calls(calls))
+    assert err.value.field == f"messages[1].{field}"
+    assert message in str(err.value)
+
+
+def test_a_named_call_in_either_shape_is_accepted(tokenizer):
+    for calls in ([call("get_weather", {"city": "Rome"})], [{"name": "get_weather", "arguments": {"city": "Rome"}}]):
+        ex = our_encode(tokenizer, "qwen_25", _with_calls(calls))
+        assert "get_weather" in text_of(tokenizer, ex, OUTPUT_SEGMENTS)
