@@ -113,3 +113,32 @@ def test_a_named_call_in_either_shape_is_accepted(tokenizer):
     for calls in ([call("get_weather", {"city": "Rome"})], [{"name": "get_weather", "arguments": {"city": "Rome"}}]):
         ex = our_encode(tokenizer, "qwen_25", _with_calls(calls))
         assert "get_weather" in text_of(tokenizer, ex, OUTPUT_SEGMENTS)
+
+
+# -- text the tokenizer cannot take, JSON too deep to read ---------------------------------------
+
+def test_a_lone_surrogate_is_a_bad_row_and_the_batch_still_encodes(tokenizer):
+    """Used to fail the whole batch with the tokenizer's TypeError."""
+    import json
+
+    from instruction_modelling.core.segments import ChatRenderer, RowEncoder
+    from cli_helpers import axolotl_template
+
+    enc = RowEncoder(tokenizer, ChatRenderer(tokenizer, axolotl_template("qwen_25")))
+    broken = {"messages": [{"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": json.loads('"caf\\ud800e"')}]}
+    results = enc.encode_rows([_with_calls([call("get_weather", {"city": "Rome"})]), broken, _detailed()])
+    assert isinstance(results[1], RowError) and results[1].field == "messages[1].content"
+    assert "lone surrogate" in str(results[1])
+    assert [r.input_ids for r in (results[0], results[2])] == [enc.encode(r).input_ids for r in
+                                                              (_with_calls([call("get_weather", {"city": "Rome"})]),
+                                                               _detailed())]
+
+
+def test_tool_call_arguments_nested_too_deeply_are_a_bad_row(tokenizer):
+    deep = "[" * 100_000 + "]" * 100_000
+    row = _with_calls([{"type": "function", "function": {"name": "get_weather", "arguments": deep}}])
+    with pytest.raises(RowError) as err:
+        our_encode(tokenizer, "qwen_25", row)
+    assert err.value.field == "messages[1].tool_calls[0].function.arguments"
+    assert "nested too deeply" in str(err.value)

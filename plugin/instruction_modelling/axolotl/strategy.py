@@ -188,27 +188,34 @@ class InstructionModellingStrategy:
             desc="Instruction modelling: segmenting",
         )
         errors = encoded[ERROR_COLUMN]
-        bad = [(i, e) for i, e in enumerate(errors) if e]
+        bad = [(self._where(dataset, i), e) for i, e in enumerate(errors) if e]
         straddled = sum(encoded[STRADDLED_COLUMN])
         REPORT.add(self.path, len(dataset), bad, straddled)
-        if bad and self.on_bad_rows == "error":
-            first_i, first_e = bad[0]
-            more = f" ({len(bad) - 1} more bad rows; im_on_bad_rows: skip drops and counts them)" if len(bad) > 1 else ""
-            raise BadRowsError(f"{describe_row(self.path, first_i)}: {first_e}{more}")
+        if bad and (self.on_bad_rows == "error" or len(bad) == len(dataset)):
+            first_where, first_e = bad[0]
+            if len(bad) == len(dataset) and self.on_bad_rows == "skip":
+                more = f" (all {len(bad)} rows of {self.path} are bad: nothing is left to train on)"
+            else:
+                more = f" ({len(bad) - 1} more bad rows; im_on_bad_rows: skip drops and counts them)" if len(bad) > 1 else ""
+            raise BadRowsError(f"{first_where}: {first_e}{more}")
         if bad:
             keep = [i for i, e in enumerate(errors) if not e]
             encoded = encoded.select(keep)
-            for i, e in bad[:5]:
-                LOG.warning(f"skipped {describe_row(self.path, i)}: {e}")
+            for w, e in bad[:5]:
+                LOG.warning(f"skipped {w}: {e}")
             LOG.warning(f"skipped {len(bad)} of {len(dataset)} rows of {self.path} (im_on_bad_rows: skip)")
         return encoded.remove_columns([ERROR_COLUMN, STRADDLED_COLUMN])
+
+
+    def _where(self, dataset, index: int) -> str:
+        return raw_rows.where(dataset, index) or describe_row(self.path, index)
 
 
 class PreprocessReport:
     """Counts of what the dataset pass skipped, reported once at the end of the process."""
 
     def __init__(self):
-        self.entries: list[tuple[str | None, int, list[tuple[int, str]], int]] = []
+        self.entries: list[tuple[str | None, int, list[tuple[str, str]], int]] = []  # bad: (where, why)
         self._registered = False
 
     def add(self, path, total, bad, straddled):
@@ -226,8 +233,8 @@ class PreprocessReport:
                 f"  {path}: {total} rows, {total - len(bad)} kept, {len(bad)} skipped, "
                 f"{straddled} tokens straddled a template/content boundary (no loss)"
             )
-            for i, e in bad[:3]:
-                lines.append(f"    {describe_row(path, i)}: {e}")
+            for w, e in bad[:3]:
+                lines.append(f"    {w}: {e}")
         return "\n".join(lines)
 
     def log(self):

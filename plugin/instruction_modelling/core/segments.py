@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import sys
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Callable, Mapping, Sequence
@@ -261,6 +262,8 @@ def _json_field(value, where: str):
         return json.loads(value)
     except json.JSONDecodeError as exc:
         raise RowError(where, f"is a string that is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise RowError(where, "is JSON nested too deeply to read") from None
 
 
 def row_tools(row: Mapping[str, Any], fields: RowFields) -> list | None:
@@ -1028,15 +1031,52 @@ class RowEncoder:
             except RowError as exc:
                 results[i] = exc
                 continue
+            except RecursionError:
+                results[i] = RowError("<row>", "is nested too deeply to read (a value inside a value ... "
+                                               f"over {sys.getrecursionlimit()} levels)")
+                continue
             good.append(i)
             batch.append(pieces)
             plain.append(is_plain)
-        encoded = encode_many(batch, self.tokenizer, self.end_ids,
-                              add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain,
-                              eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT)
+        try:
+            encoded = encode_many(batch, self.tokenizer, self.end_ids,
+                                  add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain,
+                                  eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT)
+        except (TypeError, UnicodeEncodeError):
+            # The tokenizer takes only valid Unicode: a lone surrogate ("\ud800" in JSON) fails the
+            # whole batch. Name the rows that hold one and encode the rest (no cost when none does).
+            bad = {i: field for i in good if (field := surrogate_field(rows[i])) is not None}
+            if not bad:
+                raise
+            for i, field in bad.items():
+                results[i] = RowError(field, "holds a lone surrogate code point (e.g. \"\\ud800\"), which is not "
+                                             "text the tokenizer can read")
+            keep = [k for k, i in enumerate(good) if i not in bad]
+            rest = self.encode_rows([rows[good[k]] for k in keep]) if keep else []
+            for k, ex in zip(keep, rest):
+                results[good[k]] = ex
+            return results
         for i, ex in zip(good, encoded):
             results[i] = ex
         return results
+
+
+def surrogate_field(value, where: str = "") -> str | None:
+    """The dotted path of the first string in ``value`` holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "<row>"
+        return None
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        path = f"{where}[{key}]" if isinstance(key, int) else (f"{where}.{key}" if where else str(key))
+        if isinstance(key, str) and surrogate_field(key) is not None:
+            return path
+        if (found := surrogate_field(item, path)) is not None:
+            return found
+    return None
 
 
 @dataclass
