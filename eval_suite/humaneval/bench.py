@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eval_suite.generation import SamplingConfig
-from eval_suite.humaneval.sandbox import SandboxLimits, check_completion, isolation_mode
+from eval_suite.humaneval.sandbox import SandboxLimits, check_completion, isolation_mode, sweep_dead_runs
 from eval_suite.records import RecordError, read_records
 from eval_suite.results import BenchmarkResult
 
@@ -124,6 +124,7 @@ def execute(samples: list[dict], problems: dict[str, dict], allow_code_execution
     """Run every sample's program in the sandbox; returns the samples with ``passed`` and ``result``."""
     if not allow_code_execution:
         raise PermissionError(CODE_EXECUTION_REFUSED)
+    sweep_dead_runs()  # what a killed earlier run left: temporary folders, its uids' files, keys, cgroups
     with ThreadPoolExecutor(max_workers=workers) as threads:
         outcomes = list(tqdm(threads.map(lambda s: check_completion(problems[s["task_id"]], s["completion"], limits),
                                          samples), total=len(samples), desc="HumanEval execution"))
