@@ -142,3 +142,54 @@ def test_tool_call_arguments_nested_too_deeply_are_a_bad_row(tokenizer):
         our_encode(tokenizer, "qwen_25", row)
     assert err.value.field == "messages[1].tool_calls[0].function.arguments"
     assert "nested too deeply" in str(err.value)
+
+
+# -- memory per row ------------------------------------------------------------------------------
+
+def test_the_default_row_cap_follows_sequence_len():
+    from instruction_modelling.core.read import max_row_bytes_for
+
+    assert max_row_bytes_for(2048) == 2**20 and max_row_bytes_for(32768) == 2**20
+    assert max_row_bytes_for(131072) == 4 * 2**20 and max_row_bytes_for(None) == 2**20
+
+
+def test_long_rows_reach_the_tokenizer_in_bounded_calls_and_keep_sequence_len_tokens(tokenizer):
+    """Before: one tokenizer call for a whole batch (three 7.5 MB rows: 4.2 GB), and every token of an
+    over-long row kept until Axolotl's filter dropped it."""
+    from instruction_modelling.axolotl.strategy import InstructionModellingStrategy
+    from instruction_modelling.core import segments
+    from instruction_modelling.core.segments import ChatRenderer, RowEncoder
+    from cli_helpers import axolotl_template
+
+    calls = []
+
+    class Recording:  # the real tokenizer, with the characters of each call recorded
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, texts, **kwargs):
+            calls.append(sum(map(len, texts)))
+            return self.inner(texts, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    encoder = RowEncoder(tokenizer, ChatRenderer(tokenizer, axolotl_template("chatml")))
+    rows = [{"messages": [{"role": "user", "content": "Say it."},
+                          {"role": "assistant", "content": "the city is warm " * n}]} for n in (40_000, 40_000, 2)]
+    expected = [encoder.encode(r).input_ids for r in rows]
+    encoder.tokenizer = Recording(tokenizer)
+    limit = segments.TOKENIZER_CALL_CHARS
+    segments.TOKENIZER_CALL_CHARS = 700_000  # two long rows (680k characters each) cannot share a call
+    try:
+        assert [e.input_ids for e in encoder.encode_rows(rows)] == expected
+    finally:
+        segments.TOKENIZER_CALL_CHARS = limit
+    assert len(calls) == 2 and max(calls) < 700_000, calls  # the short row joins the second call
+
+    strategy = InstructionModellingStrategy(encoder, path="long.jsonl", sequence_len=64, truncate=False,
+                                            on_bad_rows="error", trained_roles=["assistant"])
+    encoder.tokenizer = tokenizer
+    out = strategy.encode_batch({"messages": [r["messages"] for r in rows]})
+    assert [len(ids) for ids in out["input_ids"]] == [65, 65, len(expected[2])]  # still over 64: Axolotl drops them
+    assert out["input_ids"][0] == expected[0][:65]

@@ -118,11 +118,13 @@ class InstructionModellingStrategy:
     it as a virtual subclass, so importing this module does not import Axolotl)."""
 
     def __init__(self, encoder: RowEncoder, *, path: str | None, sequence_len: int, truncate: bool,
-                 on_bad_rows: str, trained_roles: list[str]):
+                 on_bad_rows: str, trained_roles: list[str], eval_sequence_len: int | None = None):
         self.encoder = encoder
         self.trained_segments = {int(WEIGHT_KEY_SEGMENT[r]) for r in trained_roles}
         self.path = path
         self.sequence_len = sequence_len
+        # Tokens a row keeps past segmentation: one more than any length Axolotl's filters accept.
+        self.keep_tokens = max(sequence_len, eval_sequence_len or 0) + 1
         self.truncate = truncate
         self.on_bad_rows = on_bad_rows
 
@@ -150,6 +152,10 @@ class InstructionModellingStrategy:
                         f"no output token left (sequence_len={self.sequence_len}, {len(ex.input_ids)} tokens; "
                         "or every assistant turn is marked not trained); nothing to learn from this row",
                     ))
+            if not error and len(ex.input_ids) > self.keep_tokens:
+                # Still too long for Axolotl's filter (which drops and counts it), but the dataset pass
+                # no longer holds a row's every token: memory per row is bounded by sequence_len.
+                ex = ex.truncate(self.keep_tokens)
             ids, segs, straddled = ([], [], 0) if error else (ex.input_ids, ex.segment_ids, ex.straddled)
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
@@ -280,6 +286,7 @@ def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
         encoder,
         path=ds_cfg.get("path"),
         sequence_len=int(cfg.get("sequence_len") or 2048),
+        eval_sequence_len=int(cfg.get("eval_sequence_len") or 0) or None,
         truncate=(cfg.get("excess_length_strategy") or "drop").lower() == "truncate",
         on_bad_rows=args.im_on_bad_rows,
         trained_roles=args.trained_roles(),

@@ -78,12 +78,14 @@ class IMArgs(BaseModel):
         },
     )
 
-    im_max_row_bytes: int = Field(
-        default=8 * 2**20,
+    im_max_row_bytes: int | None = Field(
+        default=None,
         gt=0,
         json_schema_extra={
             "description": "Most bytes one row of a local JSON/JSONL file may take; a longer row is a bad "
-            "row (see im_on_bad_rows), found while reading, before it is decoded or tokenised."
+            "row (see im_on_bad_rows), found while reading, before it is decoded or tokenised. Default: 32 "
+            "bytes per token of sequence_len, at least 1 MiB (a longer row could not be trained whole, and "
+            "segmenting it takes about 250 bytes of memory per byte of the row)."
         },
     )
 

@@ -38,6 +38,17 @@ class Records:
 # A row longer than this is a bad row, found before it is decoded or tokenised: reading it is
 # bounded by this many bytes, however long the line (one 50 MB row once needed 12.6 GB downstream).
 DEFAULT_MAX_ROW_BYTES = 8 * 2**20
+
+
+def max_row_bytes_for(sequence_len: int | None) -> int:
+    """The default row cap of training: 32 bytes per token of ``sequence_len``, at least 1 MiB.
+
+    Tokens average 3-5 bytes of text, so a row over the cap has several times more tokens than a
+    sequence holds; segmenting one takes about 250 bytes of memory per byte of the row (the
+    tokenizer's offsets as Python tuples: a 6.4 MB row took 1.55 GB), so the cap bounds that memory
+    too: 250 MiB for sequence_len up to 32k, 1 GiB at 128k.
+    """
+    return max(2**20, 32 * int(sequence_len or 2048))
 _MAX_DEPTH = sys.getrecursionlimit()  # about where Python's json module gives up (RecursionError)
 
 

@@ -920,6 +920,9 @@ def encode_pieces(
     return _encoded(text, pieces, enc["input_ids"], enc["offset_mapping"], tokenizer, end_ids, add_bos, add_eos)
 
 
+TOKENIZER_CALL_CHARS = 4 * 2**20  # characters of text per batched tokenizer call (a longer row goes alone)
+
+
 def encode_many(
     batch: Sequence[Sequence[Piece]],
     tokenizer: Any,
@@ -934,15 +937,24 @@ def encode_many(
     texts = ["".join(p.text for p in pieces) for pieces in batch]
     if not texts:
         return []
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     n = len(texts)
     bos = [add_bos] * n if isinstance(add_bos, bool) else list(add_bos)
     eos = [add_eos] * n if isinstance(add_eos, bool) else list(add_eos)
-    return [
-        _encoded(texts[i], batch[i], enc["input_ids"][i], enc["offset_mapping"][i], tokenizer, end_ids, bos[i], eos[i],
-                 eos_segment)
-        for i in range(n)
-    ]
+    out: list[EncodedExample] = []
+    # One tokenizer call per TOKENIZER_CALL_CHARS of text: its offsets as Python tuples take ~250 bytes
+    # per byte of text, so a batch of long rows in one call would hold them all at once.
+    start = 0
+    while start < n:
+        end, chars = start + 1, len(texts[start])
+        while end < n and chars + len(texts[end]) <= TOKENIZER_CALL_CHARS:
+            chars += len(texts[end])
+            end += 1
+        enc = tokenizer(texts[start:end], add_special_tokens=False, return_offsets_mapping=True)
+        out += [_encoded(texts[i], batch[i], enc["input_ids"][i - start], enc["offset_mapping"][i - start], tokenizer,
+                         end_ids, bos[i], eos[i], eos_segment) for i in range(start, end)]
+        del enc
+        start = end
+    return out
 
 
 def _encoded(text, pieces, input_ids, offsets, tokenizer, end_ids, add_bos, add_eos,
