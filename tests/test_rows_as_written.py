@@ -7,6 +7,7 @@ Through the real Axolotl CLI: ``datasets``' JSON loader re-types a whole column 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,91 @@ def test_reader_bounds_a_50_mb_row(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 8 * 2**20, peak
+
+
+def _fake_hub_dataset(cache: Path, repo: str, files: dict[str, list]) -> None:
+    """A hub dataset as huggingface_hub caches it (refs/main -> snapshots/<sha>/...), read offline."""
+    root = cache / f"datasets--{repo.replace('/', '--')}"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(sha)
+    for name, rows in files.items():
+        write_jsonl(root / "snapshots" / sha / name, rows)
+
+
+def test_folders_data_files_and_hub_files_are_read_as_written(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    """Every source datasets' JSON loader would read: a local folder, data_files beside a local folder,
+    and data_files of a hub dataset. In each, one file holds an int content, which used to re-type the
+    JSON-looking strings of the others ("42" -> 42, '"Yes"' -> Yes) and name a valid row as the bad one.
+    A parquet file (typed by its writer, so reading cannot re-type it) keeps its strings too."""
+    from datasets import Dataset
+
+    folder = tmp_path / "folder"
+    write_jsonl(folder / "a.jsonl", [_chat(a) for a in ANSWERS[:2]])
+    write_jsonl(folder / "b.jsonl", [_chat(7)] + [_chat(a) for a in ANSWERS[2:]])
+    other = tmp_path / "other"
+    other.mkdir()
+    c = write_jsonl(tmp_path / "files" / "c.jsonl", [_chat(a) for a in ANSWERS] + [_chat(8)])
+    d = tmp_path / "files" / "d.json"
+    d.write_text(json.dumps([_chat("12")]))
+    hub_cache = tmp_path / "hub"
+    _fake_hub_dataset(hub_cache, "acme/chats", {"data/part1.jsonl": [_chat(9)] + [_chat(a) for a in ANSWERS]})
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    parquet = tmp_path / "typed.parquet"
+    Dataset.from_list([_chat(a) for a in ANSWERS]).to_parquet(str(parquet))
+
+    cfg = cpu_config(tiny_model_dir, folder, tmp_path / "out", im_on_bad_rows="skip", shuffle_merged_datasets=False)
+    im = {"type": "instruction_modelling"}
+    cfg["datasets"] = [{"path": str(folder), **im},
+                       {"path": str(other), "data_files": [str(c), str(d)], **im},
+                       {"path": "acme/chats", "data_files": "data/part1.jsonl", **im},
+                       {"path": str(parquet), "ds_type": "parquet", **im}]
+    run = run_axolotl("preprocess", cfg, tmp_path / "cfg.yml")
+    assert run.returncode == 0, run.output[-3000:]
+    for bad in ("b.jsonl row 0 (line 1): field 'messages[1].content': must be a string, got int",
+                "c.jsonl row 4 (line 5): field 'messages[1].content': must be a string, got int",
+                "part1.jsonl row 0 (line 1): field 'messages[1].content': must be a string, got int"):
+        assert bad in run.output, bad
+    expected = ANSWERS + ANSWERS + ["12"] + ANSWERS + ANSWERS
+    outputs = _decoded_outputs(run, tokenizer)
+    assert len(outputs) == len(expected), outputs
+    for answer, decoded in zip(expected, outputs):
+        assert decoded.startswith(answer) and decoded[len(answer):] in ("", "</s>"), (answer, decoded)
+
+
+def test_every_row_bad_under_skip_is_one_line(tmp_path, tiny_model_dir):
+    """Used to end in Axolotl's `randrange` error after an empty dataset."""
+    data = write_jsonl(tmp_path / "allbad.jsonl", [_chat(1), _chat(2)])
+    cfg = cpu_config(tiny_model_dir, data, tmp_path / "out", im_on_bad_rows="skip")
+    run = run_axolotl("preprocess", cfg, tmp_path / "cfg.yml")
+    assert run.returncode != 0
+    assert ("allbad.jsonl row 0 (line 1): field 'messages[1].content': must be a string, got int "
+            "(all 2 rows of") in run.output and "are bad: nothing is left to train on)" in run.output
+    assert "randrange" not in run.output
+
+
+def test_a_json_file_holding_json_lines_is_read_like_datasets_reads_it(tmp_path):
+    """datasets reads JSON Lines in a .json file (and a single object as one row); so do we."""
+    lines = tmp_path / "lines.json"
+    write_jsonl(lines, [_chat("a"), _chat("b")])
+    assert [r["messages"][1]["content"] for r in read_local(lines).rows] == ["a", "b"]
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(_chat("only")))
+    assert read_local(single).rows == [_chat("only")]
+    with pytest.raises(InputError, match="broken.json line 1: not valid JSON"):
+        (tmp_path / "broken.json").write_text('{"messages": [')
+        read_local(tmp_path / "broken.json")
+
+
+def test_deeply_nested_rows_are_bad_rows_not_a_crash(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    data = tmp_path / "deep.jsonl"
+    data.write_text(json.dumps(_chat("fine")) + "\n" + '{"messages": ' + deep + "}\n")
+    with pytest.raises(InputError, match=r"deep.jsonl row 1 \(line 2\): nested too deeply for a JSON reader"):
+        read_local(data)
+    records = read_local(data, on_bad_rows="skip")
+    assert len(records.rows) == 1 and "nested too deeply" in records.unreadable[0]
+    listed = tmp_path / "deep.json"
+    listed.write_text("[" + deep + "]")
+    with pytest.raises(InputError, match="deep.json: nested too deeply for a JSON reader"):
+        read_local(listed)

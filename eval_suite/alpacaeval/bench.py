@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import yaml
 
+from eval_suite.arguments import COUNT
 from eval_suite.judge import JudgeClient, JudgeReply, JudgeRequest
 from eval_suite.records import RecordError, read_records
 from eval_suite.results import BenchmarkResult
@@ -246,4 +247,4 @@ def add_arguments(parser: argparse.ArgumentParser, with_generation: bool, with_j
         parser.add_argument("--reference-outputs", type=Path, required=True,
                             help="reference outputs JSON (805 rows; " + ", ".join(
                                 f"{v}: {spec['reference']}" for v, spec in VERSIONS.items()) + ")")
-        parser.add_argument("--limit", type=int, help="only the first N instructions")
+        parser.add_argument("--limit", type=COUNT, help="only the first N instructions")

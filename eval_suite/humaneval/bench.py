@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eval_suite.generation import SamplingConfig
-from eval_suite.humaneval.sandbox import SandboxLimits, check_completion, isolation_mode
+from eval_suite.humaneval.sandbox import SandboxLimits, check_completion, isolation_mode, sweep_dead_runs
 from eval_suite.records import RecordError, read_records
 from eval_suite.results import BenchmarkResult
 
@@ -66,7 +66,42 @@ def sample(generator, problems: dict[str, dict], temperatures=PAPER_TEMPERATURES
     return rows
 
 
-def read_samples(path: str | Path, problems: dict[str, dict]) -> list[dict[str, Any]]:
+def check_coverage(samples: list[dict], where: str, temperatures=None) -> None:
+    """Refuse a sample set whose pass@k would not be a score of the run: every temperature must be
+    finite, one the run asked for (when known), and cover the same problems with the same number of
+    samples each. (pass@k is computed per temperature over the problems it has, and the best
+    temperature is the headline: one correct row at an extra temperature would otherwise score 100%.)
+
+    Raises:
+        RecordError: naming ``where`` and what is missing.
+    """
+    counts: dict[float, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for i, s in enumerate(samples, 1):
+        t = s.get("temperature", 0.0)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t) or t < 0:
+            raise RecordError(f"{where}: row {i}: field 'temperature' is {t!r}; it must be a finite number >= 0")
+        counts[float(t)][s["task_id"]] += 1
+    if temperatures is not None:
+        wanted = {float(t) for t in temperatures}
+        if set(counts) != wanted:
+            raise RecordError(f"{where}: samples at temperatures {sorted(counts)}, but the run samples at "
+                              f"{sorted(wanted)}; score the run's own samples (or pass its --temperatures)")
+    reference_t, reference = next(iter(counts.items()))
+    for t, by_task in counts.items():
+        if set(by_task) != set(reference):
+            missing = sorted(set(reference) - set(by_task)) or sorted(set(by_task) - set(reference))
+            raise RecordError(f"{where}: temperatures {reference_t:g} and {t:g} cover different problems "
+                              f"({len(reference)} vs {len(by_task)}; e.g. {missing[0]} is in one only)")
+    ns = {(t, task): n for t, by_task in counts.items() for task, n in by_task.items()}
+    if len(set(ns.values())) > 1:
+        (t_lo, task_lo), (t_hi, task_hi) = min(ns, key=ns.get), max(ns, key=ns.get)
+        raise RecordError(f"{where}: every problem needs the same number of samples at every temperature, but "
+                          f"{task_lo} has {ns[(t_lo, task_lo)]} at T={t_lo:g} and {task_hi} has {ns[(t_hi, task_hi)]} "
+                          f"at T={t_hi:g}")
+
+
+def read_samples(path: str | Path, problems: dict[str, dict], temperatures=None) -> list[dict[str, Any]]:
+    """The samples of a JSONL file, checked (fields, known problems, :func:`check_coverage`)."""
     rows = read_records(path, {"task_id": str, "completion": str})
     if not rows:
         raise RecordError(f"{path}: no samples (the file is empty)")
@@ -80,6 +115,7 @@ def read_samples(path: str | Path, problems: dict[str, dict]) -> list[dict[str, 
             raise RecordError(f"{path}: row {i}: field 'task_id' is {row['task_id']!r}, not a known problem")
         if not isinstance(row.get("temperature", 0.0), (int, float)):
             raise RecordError(f"{path}: row {i}: field 'temperature' should be a number")
+    check_coverage(rows, str(path), temperatures)
     return rows
 
 
@@ -88,6 +124,7 @@ def execute(samples: list[dict], problems: dict[str, dict], allow_code_execution
     """Run every sample's program in the sandbox; returns the samples with ``passed`` and ``result``."""
     if not allow_code_execution:
         raise PermissionError(CODE_EXECUTION_REFUSED)
+    sweep_dead_runs()  # what a killed earlier run left: temporary folders, its uids' files, keys, cgroups
     with ThreadPoolExecutor(max_workers=workers) as threads:
         outcomes = list(tqdm(threads.map(lambda s: check_completion(problems[s["task_id"]], s["completion"], limits),
                                          samples), total=len(samples), desc="HumanEval execution"))
@@ -97,6 +134,12 @@ def execute(samples: list[dict], problems: dict[str, dict], allow_code_execution
                     len(setup_errors), len(samples), setup_errors[0])
     return [{**s, "passed": o.passed, "result": o.status if o.passed else f"{o.status}: {o.detail}"}
             for s, o in zip(samples, outcomes)]
+
+
+def check_ks(ks) -> None:
+    """pass@k needs k = 1: the headline is pass@1 (a k above the samples per problem is left out)."""
+    if 1 not in ks:
+        raise ValueError(f"--k must include 1 (the headline is pass@1); got {list(ks)}")
 
 
 def pass_at_k(executed: list[dict], ks=(1, 10, 100)) -> dict[str, dict[str, float]]:
@@ -131,6 +174,8 @@ def pass_at_1_stderr(executed: list[dict], table: dict[str, dict[str, float]]) -
 def score(samples: list[dict], problems: dict[str, dict], allow_code_execution: bool, model: str = "",
           workers: int = 2, ks=(1, 10, 100), limits: SandboxLimits = SandboxLimits()) -> tuple[BenchmarkResult, list[dict]]:
     """Execute and summarise: ``pass@k`` is the best over temperatures (the paper reports the better pass@1)."""
+    check_coverage(samples, "samples")
+    check_ks(ks)
     start = time.monotonic()
     executed = execute(samples, problems, allow_code_execution, workers, limits)
     table = pass_at_k(executed, ks)

@@ -66,6 +66,7 @@ LOCK_DIR = Path("/run/eval_suite_sandbox")
 # World-writable host directories the sweep checks for files a sandbox uid left behind.
 WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue", "/run/shm")
 CGROUP_NAME = "eval_suite_sandbox"
+TMP_PREFIX = "eval_suite_sandbox_"  # + the scorer's pid + "_": a dead scorer's folders are found by it
 MODES = ("namespaces", "userns", "basic")  # strongest first
 
 
@@ -259,12 +260,13 @@ class _Channel:
 def _execute(source: str, entry_point: str | None, judge: Callable[[Callable], None] | None,
              limits: SandboxLimits, *, mode: str, audit_hook: bool) -> ExecutionResult:
     deadline = time.monotonic() + limits.wall_seconds
-    with _ProgramIdentity(mode, limits) as identity, tempfile.TemporaryDirectory(prefix="eval_suite_sandbox_") as tmp:
+    with _ProgramIdentity(mode, limits) as identity, tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}_") as tmp:
         workdir = Path(tmp, "work")
         workdir.mkdir()
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         config = {"mode": mode, "workdir": str(workdir), "uid": identity.uid, "cgroup_procs": identity.procs_files,
+                  "parent_pid": os.getpid(),
                   "limits": asdict(limits) | {"wall_seconds": None}, "audit_hook": audit_hook,
                   "entry_point": entry_point or "", "hidden_paths": _hidden_paths(),
                   "request_fd": request_r, "reply_fd": reply_w,
@@ -434,13 +436,70 @@ def _ensure_lock_dir() -> None:
         raise PermissionError(f"{LOCK_DIR} must be a directory owned by root and writable only by it")
 
 
-def sweep(uid: int) -> dict[str, int]:
-    """Kill ``uid``'s processes, remove its files in world-writable host directories and its SysV IPC objects.
+def sweep_dead_runs() -> dict[str, int]:
+    """Remove what scoring runs that were killed left behind; called once at the start of each run.
+
+    A killed scorer's launchers and programs die with it (parent-death signal), but its temporary
+    folders stay, and so do, in ``namespaces`` mode, files, IPC objects and keys of the uids it held
+    and their cgroups. A uid whose lock no live program holds is swept, and its cgroups removed.
 
     Returns:
-        How many of each were found: ``{"processes": n, "files": n, "ipc": n}``.
+        Counts of what was removed (``folders``, ``uids``, ``cgroups``, and the :func:`sweep` counts).
     """
-    found = {"processes": 0, "files": 0, "ipc": 0}
+    removed = {"folders": 0, "uids": 0, "cgroups": 0, "processes": 0, "files": 0, "ipc": 0, "keys": 0}
+    for folder in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*_*"):
+        pid = folder.name[len(TMP_PREFIX):].partition("_")[0]
+        if pid.isdigit() and not _alive(int(pid)) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed["folders"] += 1
+    if os.geteuid() != 0 or not LOCK_DIR.is_dir():
+        return removed
+    groups = {}
+    for parent in _cgroup_parents():
+        for group in parent.glob("uid*"):
+            if group.name[3:].isdigit():
+                groups.setdefault(int(group.name[3:]), []).append(group)
+    for uid in sorted(set(groups) | {int(f.stem) for f in LOCK_DIR.glob("*.lock") if f.stem.isdigit()}):
+        fd = os.open(LOCK_DIR / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live program holds it
+            os.close(fd)
+            continue
+        try:
+            found = sweep(uid)
+            for group in groups.get(uid, []):
+                _remove_cgroup(group)
+                removed["cgroups"] += 1
+            if any(found.values()):
+                removed["uids"] += 1
+                for key, n in found.items():
+                    removed[key] += n
+        finally:
+            os.close(fd)
+    if any(removed.values()):
+        log.warning("sandbox: removed what a killed scoring run left behind: %s", removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(uid: int) -> dict[str, int]:
+    """Kill ``uid``'s processes, remove its files in world-writable host directories, its SysV IPC
+    objects and its kernel keys.
+
+    Returns:
+        How many of each were found: ``{"processes": n, "files": n, "ipc": n, "keys": n}``.
+    """
+    found = {"processes": 0, "files": 0, "ipc": 0, "keys": 0}
     for _ in range(20):  # a process may fork while we kill; stop when a pass finds none
         pids = processes_of(uid)
         if not pids:
@@ -459,7 +518,60 @@ def sweep(uid: int) -> dict[str, int]:
         else:
             path.unlink(missing_ok=True)
     found["ipc"] = _remove_ipc_objects(uid)
+    found["keys"] = remove_keys_of(uid)
     return found
+
+
+# Run as the swept uid (only a key's owner sees it in /proc/keys): invalidate every key it owns but
+# its two user keyrings, which are cleared instead (the kernel keeps them per uid); prints the count.
+_REMOVE_KEYS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+keyctl, uid = int(sys.argv[1]), sys.argv[2]
+own = ("_uid." + uid + ":", "_uid_ses." + uid + ":")
+with open("/proc/keys") as f:
+    keys = [int(f[0], 16) for f in (line.split() for line in f)
+            if len(f) > 8 and f[5] == uid and not (f[7] == "keyring" and f[8] in own)]
+print(sum(libc.syscall(keyctl, 21, key) == 0 for key in keys))  # KEYCTL_INVALIDATE
+for ring in (-4, -5):  # KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING
+    libc.syscall(keyctl, 7, ring)  # KEYCTL_CLEAR
+"""
+_USER_KEYRINGS = 2  # every uid that ran a program keeps these two (empty) keyrings on the host
+
+
+def remove_keys_of(uid: int) -> int:
+    """Invalidate every kernel key ``uid`` owns and empty its user keyrings; returns how many keys.
+
+    A uid's user keyrings live on the host between its programs, so a key one program adds to them
+    could be read by the next program given the same uid. ``/proc/key-users`` tells root how many
+    keys each uid owns; only a uid with more than its two keyrings gets a helper, which runs as the
+    uid (the program's own session keyring, from the launcher, is gone with the program). 0 where
+    keys cannot be managed (no keyctl, not root).
+    """
+    keyctl = sandbox_child.SYS_KEYCTL.get(os.uname().machine)
+    if keyctl is None or os.geteuid() != 0:
+        return 0
+    try:
+        with open("/proc/key-users") as f:
+            held = {int(u): int(rest.split()[1].split("/")[0]) for u, rest in (line.split(":", 1) for line in f)}
+    except (OSError, ValueError, IndexError):
+        return 0
+    if held.get(uid, 0) <= _USER_KEYRINGS:
+        return 0
+    # An interpreter the uid can run on the host (a venv or pyenv under /root is out of its reach).
+    for python in dict.fromkeys((os.path.realpath(sys.executable), "/usr/bin/python3", shutil.which("python3"))):
+        if not python:
+            continue
+        try:
+            done = subprocess.run([python, "-I", "-S", "-c", _REMOVE_KEYS, str(keyctl), str(uid)], user=uid, group=uid,
+                                  extra_groups=[], capture_output=True, text=True, timeout=30,
+                                  env={"PATH": "/usr/bin:/bin"}, cwd="/")
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0 and done.stdout.strip().isdigit():
+            return int(done.stdout.strip())
+    log.warning("sandbox: uid %d holds kernel keys that could not be removed (no interpreter it can run)", uid)
+    return 0
 
 
 def processes_of(uid: int) -> list[int]:

@@ -36,6 +36,8 @@ import sys
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}
+KEYCTL_JOIN_SESSION_KEYRING = 1
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 2
@@ -221,10 +223,21 @@ def set_limits(limits: dict) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL when the scorer that started us dies (a killed scorer must not leave us running)."""
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:  # it died before the signal was armed
+        os._exit(EXIT_SETUP_FAILED)
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
-    program = sys.stdin.buffer.read()
     mode = config["mode"]
+    try:
+        die_with_parent(config["parent_pid"])
+    except OSError as e:
+        _setup_failed(e)
+    program = sys.stdin.buffer.read()
     if mode == "basic":
         run_program(config, program, config["workdir"])
     try:
@@ -232,6 +245,7 @@ def main() -> None:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
         enter_namespaces(userns=mode == "userns")
+        die_with_parent(config["parent_pid"])  # a new user namespace changes credentials, which clears it
     except OSError as e:
         _setup_failed(e)
     # The forked child is pid 1 of the new pid namespace: when it exits or is killed, the kernel kills
@@ -271,6 +285,11 @@ def run_program(config: dict, program: bytes, workdir: str) -> None:
         if config["mode"] != "basic":
             # Changing credentials clears the parent-death signal, so set it afterwards.
             _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+        # A session keyring of its own, so keys the program adds to it die with it (keys it adds to
+        # its uid's user keyring are removed by the parent's sweep).
+        keyctl = SYS_KEYCTL.get(os.uname().machine)
+        if keyctl is not None:
+            libc.syscall(keyctl, KEYCTL_JOIN_SESSION_KEYRING, None)
         _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
         os.chdir(workdir)
         # The call channel at fixed numbers; every other descriptor is closed by exec (non-inheritable).

@@ -64,6 +64,8 @@ class JudgeEndpoint(BaseModel):
     backoff_seconds: float = Field(2.0, ge=0, description="First retry delay; doubles each retry, with jitter.")
     max_backoff_seconds: float = Field(120.0, ge=0, description="Cap on one retry delay, Retry-After included.")
     timeout_seconds: float = Field(300.0, gt=0, description="Deadline of one HTTP request, start to last byte.")
+    max_reply_bytes: int = Field(4 * 2**20, gt=0, description="Largest answer body read; a longer one is a failed "
+                                 "answer (a judgment with logprobs is a few KB).")
 
     def identity(self) -> str:
         """The judge as the cache keys it: scheme, host, port and path of the base URL."""
@@ -405,25 +407,39 @@ class JudgeClient:
     def _call_once(self, kwargs: dict[str, Any]) -> JudgeReply:
         """One HTTP request, given up after ``timeout_seconds`` in all (not per read).
 
-        The request runs on a daemon thread; if it is still trickling in at the deadline, it is left
-        to end on its own (its read timeout bounds it) and counts as a timed-out attempt.
+        The body is read in pieces, at most ``max_reply_bytes`` of it, and reading stops at the
+        deadline: a trickling or endless answer neither outlives the deadline nor fills memory. The
+        request runs on a daemon thread, so a read that blocks is left behind at the deadline (its
+        read timeout ends it) and counts as a timed-out attempt.
         """
         outcome: dict[str, Any] = {}
+        deadline = time.monotonic() + self.endpoint.timeout_seconds
+        cap = self.endpoint.max_reply_bytes
 
         def call():
             try:
-                outcome["response"] = self._openai.chat.completions.create(**kwargs)
+                with self._openai.chat.completions.with_streaming_response.create(**kwargs) as response:
+                    body = bytearray()
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if len(body) > cap:
+                            outcome["reply"] = JudgeReply(text="", error=f"the answer is larger than {cap} bytes "
+                                                                         "(--judge-max-reply-bytes)")
+                            return
+                        if time.monotonic() > deadline:
+                            return  # the caller has given up: stop reading
+                outcome["reply"] = _reply_from(bytes(body), bool(kwargs.get("logprobs")))
             except BaseException as e:  # handed to the caller
                 outcome["error"] = e
 
         worker = threading.Thread(target=call, daemon=True)
         worker.start()
-        worker.join(self.endpoint.timeout_seconds)
-        if worker.is_alive():
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive() or not outcome:
             raise _DeadlineExceeded(f"no complete answer within {self.endpoint.timeout_seconds:g} s")
         if "error" in outcome:
             raise outcome["error"]
-        return _reply_from(outcome["response"], bool(kwargs.get("logprobs")))
+        return outcome["reply"]
 
     def _scrub(self, message: str) -> str:
         """Servers may echo the key back in an error message; never pass it on."""
@@ -442,20 +458,31 @@ class _DeadlineExceeded(Exception):
     """A request that did not finish within the endpoint's deadline."""
 
 
-def _reply_from(response: Any, want_logprobs: bool) -> JudgeReply:
-    """A reply from a chat-completions response; a malformed one becomes a reply with ``error`` set."""
-    choices = getattr(response, "choices", None)
+def _reply_from(body: bytes, want_logprobs: bool) -> JudgeReply:
+    """A reply from a chat-completions body; a malformed one becomes a reply with ``error`` set."""
+    try:
+        response = json.loads(body)
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested past the parser's depth
+        return JudgeReply(text="", error=f"not a chat completion ({type(e).__name__}: {body[:80]!r})")
+    choices = response.get("choices") if isinstance(response, dict) else None
     if not isinstance(choices, list):
         return JudgeReply(text="", error=f"not a chat completion ({type(response).__name__}: {str(response)[:80]!r})")
     if not choices:
         return JudgeReply(text="", error="the answer has no choices")
-    message = getattr(choices[0], "message", None)
-    if message is None or not isinstance(getattr(message, "content", None), str):
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
         return JudgeReply(text="", error="the answer has no message content")
-    logprobs = choices[0].logprobs.model_dump() if want_logprobs and choices[0].logprobs else None
-    usage = getattr(response, "usage", None)
-    return JudgeReply(text=message.content, logprobs=logprobs, total_tokens=getattr(usage, "total_tokens", 0) or 0,
-                      model=getattr(response, "model", None))
+    logprobs = choice.get("logprobs") if want_logprobs else None
+    if logprobs is not None and not (isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list)
+                                     and all(isinstance(t, dict) for t in logprobs["content"])):
+        return JudgeReply(text="", error=f"logprobs is not an object with a content list ({str(logprobs)[:80]!r})")
+    usage = response.get("usage")
+    tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+    model = response.get("model")
+    return JudgeReply(text=message["content"], logprobs=logprobs,
+                      total_tokens=tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else 0,
+                      model=model if isinstance(model, str) else None)
 
 
 def _usable(reply: JudgeReply, parse: ReplyParser | None) -> str | None:

@@ -162,6 +162,11 @@ MALFORMED: dict[str, Callable[[dict[str, Any]], tuple[str, bytes]]] = {
         [("x", 0.0)]))).encode()),
     "no_rating": lambda body: ("application/json", json.dumps(_response(body, Completion(
         "I cannot judge this.", [("x", 0.0)]))).encode()),
+    # JSON nested past any parser's depth, JSON that is not an object, and an answer of 5 MiB.
+    "deep_json": lambda body: ("application/json", b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    "json_list": lambda body: ("application/json", b"[1, 2, 3]"),
+    "oversized": lambda body: ("application/json", json.dumps(
+        {**_response(body, Completion("Rating: [[5]]")), "padding": "x" * 5 * 2**20}).encode()),
 }
 
 
@@ -187,7 +192,14 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
             self._send(404, {"error": {"message": f"no route {self.path}"}})
 
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0) or 0)) or b"{}")
+            except (ValueError, RecursionError) as e:
+                return self._send(400, {"error": {"message": f"the request body is not JSON ({type(e).__name__})",
+                                                  "type": "invalid_request_error"}})
+            if not isinstance(body, dict):
+                return self._send(400, {"error": {"message": "the request body must be a JSON object",
+                                                  "type": "invalid_request_error"}})
             if self.path.startswith("/admin/"):
                 if not self._admin_allowed():
                     return self._send(401, {"error": {"message": "admin endpoints need the server's key"}})
@@ -203,6 +215,12 @@ def make_handler(judge: Callable[..., Completion], state: ServerState) -> type[B
                 return self._send(404, {"error": {"message": f"no route {self.path}"}})
             if state.api_key and self.headers.get("Authorization") != f"Bearer {state.api_key}":
                 return self._send(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
+            messages = body.get("messages")
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
+                return self._send(400, {"error": {"message": "messages must be a non-empty list of {role, content} "
+                                                             "objects with string content",
+                                                  "type": "invalid_request_error"}})
             with state.cond:
                 state.requests += 1
                 n = state.requests

@@ -219,27 +219,40 @@ def host_leftovers(mark: str, ipc_key: int) -> dict[str, list]:
 
 
 def memory_hogs(mib: int) -> str:
-    """A program of 4 processes that each touch ``mib`` MiB; exits 0 only when all 4 got their memory
-    (each is under RLIMIT_AS: only a whole-tree cap stops the sum)."""
-    return f"""import os, time
+    """A program of 4 processes that each touch ``mib`` MiB and hold it until all 4 have theirs; exits
+    0 only when all 4 got their memory (each is under RLIMIT_AS: only a whole-tree cap stops the sum).
+
+    The children hold their memory until the parent releases them (a second pipe), so the 4 blocks
+    are held at once however slowly a loaded machine forks them: with a fixed sleep instead, a child
+    could exit before the last one allocated, and the sum never reached the cap (a flaky test). A
+    child counts only if it also exits normally: the cgroup's OOM killer may take one that had
+    already reported, which let the last one finish under the cap.
+    """
+    return f"""import os, select, time
 r, w = os.pipe()
+release_r, release_w = os.pipe()
 kids = []
 for _ in range(4):
     pid = os.fork()
     if pid == 0:
+        os.close(release_w)
         block = bytearray({mib} << 20)
         for i in range(0, len(block), 4096):
             block[i] = 1
         os.write(w, b"k")
-        time.sleep(0.5)
+        os.read(release_r, 1)  # hold the memory until every child has its own
         os._exit(0)
     kids.append(pid)
 os.close(w)
-got = b""
-while chunk := os.read(r, 8):
-    got += chunk
-for pid in kids:
-    os.waitpid(pid, 0)
-if len(got) != 4:
-    raise SystemExit(f"{{len(got)}} of 4 processes got their memory")
+got, deadline = b"", time.monotonic() + 8
+while len(got) < 4 and time.monotonic() < deadline:
+    if select.select([r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(r, 8)
+        if not chunk:
+            break
+        got += chunk
+os.close(release_w)
+held = sum(os.waitpid(pid, 0)[1] == 0 for pid in kids)  # a child the OOM killer took after it reported
+if min(len(got), held) != 4:
+    raise SystemExit(f"{{min(len(got), held)}} of 4 processes got their memory")
 """

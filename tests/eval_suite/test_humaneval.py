@@ -102,3 +102,38 @@ def test_sampling_with_a_tiny_model(tiny_model_dir, problems):
     assert len(rows) == 2 * 2 * 3
     assert {(r["task_id"], r["temperature"]) for r in rows} == {(t, T) for t in list(problems)[:2] for T in (0.1, 0.7)}
     assert not any(stop in r["completion"] for r in rows for stop in bench.PAPER_SAMPLING["stop"])
+
+
+def _forged(problems, extra):
+    """20 wrong samples of one problem at the run's temperature, plus ``extra`` rows."""
+    task = "HumanEval/0"
+    return [{"task_id": task, "completion": "    return None\n", "temperature": 0.1} for _ in range(20)] + [
+        {"task_id": task, "completion": problems[task]["canonical_solution"], **row} for row in extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([{"temperature": 0.3}], "HumanEval/0 has 1 at T=0.3 and HumanEval/0 has 20 at T=0.1"),
+    ([{"temperature": float("nan")}], "field 'temperature' is nan; it must be a finite number >= 0"),
+    ([{"temperature": -1}], "field 'temperature' is -1; it must be a finite number >= 0"),
+])
+def test_one_correct_row_at_an_extra_temperature_cannot_set_the_headline(tmp_path, problems, extra, message):
+    """Used to score 100%: each temperature averaged only its own problems, and the best one was the headline."""
+    samples = write_samples(tmp_path / "forged.jsonl", _forged(problems, extra))
+    proc = run_cli("humaneval", "score", "--samples", str(samples), "--allow-code-execution", "--k", "1")
+    assert proc.returncode != 0, proc.stdout
+    assert str(samples) in proc.stderr and message in proc.stderr, proc.stderr
+    with pytest.raises(bench.RecordError):
+        bench.score(_forged(problems, extra), problems, allow_code_execution=True, ks=(1,))
+
+
+def test_temperatures_must_cover_the_same_problems_and_be_the_runs_own(tmp_path, problems):
+    ids = list(problems)[:2]
+    rows = [{"task_id": t, "completion": "    return None\n", "temperature": T} for T in (0.1, 0.7) for t in ids]
+    with pytest.raises(bench.RecordError, match="temperatures 0.1 and 0.7 cover different problems"):
+        bench.check_coverage(rows[:-1], "s.jsonl")
+    bench.check_coverage(rows, "s.jsonl", temperatures=[0.7, 0.1])
+    samples = write_samples(tmp_path / "s.jsonl", rows)
+    proc = run_cli("humaneval", "score", "--samples", str(samples), "--allow-code-execution", "--k", "1",
+                   "--temperatures", "0.1")
+    assert proc.returncode != 0
+    assert "samples at temperatures [0.1, 0.7], but the run samples at [0.1]" in proc.stderr

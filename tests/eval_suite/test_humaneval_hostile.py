@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -131,8 +133,8 @@ def test_bad_arguments_and_files_fail_before_any_work(tmp_path, case):
     samples = write_samples(tmp_path / "s.jsonl", [CORRECT_BODY])
     args, expected = {
         "k_without_1": (["--k", "10"], "--k must include 1"),
-        "timeout_0": (["--timeout", "0"], "--timeout: 0 should be above 0"),
-        "timeout_negative": (["--timeout", "-1"], "--timeout: -1 should be above 0"),
+        "timeout_0": (["--timeout", "0"], "--timeout: 0 should be at least 1 second"),
+        "timeout_negative": (["--timeout", "-1"], "--timeout: -1 should be at least 1 second"),
         "empty_file": ([], "no samples"),
         "lone_surrogate": ([], "row 2: field 'completion' holds a lone surrogate"),
     }[case]
@@ -194,3 +196,58 @@ def test_the_cli_as_an_unprivileged_user():
             assert host_leftovers(mark, key) == {"files": [], "ipc": [], "processes": []}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.skipif(MODE != "namespaces" or not os.path.exists("/proc/key-users"),
+                    reason="per-uid kernel keyrings of sandbox uids (namespaces mode, root)")
+def test_a_key_a_program_adds_is_gone_for_the_next_program_of_its_uid(monkeypatch):
+    """Keys used to stay in the uid's user keyring on the host, where the next program of that uid read them."""
+    monkeypatch.setattr(sandbox, "SANDBOX_UIDS", range(62999, 63000))  # both programs get the same uid
+    keyctl = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+              "found = libc.syscall(250, 10, -4, b'user', b'im_probe', 0)\n")  # KEYCTL_SEARCH in @u
+    add = keyctl + "assert libc.syscall(248, b'user', b'im_probe', b'secret', 6, -4) > 0, ctypes.get_errno()\n"
+    assert sandbox.run_program(add, audit_hook=False).passed
+    assert sandbox.run_program(keyctl + "assert found == -1, found\n", audit_hook=False).passed
+
+
+@pytest.mark.skipif(MODE != "namespaces", reason="the sandbox's launchers, uids and cgroups are made as root")
+def test_a_killed_scorer_leaves_nothing_running_and_the_next_run_sweeps_the_rest(tmp_path):
+    """SIGKILL of a scorer used to leave its launchers and programs running, and its temporary folders
+    and cgroups on the host for good."""
+    sleeper = unhooked("import time\ntime.sleep(120)\n")
+    samples = write_samples(tmp_path / "sleepers.jsonl", [sleeper] * 2)
+    scorer = subprocess.Popen([sys.executable, "-m", "eval_suite", "humaneval", "score", "--samples", str(samples),
+                               "--allow-code-execution", "--k", "1", "--timeout", "100", "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    folders = lambda: sorted(Path(tempfile.gettempdir()).glob(f"{sandbox.TMP_PREFIX}{scorer.pid}_*"))  # noqa: E731
+    deadline = time.monotonic() + 60
+    while (len(folders()) < 2 or len(sandbox.leftover_processes()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(folders()) == 2 and len(sandbox.leftover_processes()) >= 2, "the programs did not start"
+    scorer.kill()
+    scorer.wait()
+    deadline = time.monotonic() + 10
+    while (sandbox.leftover_processes() or _launchers_of(scorer.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sandbox.leftover_processes() == [] and _launchers_of(scorer.pid) == []
+    assert len(folders()) == 2  # the dead run could not clean up: the next run must
+    results = score(write_samples(tmp_path / "next.jsonl", [CORRECT_BODY]))
+    assert results[0]["passed"]
+    assert folders() == []
+    groups = [g for parent in sandbox._cgroup_parents() for g in parent.glob("uid*")]
+    assert groups == [], groups
+
+
+def _launchers_of(pid: int) -> list[int]:
+    """Live sandbox launchers (sandbox_child.py) whose parent was ``pid`` (reparented ones included)."""
+    found = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{p}/cmdline", "rb").read()
+            state = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"sandbox_child.py" in cmdline and f'"parent_pid": {pid}'.encode() in cmdline and state != "Z":
+            found.append(int(p))
+    return found

@@ -240,3 +240,51 @@ def test_reported_model_is_what_the_server_named(judge_server, tmp_path):
     again = JudgeClient(JudgeEndpoint(base_url=judge_server.url), tmp_path / "c.sqlite")
     again.complete(request("an answer"))  # from the cache: the name was kept with the answer
     assert again.cache_hits == 1 and again.reported_model() == rule_judge.served_name
+
+
+def test_an_endless_answer_stops_at_the_cap_and_the_deadline(judge_server, tmp_path):
+    """Used to read and cache a 120 MB answer, and to keep downloading after the deadline."""
+    import threading
+
+    judge_server.state.malformed_first, judge_server.state.malformed_kind = 100, "oversized"
+    client = JudgeClient(JudgeEndpoint(base_url=judge_server.url, max_reply_bytes=2**20, parse_retries=0),
+                         tmp_path / "c.sqlite")
+    reply = client.complete(request("an answer"))
+    assert reply.failed and "larger than 1048576 bytes" in reply.error
+    assert cached_rows(tmp_path / "c.sqlite") == 0 and client.failures == 1
+
+    # A trickled answer: once the deadline has passed, the reading thread stops too.
+    judge_server.state.malformed_first, judge_server.state.trickle_seconds = 0, 30
+    client = JudgeClient(JudgeEndpoint(base_url=judge_server.url, timeout_seconds=1.0, max_retries=0))
+    before = threading.active_count()
+    with pytest.raises(JudgeError, match="no complete answer within 1 s"):
+        client.complete(request("an answer"))
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert threading.active_count() <= before  # the reader is gone within a read's wait, not after 30 s
+
+
+def test_logprobs_that_are_not_an_object_are_a_failed_answer():
+    from eval_suite.judge.client import _reply_from
+
+    base = {"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "m"}}]}
+    for logprobs in ("x", [1, 2], {"content": "x"}, {"content": [3]}):
+        body = json.dumps({**base, "choices": [{**base["choices"][0], "logprobs": logprobs}]}).encode()
+        reply = _reply_from(body, want_logprobs=True)
+        assert reply.failed and "logprobs is not an object" in reply.error, logprobs
+    good = {"content": [{"token": "m", "logprob": -0.1, "top_logprobs": [{"token": "m", "logprob": -0.1}]}]}
+    body = json.dumps({**base, "choices": [{**base["choices"][0], "logprobs": good}]}).encode()
+    assert _reply_from(body, want_logprobs=True).logprobs == good
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"[1]", json.dumps({"model": "m", "messages": "hi"}).encode(),
+                                     json.dumps({"model": "m", "messages": [{"role": "user", "content": 3}]}).encode()])
+def test_the_test_server_answers_a_malformed_request_with_400(judge_server, payload):
+    """It used to close the connection without an answer."""
+    req = urllib.request.Request(judge_server.url + "/chat/completions", data=payload,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 400
+    assert "message" in json.loads(err.value.read())["error"]

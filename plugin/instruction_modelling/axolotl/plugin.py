@@ -84,9 +84,11 @@ class InstructionModellingPlugin(BasePlugin):
             for ds in cfg.get(key) or []:
                 ds["roles_to_train"] = args.trained_roles()
         # Local JSON/JSONL files are read row by row here, not by Arrow's whole-file JSON reader.
+        from instruction_modelling.core.read import max_row_bytes_for
+
         from .raw_rows import redirect_local_files
 
-        redirect_local_files(cfg, args.im_max_row_bytes)
+        redirect_local_files(cfg, args.im_max_row_bytes or max_row_bytes_for(cfg.get("sequence_len")))
 
     def on_config_validation_error(self, cfg):
         sys.modules.pop(_STRATEGY_ALIAS, None)

@@ -118,11 +118,13 @@ class InstructionModellingStrategy:
     it as a virtual subclass, so importing this module does not import Axolotl)."""
 
     def __init__(self, encoder: RowEncoder, *, path: str | None, sequence_len: int, truncate: bool,
-                 on_bad_rows: str, trained_roles: list[str]):
+                 on_bad_rows: str, trained_roles: list[str], eval_sequence_len: int | None = None):
         self.encoder = encoder
         self.trained_segments = {int(WEIGHT_KEY_SEGMENT[r]) for r in trained_roles}
         self.path = path
         self.sequence_len = sequence_len
+        # Tokens a row keeps past segmentation: one more than any length Axolotl's filters accept.
+        self.keep_tokens = max(sequence_len, eval_sequence_len or 0) + 1
         self.truncate = truncate
         self.on_bad_rows = on_bad_rows
 
@@ -150,6 +152,10 @@ class InstructionModellingStrategy:
                         f"no output token left (sequence_len={self.sequence_len}, {len(ex.input_ids)} tokens; "
                         "or every assistant turn is marked not trained); nothing to learn from this row",
                     ))
+            if not error and len(ex.input_ids) > self.keep_tokens:
+                # Still too long for Axolotl's filter (which drops and counts it), but the dataset pass
+                # no longer holds a row's every token: memory per row is bounded by sequence_len.
+                ex = ex.truncate(self.keep_tokens)
             ids, segs, straddled = ([], [], 0) if error else (ex.input_ids, ex.segment_ids, ex.straddled)
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
@@ -188,27 +194,34 @@ class InstructionModellingStrategy:
             desc="Instruction modelling: segmenting",
         )
         errors = encoded[ERROR_COLUMN]
-        bad = [(i, e) for i, e in enumerate(errors) if e]
+        bad = [(self._where(dataset, i), e) for i, e in enumerate(errors) if e]
         straddled = sum(encoded[STRADDLED_COLUMN])
         REPORT.add(self.path, len(dataset), bad, straddled)
-        if bad and self.on_bad_rows == "error":
-            first_i, first_e = bad[0]
-            more = f" ({len(bad) - 1} more bad rows; im_on_bad_rows: skip drops and counts them)" if len(bad) > 1 else ""
-            raise BadRowsError(f"{describe_row(self.path, first_i)}: {first_e}{more}")
+        if bad and (self.on_bad_rows == "error" or len(bad) == len(dataset)):
+            first_where, first_e = bad[0]
+            if len(bad) == len(dataset) and self.on_bad_rows == "skip":
+                more = f" (all {len(bad)} rows of {self.path} are bad: nothing is left to train on)"
+            else:
+                more = f" ({len(bad) - 1} more bad rows; im_on_bad_rows: skip drops and counts them)" if len(bad) > 1 else ""
+            raise BadRowsError(f"{first_where}: {first_e}{more}")
         if bad:
             keep = [i for i, e in enumerate(errors) if not e]
             encoded = encoded.select(keep)
-            for i, e in bad[:5]:
-                LOG.warning(f"skipped {describe_row(self.path, i)}: {e}")
+            for w, e in bad[:5]:
+                LOG.warning(f"skipped {w}: {e}")
             LOG.warning(f"skipped {len(bad)} of {len(dataset)} rows of {self.path} (im_on_bad_rows: skip)")
         return encoded.remove_columns([ERROR_COLUMN, STRADDLED_COLUMN])
+
+
+    def _where(self, dataset, index: int) -> str:
+        return raw_rows.where(dataset, index) or describe_row(self.path, index)
 
 
 class PreprocessReport:
     """Counts of what the dataset pass skipped, reported once at the end of the process."""
 
     def __init__(self):
-        self.entries: list[tuple[str | None, int, list[tuple[int, str]], int]] = []
+        self.entries: list[tuple[str | None, int, list[tuple[str, str]], int]] = []  # bad: (where, why)
         self._registered = False
 
     def add(self, path, total, bad, straddled):
@@ -226,8 +239,8 @@ class PreprocessReport:
                 f"  {path}: {total} rows, {total - len(bad)} kept, {len(bad)} skipped, "
                 f"{straddled} tokens straddled a template/content boundary (no loss)"
             )
-            for i, e in bad[:3]:
-                lines.append(f"    {describe_row(path, i)}: {e}")
+            for w, e in bad[:3]:
+                lines.append(f"    {w}: {e}")
         return "\n".join(lines)
 
     def log(self):
@@ -273,6 +286,7 @@ def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
         encoder,
         path=ds_cfg.get("path"),
         sequence_len=int(cfg.get("sequence_len") or 2048),
+        eval_sequence_len=int(cfg.get("eval_sequence_len") or 0) or None,
         truncate=(cfg.get("excess_length_strategy") or "drop").lower() == "truncate",
         on_bad_rows=args.im_on_bad_rows,
         trained_roles=args.trained_roles(),

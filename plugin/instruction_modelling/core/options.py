@@ -78,12 +78,14 @@ class IMArgs(BaseModel):
         },
     )
 
-    im_max_row_bytes: int = Field(
-        default=8 * 2**20,
+    im_max_row_bytes: int | None = Field(
+        default=None,
         gt=0,
         json_schema_extra={
             "description": "Most bytes one row of a local JSON/JSONL file may take; a longer row is a bad "
-            "row (see im_on_bad_rows), found while reading, before it is decoded or tokenised."
+            "row (see im_on_bad_rows), found while reading, before it is decoded or tokenised. Default: 32 "
+            "bytes per token of sequence_len, at least 1 MiB (a longer row could not be trained whole, and "
+            "segmenting it takes about 250 bytes of memory per byte of the row)."
         },
     )
 
@@ -247,9 +249,33 @@ class IMArgs(BaseModel):
 
     @classmethod
     def from_cfg(cls, cfg) -> "IMArgs":
-        """Build from an Axolotl config (a dict-like), taking only the ``im_*`` keys that are set."""
+        """Build from an Axolotl config (a dict-like), taking only the ``im_*`` keys that are set.
+
+        Raises:
+            ValueError: an ``im_*`` key that is no option (a misspelling would otherwise be ignored).
+        """
+        check_option_names(cfg)
         keys = cls.model_fields
         return cls(**{k: cfg.get(k) for k in keys if cfg.get(k) is not None})
+
+
+def check_option_names(cfg) -> None:
+    """Refuse a config key that starts with ``im_`` but is no option of the plugin.
+
+    Axolotl keeps unknown keys without a word, so ``im_mdoe: it`` would train IM instead of IT; the
+    prefix is the plugin's own, so every such key is a mistake.
+
+    Raises:
+        ValueError: naming the key and the closest option.
+    """
+    import difflib
+
+    options = sorted(k for k in IMArgs.model_fields if k.startswith("im_"))
+    for key in list(cfg.keys()) if hasattr(cfg, "keys") else []:
+        if isinstance(key, str) and key.startswith("im_") and key not in options:
+            close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else f"the options are {', '.join(options)}"
+            raise ValueError(f"unknown instruction_modelling option '{key}': {hint}")
 
 
 # Axolotl options whose memory saving the IM loss takes over (their patched forwards only skip the
@@ -273,6 +299,7 @@ def check_axolotl_options(cfg) -> None:
     Raises:
         ValueError: naming the option and what to do.
     """
+    check_option_names(cfg)
     for key, message in _CONFLICTS.items():
         if cfg.get(key):
             raise ValueError(message)

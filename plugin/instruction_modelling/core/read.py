@@ -7,7 +7,9 @@ another is read (Arrow's JSON reader, and pandas behind it, re-type a whole colu
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,18 @@ class Records:
 # A row longer than this is a bad row, found before it is decoded or tokenised: reading it is
 # bounded by this many bytes, however long the line (one 50 MB row once needed 12.6 GB downstream).
 DEFAULT_MAX_ROW_BYTES = 8 * 2**20
+
+
+def max_row_bytes_for(sequence_len: int | None) -> int:
+    """The default row cap of training: 32 bytes per token of ``sequence_len``, at least 1 MiB.
+
+    Tokens average 3-5 bytes of text, so a row over the cap has several times more tokens than a
+    sequence holds; segmenting one takes about 250 bytes of memory per byte of the row (the
+    tokenizer's offsets as Python tuples: a 6.4 MB row took 1.55 GB), so the cap bounds that memory
+    too: 250 MiB for sequence_len up to 32k, 1 GiB at 128k.
+    """
+    return max(2**20, 32 * int(sequence_len or 2048))
+_MAX_DEPTH = sys.getrecursionlimit()  # about where Python's json module gives up (RecursionError)
 
 
 @dataclass
@@ -88,7 +102,15 @@ def iter_raw_rows(f: IO[bytes], source: str, as_jsonl: bool,
             line = data.count(b"\n", 0, exc.start) + 1
             raise InputError(f"{source} line {line}: not UTF-8 text (byte {exc.start + 1} of the file: {exc.reason})") from None
         except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data":  # JSON Lines in a .json file, which datasets reads too
+                yield from iter_raw_rows(io.BytesIO(data), source, True, max_row_bytes)
+                return
             raise InputError(f"{source} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise InputError(f"{source}: nested too deeply for a JSON reader (over {_MAX_DEPTH} levels)") from None
+        if isinstance(rows, dict):  # one row: JSON Lines with a single line
+            yield from iter_raw_rows(io.BytesIO(data), source, True, max_row_bytes)
+            return
         if not isinstance(rows, list):
             raise InputError(f"{source}: expected a JSON list of rows, got {type(rows).__name__}")
         if not rows:
@@ -120,6 +142,8 @@ def iter_raw_rows(f: IO[bytes], source: str, as_jsonl: bool,
             json.loads(text)
         except json.JSONDecodeError as exc:
             yield RawRow(index, n, error=f"not valid JSON ({exc.msg} at column {exc.colno})")
+        except RecursionError:
+            yield RawRow(index, n, error=f"nested too deeply for a JSON reader (over {_MAX_DEPTH} levels)")
         else:
             yield RawRow(index, n, text)
         index += 1

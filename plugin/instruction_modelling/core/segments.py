@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import sys
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Callable, Mapping, Sequence
@@ -261,6 +262,8 @@ def _json_field(value, where: str):
         return json.loads(value)
     except json.JSONDecodeError as exc:
         raise RowError(where, f"is a string that is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise RowError(where, "is JSON nested too deeply to read") from None
 
 
 def row_tools(row: Mapping[str, Any], fields: RowFields) -> list | None:
@@ -278,16 +281,58 @@ def row_tools(row: Mapping[str, Any], fields: RowFields) -> list | None:
     return tools or None
 
 
-def _training_detail(value, where: str) -> tuple:
+def _training_detail(value, where: str, content: str) -> tuple:
+    """The checked ``training_detail`` spans of one content, as ``(begin, end_inclusive, train)``.
+
+    Each span needs integer offsets (not booleans) with ``0 <= begin_offset <= end_offset <
+    len(content)`` and a boolean ``train``; anything else is a bad row naming the span, since a
+    string ``"false"`` or an offset past the end would otherwise train the wrong characters.
+    Overlapping spans are resolved by one rule, whatever their order: a character any span marks
+    ``train: false`` is not trained. (The spans are returned with the untrained ones last, so that
+    marking them in order applies the rule.)
+    """
     if not isinstance(value, (list, tuple)):
         raise RowError(where, f"must be a list of {{begin_offset, end_offset, train}}, got {type(value).__name__}")
     spans = []
     for j, d in enumerate(value):
-        if not (isinstance(d, Mapping) and isinstance(d.get("begin_offset"), int)
-                and isinstance(d.get("end_offset"), int) and "train" in d):
-            raise RowError(f"{where}[{j}]", "must be {begin_offset: int, end_offset: int (inclusive), train: bool}")
-        spans.append((d["begin_offset"], d["end_offset"], bool(d["train"])))
-    return tuple(spans)
+        here = f"{where}[{j}]"
+        if not isinstance(d, Mapping):
+            raise RowError(here, f"must be {{begin_offset: int, end_offset: int (inclusive), train: bool}}, "
+                                 f"got {type(d).__name__}")
+        for key in ("begin_offset", "end_offset"):
+            if type(d.get(key)) is not int:  # bool is an int subclass: `true` must not read as 1
+                got = "missing" if key not in d else f"got {d[key]!r}"
+                raise RowError(f"{here}.{key}", f"must be an integer character offset, {got}")
+        if not isinstance(d.get("train"), bool):
+            got = "missing" if "train" not in d else f"got {d['train']!r}"
+            raise RowError(f"{here}.train", f"must be true or false, {got}")
+        begin, end = d["begin_offset"], d["end_offset"]
+        if not 0 <= begin <= end < len(content):
+            raise RowError(here, f"offsets {begin}..{end} (end inclusive) are not inside the content "
+                                 f"(characters 0..{len(content) - 1})" if content else
+                                 f"offsets {begin}..{end} point into an empty content")
+        spans.append((begin, end, d["train"]))
+    return tuple(sorted(spans, key=lambda sp: not sp[2]))
+
+
+def _check_tool_calls(calls, where: str) -> None:
+    """Each tool call names its function with a non-empty string (``{"function": {"name": ...}}``, or
+    ``{"name": ...}`` as some templates also accept): a call without one would be trained as
+    ``{"name": ""...}`` or ``"42"``."""
+    if calls is None:
+        return
+    if not isinstance(calls, (list, tuple)):
+        raise RowError(where, f"must be a list of tool calls, got {type(calls).__name__}")
+    for k, call in enumerate(calls):
+        if not isinstance(call, Mapping):
+            raise RowError(f"{where}[{k}]", f"must be an object, got {type(call).__name__}")
+        function, path = (call["function"], f"{where}[{k}].function") if "function" in call else (call, f"{where}[{k}]")
+        if not isinstance(function, Mapping):
+            raise RowError(path, f"must be an object with a name, got {type(function).__name__}")
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            got = "missing" if name is None else f"got {name!r}"
+            raise RowError(f"{path}.name", f"must be the function's name (a non-empty string), {got}")
 
 
 def _template_turn(msg: Mapping[str, Any], fields: RowFields, where: str) -> dict:
@@ -307,6 +352,7 @@ def _template_turn(msg: Mapping[str, Any], fields: RowFields, where: str) -> dic
         if key not in skip and key not in turn and value is not None:
             turn[key] = value
     turn["role"] = fields.template_roles.get(turn["role"], turn["role"])
+    _check_tool_calls(turn.get("tool_calls"), f"{where}.tool_calls")
     for k, call in enumerate(turn.get("tool_calls") or []):
         if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping) and "arguments" in call["function"]:
             call["function"] = dict(call["function"])
@@ -368,7 +414,7 @@ def normalize_messages(row: Mapping[str, Any], fields: RowFields, *, drop_system
             raise RowError(f"{where}.{fields.training}", f"must be true or false, got {trained!r}")
         detail = msg.get(fields.training_detail) if fields.training_detail else None
         if detail is not None:
-            detail = _training_detail(detail, f"{where}.{fields.training_detail}")
+            detail = _training_detail(detail, f"{where}.{fields.training_detail}", content)
         turn = _template_turn(msg, fields, where)
         messages.append(Message(canonical, content, turn, trained, detail))
     system = row.get(fields.system)
@@ -874,6 +920,9 @@ def encode_pieces(
     return _encoded(text, pieces, enc["input_ids"], enc["offset_mapping"], tokenizer, end_ids, add_bos, add_eos)
 
 
+TOKENIZER_CALL_CHARS = 4 * 2**20  # characters of text per batched tokenizer call (a longer row goes alone)
+
+
 def encode_many(
     batch: Sequence[Sequence[Piece]],
     tokenizer: Any,
@@ -888,15 +937,24 @@ def encode_many(
     texts = ["".join(p.text for p in pieces) for pieces in batch]
     if not texts:
         return []
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     n = len(texts)
     bos = [add_bos] * n if isinstance(add_bos, bool) else list(add_bos)
     eos = [add_eos] * n if isinstance(add_eos, bool) else list(add_eos)
-    return [
-        _encoded(texts[i], batch[i], enc["input_ids"][i], enc["offset_mapping"][i], tokenizer, end_ids, bos[i], eos[i],
-                 eos_segment)
-        for i in range(n)
-    ]
+    out: list[EncodedExample] = []
+    # One tokenizer call per TOKENIZER_CALL_CHARS of text: its offsets as Python tuples take ~250 bytes
+    # per byte of text, so a batch of long rows in one call would hold them all at once.
+    start = 0
+    while start < n:
+        end, chars = start + 1, len(texts[start])
+        while end < n and chars + len(texts[end]) <= TOKENIZER_CALL_CHARS:
+            chars += len(texts[end])
+            end += 1
+        enc = tokenizer(texts[start:end], add_special_tokens=False, return_offsets_mapping=True)
+        out += [_encoded(texts[i], batch[i], enc["input_ids"][i - start], enc["offset_mapping"][i - start], tokenizer,
+                         end_ids, bos[i], eos[i], eos_segment) for i in range(start, end)]
+        del enc
+        start = end
+    return out
 
 
 def _encoded(text, pieces, input_ids, offsets, tokenizer, end_ids, add_bos, add_eos,
@@ -985,15 +1043,52 @@ class RowEncoder:
             except RowError as exc:
                 results[i] = exc
                 continue
+            except RecursionError:
+                results[i] = RowError("<row>", "is nested too deeply to read (a value inside a value ... "
+                                               f"over {sys.getrecursionlimit()} levels)")
+                continue
             good.append(i)
             batch.append(pieces)
             plain.append(is_plain)
-        encoded = encode_many(batch, self.tokenizer, self.end_ids,
-                              add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain,
-                              eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT)
+        try:
+            encoded = encode_many(batch, self.tokenizer, self.end_ids,
+                                  add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain,
+                                  eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT)
+        except (TypeError, UnicodeEncodeError):
+            # The tokenizer takes only valid Unicode: a lone surrogate ("\ud800" in JSON) fails the
+            # whole batch. Name the rows that hold one and encode the rest (no cost when none does).
+            bad = {i: field for i in good if (field := surrogate_field(rows[i])) is not None}
+            if not bad:
+                raise
+            for i, field in bad.items():
+                results[i] = RowError(field, "holds a lone surrogate code point (e.g. \"\\ud800\"), which is not "
+                                             "text the tokenizer can read")
+            keep = [k for k, i in enumerate(good) if i not in bad]
+            rest = self.encode_rows([rows[good[k]] for k in keep]) if keep else []
+            for k, ex in zip(keep, rest):
+                results[good[k]] = ex
+            return results
         for i, ex in zip(good, encoded):
             results[i] = ex
         return results
+
+
+def surrogate_field(value, where: str = "") -> str | None:
+    """The dotted path of the first string in ``value`` holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "<row>"
+        return None
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        path = f"{where}[{key}]" if isinstance(key, int) else (f"{where}.{key}" if where else str(key))
+        if isinstance(key, str) and surrogate_field(key) is not None:
+            return path
+        if (found := surrogate_field(item, path)) is not None:
+            return found
+    return None
 
 
 @dataclass
