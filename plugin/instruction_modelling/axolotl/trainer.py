@@ -45,6 +45,8 @@ from instruction_modelling.core.losses import (
 )
 from instruction_modelling.core.options import MEMORY_EFFICIENT_CE_OPTIONS, IMArgs
 
+from . import fsdp
+
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
 SEGMENT_COLUMN = "segment_ids"
@@ -198,6 +200,8 @@ class IMTrainer(AxolotlTrainer):
             from trl.models.utils import prepare_deepspeed
 
             return prepare_deepspeed(model, self.accelerator)
+        if self.accelerator.is_fsdp2:
+            return fsdp.shard_like_policy(model, self.accelerator)
         from trl.models.utils import prepare_fsdp
 
         return prepare_fsdp(model, self.accelerator)
@@ -257,8 +261,6 @@ class IMTrainer(AxolotlTrainer):
         return unwrapped, base, decoder, head
 
     def _sharded_head(self) -> bool:
-        if self.is_fsdp_enabled:
-            return True
         if self.is_deepspeed_enabled:
             plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
             return getattr(plugin, "zero_stage", 0) == 3
@@ -272,7 +274,13 @@ class IMTrainer(AxolotlTrainer):
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return f"{type(base).__name__}.forward has no logits_to_keep"
         if self._sharded_head():
-            return "the lm_head weight is sharded (DeepSpeed ZeRO-3 / FSDP)"
+            return "the lm_head weight is sharded (DeepSpeed ZeRO-3)"
+        if self.is_fsdp_enabled:
+            if not self.accelerator.is_fsdp2:
+                return "FSDP1 exposes the lm_head weight only inside its own forward (use fsdp_version: 2)"
+            blocker = fsdp.head_blocker(model, head)
+            if blocker is not None:
+                return blocker
         # The model's own logits of a few tokens against the head applied to its hidden states:
         # catches any transform after the lm_head that logit_transform() does not know about.
         transform = logit_transform(base.config)
@@ -283,6 +291,8 @@ class IMTrainer(AxolotlTrainer):
                 self._capture.arm()
                 logits = unwrapped(**probe, use_cache=False).logits
                 hidden = self._capture.take()
+                if self.is_fsdp_enabled:
+                    fsdp.gather(model, head)
                 ours = transform(head(hidden)) if hidden is not None else None
         except Exception as err:  # a model that needs more than input_ids (multimodal, ...)
             self._capture.take()
@@ -385,9 +395,12 @@ class IMTrainer(AxolotlTrainer):
             if hidden is None:
                 raise RuntimeError("the decoder's forward hook saw no hidden states; set im_loss_impl: logits")
             _, base, _, head = self._parts(b["model"])
+            if self.is_fsdp_enabled:
+                fsdp.gather(b["model"], head)  # the root unit: gathered from its forward to its post-backward
             scores = HiddenStates(hidden, head, logit_transform(base.config), self._loss_impl)
         reference = mask = None
         if self.kl_enabled:
+            release = fsdp.gather_reference(self, b["model"], scores) if self.is_fsdp_enabled else None
             reference = self.kl_reference(b["forward"])
             mask = kl_mask(b["segment_ids"], b["position_ids"], a.im_kl_segments)
         ids = b["input_ids"]
@@ -406,6 +419,8 @@ class IMTrainer(AxolotlTrainer):
             chunk_size=a.im_loss_chunk_size,
             instruction_share=a.im_instruction_share or 0.0,
         )
+        if reference is not None and release is not None:
+            release()
         b["meter"].add(out)
         loss = out.loss
         if b["scaled"] and not self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
