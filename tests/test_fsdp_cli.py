@@ -182,3 +182,18 @@ def test_fsdp_refusal_through_the_cli_stops_at_config_load(tmp_path, tiny_model_
     assert run.returncode != 0
     assert "im_loss_impl: chunked computes the loss from hidden states, which IM supports under FSDP2 only" in run.output
     assert "in load_cfg" in run.output  # raised while the config loads: no data preparation, no model
+
+
+@pytest.mark.parametrize("key, reason", [
+    ("context_parallel_size", "splits every sequence across ranks"),
+    ("sequence_parallel_degree", "splits every sequence across ranks"),
+    ("tensor_parallel_size", "replicates each batch on its ranks while sharding lm_head over the vocabulary"),
+])
+def test_model_parallel_options_are_refused_with_their_own_reason(tmp_path, tiny_model_dir, key, reason):
+    from axolotl.cli.config import load_cfg
+
+    cfg = cpu_config(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "out", **{key: 2})
+    with pytest.raises(ValueError) as err:
+        load_cfg(str(write_config(cfg, tmp_path / "cfg.yml")))
+    assert f"{key} > 1 {reason}" in str(err.value) and f"set {key}: 1" in str(err.value)
+    assert ". " not in str(err.value)  # one sentence
