@@ -151,13 +151,15 @@ def test_fsdp2_lora_with_adapter_kl_equals_one_process(tmp_path, tiny_model_dir,
     _assert_same_training(single, fsdp, tiny_model_dir, tmp_path)
 
 
-FSDP1 = dict(fsdp_version=1, fsdp_config=dict(FSDP2["fsdp_config"]))
+FSDP1 = dict(fsdp_version=1, fsdp_config={k: v for k, v in FSDP2["fsdp_config"].items() if k != "reshard_after_forward"})
 SIZE_WRAP = dict(fsdp_version=2, fsdp_config=dict(auto_wrap_policy="SIZE_BASED_WRAP", min_num_params=1000))
 
 
 @pytest.mark.parametrize("settings, message", [
     (dict(FSDP1, im_loss_impl="chunked"),
-     "im_loss_impl: chunked computes the loss from hidden states, which IM supports under FSDP2 only"),
+     "im_loss_impl: chunked needs the loss from hidden states, which IM supports under FSDP2 only"),
+    (dict(FSDP1, cut_cross_entropy=True),
+     "cut_cross_entropy: true needs the loss from hidden states, which IM supports under FSDP2 only"),
     (dict(FSDP1, im_kl_coef=1.0),
      "im_kl_coef > 0 runs a reference forward outside the wrapped model's forward, which IM supports under FSDP2 only"),
     (dict(SIZE_WRAP, im_loss_impl="chunked"),
@@ -165,7 +167,7 @@ SIZE_WRAP = dict(fsdp_version=2, fsdp_config=dict(auto_wrap_policy="SIZE_BASED_W
      "SIZE_BASED_WRAP) may wrap it on its own"),
     (dict(FSDP2, im_loss_impl="cce", fsdp_config=dict(FSDP2["fsdp_config"], transformer_layer_cls_to_wrap="LlamaDecoderLayer,Linear")),
      "im_loss_impl: cce needs lm_head inside the root FSDP unit"),
-], ids=["fsdp1-chunked", "fsdp1-kl", "size-wrap-chunked", "head-class-wrapped-cce"])
+], ids=["fsdp1-chunked", "fsdp1-cce-kernel", "fsdp1-kl", "size-wrap-chunked", "head-class-wrapped-cce"])
 def test_impossible_fsdp_combinations_stop_at_config_load(tmp_path, tiny_model_dir, settings, message):
     from axolotl.cli.config import load_cfg
 
@@ -180,7 +182,7 @@ def test_fsdp_refusal_through_the_cli_stops_at_config_load(tmp_path, tiny_model_
     cfg = cpu_config(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "out", im_loss_impl="chunked", **FSDP1)
     run = run_axolotl("train", cfg, tmp_path / "cfg.yml")
     assert run.returncode != 0
-    assert "im_loss_impl: chunked computes the loss from hidden states, which IM supports under FSDP2 only" in run.output
+    assert "im_loss_impl: chunked needs the loss from hidden states, which IM supports under FSDP2 only" in run.output
     assert "in load_cfg" in run.output  # raised while the config loads: no data preparation, no model
 
 

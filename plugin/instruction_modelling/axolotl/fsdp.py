@@ -64,14 +64,19 @@ def check_fsdp_options(cfg) -> None:
     version = fsdp_version(cfg)
     if version is None:
         return
+    from instruction_modelling.core.options import MEMORY_EFFICIENT_CE_OPTIONS
+
     impl = cfg.get("im_loss_impl") or "auto"
     kl = (cfg.get("im_kl_coef") or 0) > 0
+    # What asks for the hidden-state path: an explicit impl, or a kernel option IM takes over.
+    wants_hidden = f"im_loss_impl: {impl}" if impl in ("chunked", "cce") else next(
+        (f"{k}: true" for k in MEMORY_EFFICIENT_CE_OPTIONS if cfg.get(k)), None)
     if version == 1:
-        if impl in ("chunked", "cce"):
+        if wants_hidden:
             raise ValueError(
-                f"im_loss_impl: {impl} computes the loss from hidden states, which IM supports under FSDP2 only "
-                "(FSDP1 exposes the lm_head weight only inside its own forward); set fsdp_version: 2 or "
-                "im_loss_impl: auto (full logits under FSDP1)"
+                f"{wants_hidden} needs the loss from hidden states, which IM supports under FSDP2 only "
+                "(FSDP1 exposes the lm_head weight only inside its own forward); set fsdp_version: 2, or "
+                f"{'im_loss_impl: auto' if impl != 'auto' else 'remove it'} (full logits under FSDP1)"
             )
         if kl:
             raise ValueError(
@@ -79,16 +84,16 @@ def check_fsdp_options(cfg) -> None:
                 "under FSDP2 only; set fsdp_version: 2, or use DeepSpeed or data parallelism"
             )
         return
-    if impl in ("chunked", "cce"):
+    if wants_hidden:
         policy = str(_fsdp_option(cfg, "auto_wrap_policy") or "")
         layers = [c.strip() for c in str(_fsdp_option(cfg, "transformer_layer_cls_to_wrap") or "").split(",")]
         head_own_unit = policy == "SIZE_BASED_WRAP" or any(c in _HEAD_CLASSES for c in layers)
         if head_own_unit:
             raise ValueError(
-                f"im_loss_impl: {impl} needs lm_head inside the root FSDP unit, but this fsdp_config "
+                f"{wants_hidden} needs lm_head inside the root FSDP unit, but this fsdp_config "
                 f"({'auto_wrap_policy: SIZE_BASED_WRAP' if policy == 'SIZE_BASED_WRAP' else 'transformer_layer_cls_to_wrap: ' + _fsdp_option(cfg, 'transformer_layer_cls_to_wrap')}) "
-                "may wrap it on its own; wrap the decoder layers with TRANSFORMER_BASED_WRAP, or set im_loss_impl: auto "
-                "(full logits when the head is its own unit)"
+                "may wrap it on its own; wrap the decoder layers with TRANSFORMER_BASED_WRAP, or "
+                f"{'set im_loss_impl: auto' if impl != 'auto' else 'remove it'} (full logits when the head is its own unit)"
             )
 
 
