@@ -68,6 +68,9 @@ class InstructionModellingPlugin(BasePlugin):
         from . import strategy
 
         check_axolotl_options(cfg)
+        from .fsdp import check_fsdp_options
+
+        check_fsdp_options(cfg)
 
         DatasetWrappingStrategy.register(strategy.InstructionModellingStrategy)
         sys.modules.setdefault(_STRATEGY_ALIAS, strategy)

@@ -13,7 +13,8 @@ a forward hook on the decoder keeps the final hidden states, and the loss is com
 the model's own output layer chunk by chunk (``losses.HiddenStates``), or through Cut Cross
 Entropy's kernels. ``logits`` keeps the full-logits path; it is also the fallback, with a log line,
 when the output layer cannot be reproduced (checked once against the model's own logits) or is
-sharded (ZeRO-3 / FSDP). Evaluation takes the same path unless logits are returned
+sharded where it cannot be gathered (ZeRO-3, FSDP1, an FSDP2 unit of its own; FSDP2: ``fsdp``).
+Evaluation takes the same path unless logits are returned
 (``prediction_loss_only: false``).
 
 Logged: ``instruction_loss`` and ``output_loss`` (token-weighted means since the last log) each
@@ -47,6 +48,8 @@ from instruction_modelling.core.losses import (
     weight_table,
 )
 from instruction_modelling.core.options import MEMORY_EFFICIENT_CE_OPTIONS, IMArgs
+
+from . import fsdp
 
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
@@ -212,6 +215,8 @@ class IMTrainer(AxolotlTrainer):
             from trl.models.utils import prepare_deepspeed
 
             return prepare_deepspeed(model, self.accelerator)
+        if self.accelerator.is_fsdp2:
+            return fsdp.shard_like_policy(model, self.accelerator)
         from trl.models.utils import prepare_fsdp
 
         return prepare_fsdp(model, self.accelerator)
@@ -283,8 +288,6 @@ class IMTrainer(AxolotlTrainer):
         return unwrapped, base, decoder, head
 
     def _sharded_head(self) -> bool:
-        if self.is_fsdp_enabled:
-            return True
         if self.is_deepspeed_enabled:
             plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
             return getattr(plugin, "zero_stage", 0) == 3
@@ -298,7 +301,13 @@ class IMTrainer(AxolotlTrainer):
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return f"{type(base).__name__}.forward has no logits_to_keep"
         if self._sharded_head():
-            return "the lm_head weight is sharded (DeepSpeed ZeRO-3 / FSDP)"
+            return "the lm_head weight is sharded (DeepSpeed ZeRO-3)"
+        if self.is_fsdp_enabled:
+            if not self.accelerator.is_fsdp2:
+                return "FSDP1 exposes the lm_head weight only inside its own forward (use fsdp_version: 2)"
+            blocker = fsdp.head_blocker(model, head)
+            if blocker is not None:
+                return blocker
         # The model's own logits of a few tokens against the head applied to its hidden states:
         # catches any transform after the lm_head that logit_transform() does not know about.
         transform = logit_transform(base.config)
@@ -309,6 +318,8 @@ class IMTrainer(AxolotlTrainer):
                 self._capture.arm()
                 logits = unwrapped(**probe, use_cache=False).logits
                 hidden = self._capture.take()
+                if self.is_fsdp_enabled:
+                    fsdp.gather(model, head)
                 with self._capture.autocast():  # the head in the dtype the model's forward used
                     ours = transform(head(hidden)) if hidden is not None else None
         except Exception as err:  # a model that needs more than input_ids (multimodal, ...)
@@ -413,11 +424,14 @@ class IMTrainer(AxolotlTrainer):
             if hidden is None:
                 raise RuntimeError("the decoder's forward hook saw no hidden states; set im_loss_impl: logits")
             _, base, _, head = self._parts(b["model"])
+            if self.is_fsdp_enabled:
+                fsdp.gather(b["model"], head)  # the root unit: gathered from its forward to its post-backward
             scores = HiddenStates(hidden, head, logit_transform(base.config), self._loss_impl,
                                   autocast_dtype=self._capture.autocast_dtype,
                                   accum_dtype=torch.float32 if a.im_loss_accum_dtype == "float32" else None)
         reference = mask = None
         if self.kl_enabled:
+            release = fsdp.gather_reference(self, b["model"], scores) if self.is_fsdp_enabled else None
             with self._capture.autocast():  # the reference's forward as numerically as the policy's
                 reference = self.kl_reference(b["forward"])
             mask = kl_mask(b["segment_ids"], b["position_ids"], a.im_kl_segments)
@@ -438,6 +452,8 @@ class IMTrainer(AxolotlTrainer):
             instruction_share=a.im_instruction_share or 0.0,
             kl_counts=b["kl_counts"],
         )
+        if reference is not None and release is not None:
+            release()
         b["meter"].add(out)
         loss = out.loss
         if b["scaled"] and not self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:

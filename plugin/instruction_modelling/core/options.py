@@ -281,13 +281,21 @@ def check_option_names(cfg) -> None:
 # Axolotl options whose memory saving the IM loss takes over (their patched forwards only skip the
 # logits when `labels` reach the model, which a custom loss prevents).
 MEMORY_EFFICIENT_CE_OPTIONS = ("cut_cross_entropy", "liger_fused_linear_cross_entropy", "chunked_cross_entropy")
-# Axolotl options that replace the loss function, or split one batch across ranks.
+# Axolotl options that replace the loss function, or shard one batch or the vocabulary across ranks.
 _CONFLICTS = {
     "use_eaft": "use_eaft sets its own loss function, which the instruction_modelling loss replaces; remove use_eaft",
     "enable_dft_loss": "enable_dft_loss sets its own loss function, which the instruction_modelling loss replaces; "
                        "remove enable_dft_loss",
 }
-_PARALLEL = ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size")
+# Why each model-parallel option cannot be honoured exactly (docs/design.md, "Distributed training").
+_SPLITS_SEQUENCES = ("splits every sequence across ranks, so a target at a slice boundary lives on the next rank and "
+                     "each rank would see part of the loss normaliser")
+_PARALLEL = {
+    "context_parallel_size": _SPLITS_SEQUENCES,
+    "sequence_parallel_degree": _SPLITS_SEQUENCES,
+    "tensor_parallel_size": "replicates each batch on its ranks while sharding lm_head over the vocabulary, so the "
+                            "loss would need whole-vocabulary rows and its normaliser would be summed once per replica",
+}
 
 
 def check_axolotl_options(cfg) -> None:
@@ -303,11 +311,11 @@ def check_axolotl_options(cfg) -> None:
     for key, message in _CONFLICTS.items():
         if cfg.get(key):
             raise ValueError(message)
-    for key in _PARALLEL:
+    for key, why in _PARALLEL.items():
         if (cfg.get(key) or 1) > 1:
             raise ValueError(
-                f"{key} > 1 splits one batch across ranks, and the instruction_modelling loss normalises over "
-                f"whole batches per rank; set {key}: 1 (data parallelism, DeepSpeed and FSDP are supported)"
+                f"{key} > 1 {why}, which the instruction_modelling loss does not handle; set {key}: 1 (data "
+                "parallelism, DeepSpeed and FSDP2 are supported)"
             )
     if cfg.get("im_loss_impl") == "logits":
         for key in MEMORY_EFFICIENT_CE_OPTIONS:
