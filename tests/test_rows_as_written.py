@@ -167,13 +167,14 @@ def test_every_row_bad_under_skip_is_one_line(tmp_path, tiny_model_dir):
 
 
 def test_a_json_file_holding_json_lines_is_read_like_datasets_reads_it(tmp_path):
-    """datasets reads JSON Lines in a .json file (and a single object as one row); so do we."""
+    """datasets reads JSON Lines in a .json file; so do we (a single object stays an error naming it)."""
     lines = tmp_path / "lines.json"
     write_jsonl(lines, [_chat("a"), _chat("b")])
     assert [r["messages"][1]["content"] for r in read_local(lines).rows] == ["a", "b"]
     single = tmp_path / "single.json"
     single.write_text(json.dumps(_chat("only")))
-    assert read_local(single).rows == [_chat("only")]
+    with pytest.raises(InputError, match="single.json: expected a JSON list of rows, got dict"):
+        read_local(single)
     with pytest.raises(InputError, match="broken.json line 1: not valid JSON"):
         (tmp_path / "broken.json").write_text('{"messages": [')
         read_local(tmp_path / "broken.json")

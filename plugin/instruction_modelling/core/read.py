@@ -108,9 +108,6 @@ def iter_raw_rows(f: IO[bytes], source: str, as_jsonl: bool,
             raise InputError(f"{source} line {exc.lineno}: not valid JSON ({exc.msg})") from None
         except RecursionError:
             raise InputError(f"{source}: nested too deeply for a JSON reader (over {_MAX_DEPTH} levels)") from None
-        if isinstance(rows, dict):  # one row: JSON Lines with a single line
-            yield from iter_raw_rows(io.BytesIO(data), source, True, max_row_bytes)
-            return
         if not isinstance(rows, list):
             raise InputError(f"{source}: expected a JSON list of rows, got {type(rows).__name__}")
         if not rows:
