@@ -6,7 +6,10 @@ that has none (``eval_suite/templates/tulu.jinja`` is the paper's ``<|user|>``/`
 
 Both backends are fed the same token ids (:meth:`Generator.prompt_ids`): the prompt text tokenised
 without special tokens, then exactly one BOS in front when the model uses one. vLLM gets those ids as
-``prompt_token_ids``, so it neither re-tokenises nor adds a second BOS after a template's own.
+``prompt_token_ids``, so it neither re-tokenises nor adds a second BOS after a template's own. Both
+return the text the new tokens add to the prompt: the HF path decodes prompt + continuation and cuts
+the prompt's text (:func:`decode_continuations`), as vLLM's incremental detokeniser does, so a
+SentencePiece tokenizer keeps the first space of a completion.
 
 Generation is resumable: with a :class:`eval_suite.records.SampleStore`, every batch's samples are
 appended to a JSONL file as soon as the batch is done, and a rerun generates only the rows that are
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +71,25 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     """Cut ``text`` before the earliest stop sequence (the stop sequence itself is dropped)."""
     cut = min((i for s in stop if (i := text.find(s)) != -1), default=len(text))
     return text[:cut]
+
+
+def decode_continuations(tokenizer, prompts: Sequence[list[int]], continuations: Sequence[list[int]]) -> list[str]:
+    """The text each continuation adds to its prompt: decode prompt + continuation, cut the prompt's text.
+
+    Decoding the new tokens on their own is wrong for SentencePiece tokenizers (LLaMA-1/2, Mistral):
+    their decoder drops the leading space of the first piece ("▁▁▁▁return" -> "   return"), so a
+    HumanEval body loses one space of indentation and every program fails. lm-eval and vLLM's
+    incremental detokeniser decode with the prompt in front for the same reason. When the prompt's
+    text is not a prefix of the whole (a character split across the boundary, or a decoder clean-up
+    that looks across it), the cut is at the longest common prefix.
+    """
+    whole = tokenizer.batch_decode([list(p) + list(c) for p, c in zip(prompts, continuations)], skip_special_tokens=True)
+    heads = tokenizer.batch_decode([list(p) for p in prompts], skip_special_tokens=True)
+    out = []
+    for head, text in zip(heads, whole):
+        cut = len(head) if text.startswith(head) else len(os.path.commonprefix([head, text]))
+        out.append(text[cut:])
+    return out
 
 
 def load_chat_template(path_or_name: str | None) -> str | None:
@@ -317,7 +340,9 @@ class Generator:
             torch.manual_seed(batch_seed(sampling.seed, [k for _, _, k in rows]))
             with torch.no_grad():
                 out = self._model.generate(**enc, **kwargs)
-            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            width = enc["input_ids"].shape[1]
+            prompt_rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu())]
+            texts = decode_continuations(self.tokenizer, prompt_rows, out[:, width:].tolist())
             new = {k: t for (_, _, k), t in zip(rows, texts) if k in todo_keys}
             self._save(new, done, store)
 
