@@ -93,7 +93,18 @@ def cmd_nlp(args) -> None:
                        if args.backend == "vllm" else {},
                        log_samples=args.log_samples, use_cache=str(Path(args.run_dir) / "nlp" / "lm_eval_cache"))
     result.metrics = {"mean": result.headline, **{f"category/{k}": v for k, v in result.breakdown["categories"].items()}}
-    _finish(result, args.run_dir, list(result.metrics))
+    if args.run_dir is not None:
+        log.info("wrote %s", result.write(args.run_dir))
+    print(json.dumps(nlp_summary(result)), flush=True)
+
+
+def nlp_summary(result: BenchmarkResult) -> dict:
+    """The NLP summary line: Mean and categories (null when incomplete), and what is missing, if anything."""
+    summary: dict = dict(result.metrics)
+    gaps = result.config.get("incomplete") or {}
+    if gaps:
+        summary["incomplete"] = {("mean" if name == "mean" else f"category/{name}"): gap["reason"] for name, gap in gaps.items()}
+    return summary
 
 
 # ---- HumanEval ---------------------------------------------------------------------------------
@@ -277,7 +288,10 @@ def cmd_all(args) -> None:
     from eval_suite.pipeline import run_all
 
     results = run_all(args)
-    print(json.dumps({b: r.headline for b, r in results.items()}), flush=True)
+    summary: dict = {b: r.headline for b, r in results.items()}
+    if "nlp" in results and results["nlp"].config.get("incomplete"):  # the Mean is null: say why
+        summary["incomplete"] = {"nlp": results["nlp"].config["incomplete"]["mean"]["reason"]}
+    print(json.dumps(summary), flush=True)
 
 
 def _all_parser(sub) -> None:

@@ -35,6 +35,7 @@ class Row:
     tasks: dict[str, float | None] = field(default_factory=dict)  # NLP task -> percent
     task_stderr: dict[str, float] = field(default_factory=dict)
     smoke: list[str] = field(default_factory=list)  # why this row is a smoke run
+    partial: dict[str, tuple[float | None, str]] = field(default_factory=dict)  # column -> (partial mean, what is missing)
     results: dict[str, BenchmarkResult] = field(default_factory=dict)
 
 
@@ -66,12 +67,12 @@ def make_row(label: str, results: dict[str, BenchmarkResult], suite: Suite) -> R
     if nlp or humaneval:
         combined = table1(nlp.breakdown.get("raw", {}) if nlp else {}, suite, humaneval)
         notes += [f"NLP: {n}" for n in combined.notes + (nlp.notes if nlp else [])]
+        # A category with a task missing, and a Mean with a category missing, are not Table 1's numbers:
+        # no value (so no delta), and the cell says "partial" with what is missing.
         values.update({suite.categories[c].label: v for c, v in combined.breakdown["categories"].items()})
-        present = [v for v in combined.breakdown["categories"].values() if v is not None]
-        # Table 1's Mean is over all six categories; a mean of fewer is not that number, so it is not shown.
-        values["Mean"] = combined.headline if len(present) == len(suite.categories) else None
-        if len(present) < len(suite.categories):
-            notes.append(f"Mean: not shown, only {len(present)} of {len(suite.categories)} categories have a score")
+        values["Mean"] = combined.headline
+        for name, gap in (combined.config.get("incomplete") or {}).items():
+            row.partial["Mean" if name == "mean" else suite.categories[name].label] = (gap["partial_mean"], gap["reason"])
         row.tasks = dict(combined.breakdown["tasks"])
         if nlp:
             specs = {n: s for c in suite.categories.values() for n, s in c.tasks.items()}
@@ -151,6 +152,14 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def _fmt_cell(row: Row, column: str) -> str:
+    """A value; an incomplete category or Mean as "partial" with the mean over what is there."""
+    if column in row.partial:
+        mean = row.partial[column][0]
+        return "partial" + ("" if mean is None else f" ({mean:.2f})")
+    return _fmt(row.values.get(column))
+
+
 def _fmt_delta(d: float | None) -> str:
     if d is None:
         return "–"
@@ -186,13 +195,15 @@ def markdown(sections: list[Section], title: str = "Evaluation results") -> str:
             lines += [f"## {s.title}", ""]
         lines += ["| Run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         for row in _rows(s):
-            lines.append(f"| {_label(row)} | " + " | ".join(_fmt(row.values[c]) for c in columns) + " |")
+            lines.append(f"| {_label(row)} | " + " | ".join(_fmt_cell(row, c) for c in columns) + " |")
             if s.base and row is not s.base:
                 lines.append(f"| Δ {row.label} − {s.base.label.split(' (')[0]} | "
                              + " | ".join(_fmt_delta(delta(row.values[c], s.base.values[c])) for c in columns) + " |")
         lines.append("")
     lines.append("NLP columns: percent; a category is the mean of its tasks, Mean the mean of the six categories "
-                 "(Table 1). HumanEval: best pass@1 over temperatures, %. MT-Bench: score 1-10. AlpacaEval: win rate %.")
+                 "(Table 1); \"partial (x)\" is a category or Mean with a score missing (x: the mean over what is "
+                 "there, not Table 1's number; the notes say what is missing). HumanEval: best pass@1 over "
+                 "temperatures, %. MT-Bench: score 1-10. AlpacaEval: win rate %.")
     notes = _notes(sections)
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 
@@ -204,7 +215,7 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#1f
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #d0d7de}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em} td,th{border:1px solid #d0d7de;padding:4px 8px;text-align:right}
 th{background:#f6f8fa} td:first-child,th:first-child{text-align:left} tr.delta td{font-size:.9em;background:#fbfbfb}
-.gain{color:#1a7f37;font-weight:600} .loss{color:#cf222e;font-weight:600} .missing{color:#8c959f}
+.partial{color:#9a6700;font-style:italic} .gain{color:#1a7f37;font-weight:600} .loss{color:#cf222e;font-weight:600} .missing{color:#8c959f}
 .se{color:#656d76;font-size:.8em} .smoke{background:#fff8c5;border:1px solid #d4a72c;padding:.5em .8em;margin:.8em 0}
 .charts img{max-width:100%;border:1px solid #d0d7de;margin:.4em 0} .meta{color:#656d76} details{margin:.6em 0}
 """
@@ -212,6 +223,10 @@ th{background:#f6f8fa} td:first-child,th:first-child{text-align:left} tr.delta t
 
 def _cell(row: Row, column: str) -> str:
     value = row.values.get(column)
+    if column in row.partial:
+        mean, reason = row.partial[column]
+        return (f"<td class='partial' title='{html.escape(reason, quote=True)}'>"
+                + ("" if mean is None else f"({mean:.2f}) ") + "<span class='se'>partial</span></td>")
     if value is None:
         return "<td class='missing' title='not run or no score'>missing</td>"
     se = row.stderr.get(column)

@@ -159,3 +159,32 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (1400, 1280) and pixels.std() > 0.05  # not a blank page
+
+
+def test_incomplete_categories_and_mean_are_marked_partial_not_shown_as_table1_numbers(tmp_path):
+    """A smoke run's nlp.json with MMLU missing and no HumanEval: U&K has 4 of 5 tasks, M&C 1 of 2. Neither
+    they nor the Mean get a number or a delta; the cells say partial, with the mean over what is there."""
+    it, im = tmp_path / "it", tmp_path / "im"
+    make_run(it, nlp_scale=40.0, mt=4.0, ae1=20.0, ae2=2.0, pass1=0.10)
+    make_run(im, nlp_scale=42.0, mt=3.5, ae1=25.0, ae2=None, pass1=0.30)
+    nlp = load_result(im / "results" / "nlp.json")
+    suite = Suite.load()
+    raw = {**nlp.breakdown["raw"], "MMLU": None}
+    partial = table1(raw, suite)
+    partial.model, partial.config["suite"] = "im", suite.model_dump()
+    partial.write(im)
+    (im / "results" / "humaneval.json").unlink()
+    out = tmp_path / "report"
+    proc = run_cli("report", str(im), "--baseline", str(it), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text()
+    im_row, delta_row = md.splitlines()[5:7]
+    assert im_row == ("| im | partial (42.00) | 42.00 | 42.00 | partial (42.00) | 42.00 | 42.00 | partial (42.00) | – "
+                      "| 3.50 | 25.00 | – |")
+    assert delta_row.startswith("| Δ im − it | – | ▲ +2.00 | ▲ +2.00 | – | ▲ +2.00 | ▲ +2.00 | – | – |")
+    assert "- NLP: U&K: not reported, 4 of 5 tasks have a score (missing: MMLU); partial mean 42.00 (im)" in md
+    assert "- NLP: M&C: not reported, 1 of 2 tasks have a score (missing: HumanEval); partial mean 42.00 (im)" in md
+    assert "- NLP: Mean: not reported, 4 of 6 categories are complete (incomplete: U&K, M&C) (im)" in md
+    page = (out / "report.html").read_text()
+    assert page.count("<td class='partial' title='") == 3
+    assert "title='U&amp;K: not reported, 4 of 5 tasks have a score (missing: MMLU); partial mean 42.00'>(42.00) " in page
