@@ -433,8 +433,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """Every path argument made absolute against the working folder, once, before anything runs.
+
+    Libraries resolve relative paths against other folders (alpaca_eval: its own package folder), so
+    ``--run-dir runs/im`` would break part-way. ``--model`` and ``--chat-template`` are made absolute
+    only when they name an existing path (otherwise they are a hub id or a template name).
+    """
+    def absolute(path):
+        return Path(os.path.abspath(Path(path).expanduser()))
+
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            setattr(args, name, absolute(value))
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            setattr(args, name, [absolute(v) for v in value])
+        elif name in ("model", "chat_template") and isinstance(value, str) and Path(value).expanduser().exists():
+            setattr(args, name, str(absolute(value)))
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = absolute_paths(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
