@@ -40,7 +40,8 @@ def _generation_arguments(p: argparse.ArgumentParser, model_positional: bool = F
     g.add_argument("--model-name", help="name recorded in results (default: the model directory's name)")
     g.add_argument("--chat-template", help="Jinja chat template file, or a name in eval_suite/templates (e.g. tulu)")
     g.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
-                   help="auto: vLLM when installed (pip install -e '.[vllm]') and a GPU is present, else HF generate")
+                   help="auto: vLLM when installed (pip install '.[vllm]') and a GPU is present, else HF generate; "
+                   "`eval-suite all` runs the NLP suite on the same backend (lm-eval's vllm or hf model)")
     g.add_argument("--batch-size", default="auto",
                    help="most sequences per HF generate call; auto: as many as --batch-tokens allows")
     g.add_argument("--batch-tokens", type=int, help="KV-cache tokens per HF generate call (rows x (prompt + new "
@@ -77,8 +78,11 @@ def _finish(result: BenchmarkResult, run_dir: Path | None, keys: list[str]) -> N
 # ---- NLP ---------------------------------------------------------------------------------------
 
 def cmd_nlp(args) -> None:
+    from eval_suite.generation import resolve_backend
     from eval_suite.nlp import bench
     from eval_suite.results import load_run
+
+    resolve_backend(args.backend)  # --backend vllm without vLLM: one line naming the install, before lm-eval loads
 
     humaneval = load_run(args.run_dir).get("humaneval") if (Path(args.run_dir) / "results").is_dir() else None
     suite = bench.Suite.load(args.suite) if args.suite else None

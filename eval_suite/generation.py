@@ -118,6 +118,24 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+VLLM_MISSING = "--backend vllm: vLLM is not installed; pip install '.[vllm]' (on a CUDA machine), or pass --backend hf"
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``auto`` -> ``vllm`` when vLLM is importable and CUDA is present, else ``hf`` (logged); ``vllm``
+    without vLLM is a ValueError naming the install. One answer for generation and the NLP suite alike."""
+    import torch
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if backend == "auto":
+        backend = "vllm" if has_vllm and torch.cuda.is_available() else "hf"
+        log.info("backend: %s%s", backend, "" if backend == "vllm" else
+                 " (vLLM is used when installed and a GPU is present: pip install '.[vllm]')")
+    elif backend == "vllm" and not has_vllm:
+        raise ValueError(VLLM_MISSING)
+    return backend
+
+
 def token_budget_batches(lengths: Sequence[int], max_new_tokens: int, budget: int,
                          max_rows: int | None = None) -> list[list[int]]:
     """Plan generate calls whose padded KV cache stays within ``budget`` tokens.
@@ -194,11 +212,7 @@ class Generator:
         if chat_template is not None:
             self.tokenizer.chat_template = chat_template
         self.bos_id = self._bos_policy()
-        if backend == "auto":
-            backend = "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
-            log.info("generation backend: %s%s", backend, "" if backend == "vllm" else
-                     " (vLLM is used when installed and a GPU is present: pip install -e '.[vllm]')")
-        self.backend = backend
+        self.backend = resolve_backend(backend)
         self.generated = 0  # rows generated, over all complete() calls
         self.reused = 0  # rows found in a store instead, over all complete() calls
         self.batch_tokens = batch_tokens
@@ -352,17 +366,24 @@ class Generator:
         done.update(new)
         self.generated += len(new)
 
-    def _complete_vllm(self, prompts, sampling: SamplingConfig, todo, done: dict, store) -> None:
+    def vllm_requests(self, prompts: Sequence[str], sampling: SamplingConfig, rows) -> tuple[list[dict[str, list[int]]], list]:
+        """What ``LLM.generate`` gets for ``rows`` ((prompt index, sample index, key) each): token-id
+        prompts (vLLM's ``TokensPrompt``) and one ``SamplingParams`` per row, seeded by its key, so a
+        resumed run draws the same samples. vLLM's output text is decoded incrementally with the prompt
+        in front, so it keeps a SentencePiece completion's first space like :func:`decode_continuations`."""
         import vllm
 
+        params = [vllm.SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                                      top_k=sampling.top_k or -1, max_tokens=sampling.max_new_tokens,
+                                      stop=list(sampling.stop) or None, seed=batch_seed(sampling.seed, [k]))
+                  for _, _, k in rows]
+        return self.vllm_prompts([prompts[p] for p, _, _ in rows]), params
+
+    def _complete_vllm(self, prompts, sampling: SamplingConfig, todo, done: dict, store) -> None:
         chunk = 512  # rows per generate call: progress reaches the store at least this often
         for start in range(0, len(todo), chunk):
             rows = todo[start:start + chunk]
-            params = [vllm.SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                                          top_k=sampling.top_k or -1, max_tokens=sampling.max_new_tokens,
-                                          stop=list(sampling.stop) or None, seed=batch_seed(sampling.seed, [k]))
-                      for _, _, k in rows]
-            results = self._llm.generate(self.vllm_prompts([prompts[p] for p, _, _ in rows]), params, use_tqdm=True)
+            results = self._llm.generate(*self.vllm_requests(prompts, sampling, rows), use_tqdm=True)
             self._save({k: r.outputs[0].text for (_, _, k), r in zip(rows, results)}, done, store)
 
 

@@ -39,7 +39,17 @@ class Run:
     judge_reported: str | None = None
     _generator: Any = None
     _client: Any = None
+    _backend: str | None = None
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        """``--backend`` with ``auto`` resolved once: generation and the NLP suite run on the same one."""
+        if self._backend is None:
+            from eval_suite.generation import resolve_backend
+
+            self._backend = resolve_backend(self.args.backend)
+        return self._backend
 
     @property
     def model_dir(self) -> str:
@@ -56,7 +66,7 @@ class Run:
             a = self.args
             options = BackendOptions(dtype=a.dtype, device=a.device, tensor_parallel_size=a.tensor_parallel_size,
                                      gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len)
-            self._generator = Generator(self.model_dir, load_chat_template(a.chat_template), a.batch_size, a.backend,
+            self._generator = Generator(self.model_dir, load_chat_template(a.chat_template), a.batch_size, self.backend,
                                         batch_tokens=a.batch_tokens, options=options)
         return self._generator
 
@@ -217,7 +227,7 @@ def nlp_stage(run: Run, humaneval: BenchmarkResult | None) -> BenchmarkResult:
     a = run.args
     started = prov.now()
     run.release_generator()
-    backend = "vllm" if a.backend == "vllm" else "hf"
+    backend = run.backend  # the generation stages' backend, auto included
     result = bench.run(run.model_dir, run.run_dir, tasks=a.tasks, include_paths=[bench.TASKS_DIR, *a.include_path],
                        include_defaults=not a.no_builtin_tasks, dataset_overrides=a.dataset_overrides,
                        limit=a.limit, batch_size=a.nlp_batch_size, device=_lm_eval_device(a.device),
@@ -268,6 +278,7 @@ def preflight(run: Run, benchmarks: list[str]) -> list[str]:
 
     if "humaneval" in benchmarks:
         attempt(pf.check_code_execution, a.allow_code_execution)
+    run._backend = attempt(pf.check_backend, a.backend)
     for version in ("alpaca_eval_1", "alpaca_eval_2"):
         if version in benchmarks:
             flag = f"--{version.replace('_', '-')}-reference"
