@@ -271,7 +271,7 @@ def cmd_report(args) -> None:
     from eval_suite.report import write_report
 
     for path in write_report(args.run_dirs, args.out, args.baseline, args.labels, pairs=args.pair,
-                             allow_mixed=args.allow_mixed, title=args.title):
+                             allow_mixed=args.allow_mixed, title=args.title, formats=tuple(args.format)):
         print(f"wrote {path}")
 
 
@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one Table-1 section: the IT and IM runs of one training set (repeat for several)")
     p.add_argument("--allow-mixed", action="store_true", help="put runs with different protocols in one table")
     p.add_argument("--title", default="Instruction Modelling: evaluation results")
+    p.add_argument("--format", nargs="+", choices=["html", "csv", "latex"], default=["html"],
+                   help="html: report.html + report.md + chart PNGs; csv: report.csv; latex: report.tex (Table-1 view)")
     p.set_defaults(func=cmd_report, run_dirs=[])
 
     from eval_suite.judge.server import add_arguments as server_arguments
