@@ -170,3 +170,16 @@ def test_mt_bench_second_turn_continues_the_exact_first_answer(tokenizer_dir):
     rows = mt_bench.generate(gen, [{"question_id": 1, "category": "writing", "turns": [q1, q2]}], "forced", 64)
     assert rows[0]["choices"][0]["turns"] == [a1.strip(), a2.strip()]
     assert gen.complete([turn1, turn2], SamplingConfig(max_new_tokens=64)) == [[a1], [a2]]
+
+
+def test_a_character_split_across_the_prompt_boundary_is_kept_whole(tiny_model_dir):
+    """Byte-level BPE: "é" is two byte tokens here; a prompt ending with the first decodes to "...\ufffd", which is
+    no prefix of the whole text, so the cut falls at the common prefix and the continuation holds the "é"."""
+    from transformers import AutoTokenizer
+
+    from eval_suite.generation import decode_continuations
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok("Paris é", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[:-1]).endswith("\ufffd")  # the fixture's tokenizer never saw "é": two byte tokens
+    assert decode_continuations(tok, [ids[:-1]], [ids[-1:] + ids[:1]]) == ["é" + tok.decode(ids[:1])]
