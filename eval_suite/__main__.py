@@ -41,7 +41,8 @@ def _generation_arguments(p: argparse.ArgumentParser, model_positional: bool = F
     g.add_argument("--model-name", help="name recorded in results (default: the model directory's name)")
     g.add_argument("--chat-template", help="Jinja chat template file, or a name in eval_suite/templates (e.g. tulu)")
     g.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
-                   help="auto: vLLM when installed (pip install -e '.[vllm]') and a GPU is present, else HF generate")
+                   help="auto: vLLM when installed (pip install '.[vllm]') and a GPU is present, else HF generate; "
+                   "`eval-suite all` runs the NLP suite on the same backend (lm-eval's vllm or hf model)")
     g.add_argument("--batch-size", default="auto",
                    help="most sequences per HF generate call; auto: as many as --batch-tokens allows")
     g.add_argument("--batch-tokens", type=COUNT, help="KV-cache tokens per HF generate call (rows x (prompt + new "
@@ -81,11 +82,13 @@ def _finish(result: BenchmarkResult, run_dir: Path | None, keys: list[str]) -> N
 # ---- NLP ---------------------------------------------------------------------------------------
 
 def cmd_nlp(args) -> None:
+    from eval_suite.generation import resolve_backend
     from eval_suite.nlp import bench
     from eval_suite.results import load_run
 
     from eval_suite import pipeline
 
+    resolve_backend(args.backend)  # --backend vllm without vLLM: one line naming the install, before lm-eval loads
     run = pipeline.Run(args, Path(args.run_dir))
     if args.rerun:
         pipeline.rerun(run, "nlp")
@@ -103,7 +106,18 @@ def cmd_nlp(args) -> None:
                        log_samples=args.log_samples, use_cache=pipeline._lm_eval_cache(run))
     result.metrics = {"mean": result.headline, **{f"category/{k}": v for k, v in result.breakdown["categories"].items()}}
     run.stamp("nlp", result)
-    _finish(result, args.run_dir, list(result.metrics))
+    if args.run_dir is not None:
+        log.info("wrote %s", result.write(args.run_dir))
+    print(json.dumps(nlp_summary(result)), flush=True)
+
+
+def nlp_summary(result: BenchmarkResult) -> dict:
+    """The NLP summary line: Mean and categories (null when incomplete), and what is missing, if anything."""
+    summary: dict = dict(result.metrics)
+    gaps = result.config.get("incomplete") or {}
+    if gaps:
+        summary["incomplete"] = {("mean" if name == "mean" else f"category/{name}"): gap["reason"] for name, gap in gaps.items()}
+    return summary
 
 
 # ---- HumanEval ---------------------------------------------------------------------------------
@@ -266,7 +280,7 @@ def cmd_report(args) -> None:
     from eval_suite.report import write_report
 
     for path in write_report(args.run_dirs, args.out, args.baseline, args.labels, pairs=args.pair,
-                             allow_mixed=args.allow_mixed, title=args.title):
+                             allow_mixed=args.allow_mixed, title=args.title, formats=tuple(args.format)):
         print(f"wrote {path}")
 
 
@@ -293,7 +307,10 @@ def cmd_all(args) -> None:
         except ValueError as e:
             raise SystemExit(f"all: {e}") from None
     results = run_all(args)
-    print(json.dumps({b: r.headline for b, r in results.items()}), flush=True)
+    summary: dict = {b: r.headline for b, r in results.items()}
+    if "nlp" in results and results["nlp"].config.get("incomplete"):  # the Mean is null: say why
+        summary["incomplete"] = {"nlp": results["nlp"].config["incomplete"]["mean"]["reason"]}
+    print(json.dumps(summary), flush=True)
 
 
 def _all_parser(sub) -> None:
@@ -432,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one Table-1 section: the IT and IM runs of one training set (repeat for several)")
     p.add_argument("--allow-mixed", action="store_true", help="put runs with different protocols in one table")
     p.add_argument("--title", default="Instruction Modelling: evaluation results")
+    p.add_argument("--format", nargs="+", choices=["html", "csv", "latex"], default=["html"],
+                   help="html: report.html + report.md + chart PNGs; csv: report.csv; latex: report.tex (Table-1 view)")
     p.set_defaults(func=cmd_report, run_dirs=[])
 
     from eval_suite.judge.server import add_arguments as server_arguments
@@ -442,8 +461,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """Every path argument made absolute against the working folder, once, before anything runs.
+
+    Libraries resolve relative paths against other folders (alpaca_eval: its own package folder), so
+    ``--run-dir runs/im`` would break part-way. ``--model`` and ``--chat-template`` are made absolute
+    only when they name an existing path (otherwise they are a hub id or a template name).
+    """
+    def absolute(path):
+        return Path(os.path.abspath(Path(path).expanduser()))
+
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            setattr(args, name, absolute(value))
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            setattr(args, name, [absolute(v) for v in value])
+        elif name in ("model", "chat_template") and isinstance(value, str) and Path(value).expanduser().exists():
+            setattr(args, name, str(absolute(value)))
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = absolute_paths(build_parser().parse_args(argv))
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in every result's provenance
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -6,7 +6,10 @@ that has none (``eval_suite/templates/tulu.jinja`` is the paper's ``<|user|>``/`
 
 Both backends are fed the same token ids (:meth:`Generator.prompt_ids`): the prompt text tokenised
 without special tokens, then exactly one BOS in front when the model uses one. vLLM gets those ids as
-``prompt_token_ids``, so it neither re-tokenises nor adds a second BOS after a template's own.
+``prompt_token_ids``, so it neither re-tokenises nor adds a second BOS after a template's own. Both
+return the text the new tokens add to the prompt: the HF path decodes prompt + continuation and cuts
+the prompt's text (:func:`decode_continuations`), as vLLM's incremental detokeniser does, so a
+SentencePiece tokenizer keeps the first space of a completion.
 
 Generation is resumable: with a :class:`eval_suite.records.SampleStore`, every batch's samples are
 appended to a JSONL file as soon as the batch is done, and a rerun generates only the rows that are
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +73,25 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def decode_continuations(tokenizer, prompts: Sequence[list[int]], continuations: Sequence[list[int]]) -> list[str]:
+    """The text each continuation adds to its prompt: decode prompt + continuation, cut the prompt's text.
+
+    Decoding the new tokens on their own is wrong for SentencePiece tokenizers (LLaMA-1/2, Mistral):
+    their decoder drops the leading space of the first piece ("▁▁▁▁return" -> "   return"), so a
+    HumanEval body loses one space of indentation and every program fails. lm-eval and vLLM's
+    incremental detokeniser decode with the prompt in front for the same reason. When the prompt's
+    text is not a prefix of the whole (a character split across the boundary, or a decoder clean-up
+    that looks across it), the cut is at the longest common prefix.
+    """
+    whole = tokenizer.batch_decode([list(p) + list(c) for p, c in zip(prompts, continuations)], skip_special_tokens=True)
+    heads = tokenizer.batch_decode([list(p) for p in prompts], skip_special_tokens=True)
+    out = []
+    for head, text in zip(heads, whole):
+        cut = len(head) if text.startswith(head) else len(os.path.commonprefix([head, text]))
+        out.append(text[cut:])
+    return out
+
+
 def load_chat_template(path_or_name: str | None) -> str | None:
     """A Jinja chat template from a file, or by name from ``eval_suite/templates`` (e.g. ``tulu``)."""
     if path_or_name is None:
@@ -93,6 +116,24 @@ def resolve_device(device: str = "auto") -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch has no usable CUDA device; pass --device cpu (or auto)")
     return device
+
+
+VLLM_MISSING = "--backend vllm: vLLM is not installed; pip install '.[vllm]' (on a CUDA machine), or pass --backend hf"
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``auto`` -> ``vllm`` when vLLM is importable and CUDA is present, else ``hf`` (logged); ``vllm``
+    without vLLM is a ValueError naming the install. One answer for generation and the NLP suite alike."""
+    import torch
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if backend == "auto":
+        backend = "vllm" if has_vllm and torch.cuda.is_available() else "hf"
+        log.info("backend: %s%s", backend, "" if backend == "vllm" else
+                 " (vLLM is used when installed and a GPU is present: pip install '.[vllm]')")
+    elif backend == "vllm" and not has_vllm:
+        raise ValueError(VLLM_MISSING)
+    return backend
 
 
 def token_budget_batches(lengths: Sequence[int], max_new_tokens: int, budget: int,
@@ -171,11 +212,7 @@ class Generator:
         if chat_template is not None:
             self.tokenizer.chat_template = chat_template
         self.bos_id = self._bos_policy()
-        if backend == "auto":
-            backend = "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
-            log.info("generation backend: %s%s", backend, "" if backend == "vllm" else
-                     " (vLLM is used when installed and a GPU is present: pip install -e '.[vllm]')")
-        self.backend = backend
+        self.backend = resolve_backend(backend)
         self.generated = 0  # rows generated, over all complete() calls
         self.reused = 0  # rows found in a store instead, over all complete() calls
         self.batch_tokens = batch_tokens
@@ -317,7 +354,9 @@ class Generator:
             torch.manual_seed(batch_seed(sampling.seed, [k for _, _, k in rows]))
             with torch.no_grad():
                 out = self._model.generate(**enc, **kwargs)
-            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            width = enc["input_ids"].shape[1]
+            prompt_rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu())]
+            texts = decode_continuations(self.tokenizer, prompt_rows, out[:, width:].tolist())
             new = {k: t for (_, _, k), t in zip(rows, texts) if k in todo_keys}
             self._save(new, done, store)
 
@@ -327,17 +366,24 @@ class Generator:
         done.update(new)
         self.generated += len(new)
 
-    def _complete_vllm(self, prompts, sampling: SamplingConfig, todo, done: dict, store) -> None:
+    def vllm_requests(self, prompts: Sequence[str], sampling: SamplingConfig, rows) -> tuple[list[dict[str, list[int]]], list]:
+        """What ``LLM.generate`` gets for ``rows`` ((prompt index, sample index, key) each): token-id
+        prompts (vLLM's ``TokensPrompt``) and one ``SamplingParams`` per row, seeded by its key, so a
+        resumed run draws the same samples. vLLM's output text is decoded incrementally with the prompt
+        in front, so it keeps a SentencePiece completion's first space like :func:`decode_continuations`."""
         import vllm
 
+        params = [vllm.SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                                      top_k=sampling.top_k or -1, max_tokens=sampling.max_new_tokens,
+                                      stop=list(sampling.stop) or None, seed=batch_seed(sampling.seed, [k]))
+                  for _, _, k in rows]
+        return self.vllm_prompts([prompts[p] for p, _, _ in rows]), params
+
+    def _complete_vllm(self, prompts, sampling: SamplingConfig, todo, done: dict, store) -> None:
         chunk = 512  # rows per generate call: progress reaches the store at least this often
         for start in range(0, len(todo), chunk):
             rows = todo[start:start + chunk]
-            params = [vllm.SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                                          top_k=sampling.top_k or -1, max_tokens=sampling.max_new_tokens,
-                                          stop=list(sampling.stop) or None, seed=batch_seed(sampling.seed, [k]))
-                      for _, _, k in rows]
-            results = self._llm.generate(self.vllm_prompts([prompts[p] for p, _, _ in rows]), params, use_tqdm=True)
+            results = self._llm.generate(*self.vllm_requests(prompts, sampling, rows), use_tqdm=True)
             self._save({k: r.outputs[0].text for (_, _, k), r in zip(rows, results)}, done, store)
 
 

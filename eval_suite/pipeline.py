@@ -42,6 +42,7 @@ class Run:
     _client: Any = None
     _weights: dict[str, Any] | None = None
     benchmarks: list[str] | None = None  # what `eval-suite all` runs (None: one benchmark's command)
+    _backend: str | None = None
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     stores: dict[str, Any] = field(default_factory=dict)  # benchmark -> its SampleStore, once opened
 
@@ -108,6 +109,15 @@ class Run:
         return result
 
     @property
+    def backend(self) -> str:
+        """``--backend`` with ``auto`` resolved once: generation and the NLP suite run on the same one."""
+        if self._backend is None:
+            from eval_suite.generation import resolve_backend
+
+            self._backend = resolve_backend(self.args.backend)
+        return self._backend
+
+    @property
     def model_dir(self) -> str:
         return str(self.args.model)
 
@@ -122,7 +132,7 @@ class Run:
             a = self.args
             options = BackendOptions(dtype=a.dtype, device=a.device, tensor_parallel_size=a.tensor_parallel_size,
                                      gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len)
-            self._generator = Generator(self.model_dir, load_chat_template(a.chat_template), a.batch_size, a.backend,
+            self._generator = Generator(self.model_dir, load_chat_template(a.chat_template), a.batch_size, self.backend,
                                         batch_tokens=a.batch_tokens, options=options)
         return self._generator
 
@@ -291,7 +301,7 @@ def nlp_stage(run: Run, humaneval: BenchmarkResult | None) -> BenchmarkResult:
     a = run.args
     started = prov.now()
     run.release_generator()
-    backend = "vllm" if a.backend == "vllm" else "hf"
+    backend = run.backend  # the generation stages' backend, auto included
     result = bench.run(run.model_dir, run.run_dir, tasks=a.tasks, include_paths=[bench.TASKS_DIR, *a.include_path],
                        include_defaults=not a.no_builtin_tasks, dataset_overrides=a.dataset_overrides,
                        limit=a.limit, batch_size=a.nlp_batch_size, device=_lm_eval_device(a.device),
@@ -346,6 +356,7 @@ def preflight(run: Run, benchmarks: list[str]) -> list[str]:
 
     if "humaneval" in benchmarks:
         attempt(pf.check_code_execution, a.allow_code_execution)
+    run._backend = attempt(pf.check_backend, a.backend)
     for version in ("alpaca_eval_1", "alpaca_eval_2"):
         if version in benchmarks:
             flag = f"--{version.replace('_', '-')}-reference"

@@ -70,6 +70,16 @@ def check_device(device: str) -> str:
         raise PreflightError(str(e)) from None
 
 
+def check_backend(backend: str) -> str:
+    """The generation and NLP backend (``auto`` resolved once for both); ``vllm`` needs vLLM installed."""
+    from eval_suite.generation import resolve_backend
+
+    try:
+        return resolve_backend(backend)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+
+
 def check_gpu_memory(free_bytes: int, weights_bytes: int, kv_bytes_per_token: int, tokens_needed: int,
                      device: str) -> None:
     """The weights plus the KV cache of the largest single row must fit in free GPU memory.

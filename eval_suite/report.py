@@ -35,6 +35,7 @@ class Row:
     tasks: dict[str, float | None] = field(default_factory=dict)  # NLP task -> percent
     task_stderr: dict[str, float] = field(default_factory=dict)
     smoke: list[str] = field(default_factory=list)  # why this row is a smoke run
+    partial: dict[str, tuple[float | None, str]] = field(default_factory=dict)  # column -> (partial mean, what is missing)
     results: dict[str, BenchmarkResult] = field(default_factory=dict)
 
 
@@ -66,12 +67,12 @@ def make_row(label: str, results: dict[str, BenchmarkResult], suite: Suite) -> R
     if nlp or humaneval:
         combined = table1(nlp.breakdown.get("raw", {}) if nlp else {}, suite, humaneval)
         notes += [f"NLP: {n}" for n in combined.notes + (nlp.notes if nlp else [])]
+        # A category with a task missing, and a Mean with a category missing, are not Table 1's numbers:
+        # no value (so no delta), and the cell says "partial" with what is missing.
         values.update({suite.categories[c].label: v for c, v in combined.breakdown["categories"].items()})
-        present = [v for v in combined.breakdown["categories"].values() if v is not None]
-        # Table 1's Mean is over all six categories; a mean of fewer is not that number, so it is not shown.
-        values["Mean"] = combined.headline if len(present) == len(suite.categories) else None
-        if len(present) < len(suite.categories):
-            notes.append(f"Mean: not shown, only {len(present)} of {len(suite.categories)} categories have a score")
+        values["Mean"] = combined.headline
+        for name, gap in (combined.config.get("incomplete") or {}).items():
+            row.partial["Mean" if name == "mean" else suite.categories[name].label] = (gap["partial_mean"], gap["reason"])
         row.tasks = dict(combined.breakdown["tasks"])
         if nlp:
             specs = {n: s for c in suite.categories.values() for n, s in c.tasks.items()}
@@ -151,6 +152,14 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def _fmt_cell(row: Row, column: str) -> str:
+    """A value; an incomplete category or Mean as "partial" with the mean over what is there."""
+    if column in row.partial:
+        mean = row.partial[column][0]
+        return "partial" + ("" if mean is None else f" ({mean:.2f})")
+    return _fmt(row.values.get(column))
+
+
 def _fmt_delta(d: float | None) -> str:
     if d is None:
         return "–"
@@ -186,15 +195,95 @@ def markdown(sections: list[Section], title: str = "Evaluation results") -> str:
             lines += [f"## {s.title}", ""]
         lines += ["| Run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         for row in _rows(s):
-            lines.append(f"| {_label(row)} | " + " | ".join(_fmt(row.values[c]) for c in columns) + " |")
+            lines.append(f"| {_label(row)} | " + " | ".join(_fmt_cell(row, c) for c in columns) + " |")
             if s.base and row is not s.base:
                 lines.append(f"| Δ {row.label} − {s.base.label.split(' (')[0]} | "
                              + " | ".join(_fmt_delta(delta(row.values[c], s.base.values[c])) for c in columns) + " |")
         lines.append("")
     lines.append("NLP columns: percent; a category is the mean of its tasks, Mean the mean of the six categories "
-                 "(Table 1). HumanEval: best pass@1 over temperatures, %. MT-Bench: score 1-10. AlpacaEval: win rate %.")
+                 "(Table 1); \"partial (x)\" is a category or Mean with a score missing (x: the mean over what is "
+                 "there, not Table 1's number; the notes say what is missing). HumanEval: best pass@1 over "
+                 "temperatures, %. MT-Bench: score 1-10. AlpacaEval: win rate %.")
     notes = _notes(sections)
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+
+
+# ---- CSV and LaTeX (the Table-1 view) -------------------------------------------------------------
+
+def _table_rows(section: Section, columns: list[str]) -> list[tuple[str, str, list[str], Row]]:
+    """(kind, label, cells, row) per line of a section's table: baseline, runs, and a delta under each run."""
+    out = []
+    for row in _rows(section):
+        kind = "baseline" if row is section.base else "run"
+        out.append((kind, row.label, [_fmt_cell(row, c) for c in columns], row))
+        if section.base and row is not section.base:
+            deltas = [delta(row.values[c], section.base.values[c]) for c in columns]
+            out.append(("delta", f"Δ {row.label} − {section.base.label.split(' (')[0]}",
+                        ["" if d is None else f"{d:+.2f}" for d in deltas], row))
+    return out
+
+
+def csv_table(sections: list[Section]) -> str:
+    """The Table-1 view as CSV: one line per run (and per delta), numbers with two decimals, empty when
+    missing; ``incomplete`` names the partial cells (their values stay empty) and ``smoke`` why a run is one."""
+    import csv
+
+    columns = list(_rows(sections[0])[0].values)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["section", "kind", "run", *columns, "incomplete", "smoke"])
+    for s in sections:
+        for kind, label, cells, row in _table_rows(s, columns):
+            if kind != "delta":
+                cells = ["" if row.values.get(c) is None else f"{row.values[c]:.2f}" for c in columns]
+            writer.writerow([s.title, kind, label, *cells,
+                             "; ".join(reason for _, reason in row.partial.values()) if kind != "delta" else "",
+                             "; ".join(row.smoke) if kind != "delta" else ""])
+    return buffer.getvalue()
+
+
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "Δ": r"$\Delta$", "−": "--"}
+
+
+def _tex(text: str) -> str:
+    return "".join(LATEX_SPECIALS.get(ch, ch) for ch in text)
+
+
+def latex_table(sections: list[Section], title: str = "Evaluation results") -> str:
+    """The Table-1 view as a LaTeX ``table`` (booktabs): a block per section, deltas in italics; a partial
+    category or Mean is the mean over what is there, in parentheses with a dagger, explained below."""
+    columns = list(_rows(sections[0])[0].values)
+    lines = [r"% needs \usepackage{booktabs}", r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{l" + "r" * len(columns) + "}", r"\toprule",
+             "Run & " + " & ".join(_tex(c) for c in columns) + r" \\", r"\midrule"]
+    partial = False
+    for i, s in enumerate(sections):
+        if len(sections) > 1 or s.title != "Runs":
+            if i:
+                lines.append(r"\midrule")
+            lines.append(rf"\multicolumn{{{len(columns) + 1}}}{{l}}{{\textbf{{{_tex(s.title)}}}}} \\")
+        for kind, label, cells, row in _table_rows(s, columns):
+            if kind == "delta":
+                tex_cells = [rf"\textit{{{c}}}" if c else "--" for c in cells]
+            else:
+                tex_cells = []
+                for c in columns:
+                    if c in row.partial:
+                        partial = True
+                        mean = row.partial[c][0]
+                        tex_cells.append(("--" if mean is None else f"({mean:.2f})") + r"$^\dagger$")
+                    else:
+                        tex_cells.append(_tex(_fmt(row.values.get(c))).replace("–", "--"))
+            lines.append(_tex(label + (" [smoke]" if row.smoke and kind != "delta" else "")) + " & "
+                         + " & ".join(tex_cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    caption = _tex(title) + ". NLP columns and HumanEval in \\%, MT-Bench 1--10, AlpacaEval win rate \\%."
+    if partial:
+        caption += r" $^\dagger$Partial: a task (or category) is missing; the mean over what is there, not Table 1's number."
+    lines += [rf"\caption{{{caption}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
 
 
 # ---- HTML --------------------------------------------------------------------------------------
@@ -204,14 +293,20 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#1f
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #d0d7de}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em} td,th{border:1px solid #d0d7de;padding:4px 8px;text-align:right}
 th{background:#f6f8fa} td:first-child,th:first-child{text-align:left} tr.delta td{font-size:.9em;background:#fbfbfb}
-.gain{color:#1a7f37;font-weight:600} .loss{color:#cf222e;font-weight:600} .missing{color:#8c959f}
+.partial{color:#9a6700;font-style:italic} .gain{color:#1a7f37;font-weight:600} .loss{color:#cf222e;font-weight:600} .missing{color:#8c959f}
 .se{color:#656d76;font-size:.8em} .smoke{background:#fff8c5;border:1px solid #d4a72c;padding:.5em .8em;margin:.8em 0}
+table.settings{table-layout:fixed;width:100%;font-size:.8em}
+table.settings td,table.settings th{text-align:left;vertical-align:top;overflow-wrap:anywhere}
 .charts img{max-width:100%;border:1px solid #d0d7de;margin:.4em 0} .meta{color:#656d76} details{margin:.6em 0}
 """
 
 
 def _cell(row: Row, column: str) -> str:
     value = row.values.get(column)
+    if column in row.partial:
+        mean, reason = row.partial[column]
+        return (f"<td class='partial' title='{html.escape(reason, quote=True)}'>"
+                + ("" if mean is None else f"({mean:.2f}) ") + "<span class='se'>partial</span></td>")
     if value is None:
         return "<td class='missing' title='not run or no score'>missing</td>"
     se = row.stderr.get(column)
@@ -253,9 +348,24 @@ def _section_html(s: Section, columns: list[str], suite: Suite) -> str:
     return "\n".join(out)
 
 
+# Fixed column widths with wrapping anywhere: long model paths and sampling lists wrap inside a 1280 px page
+# instead of pushing the table past it.
+SETTINGS_COLUMNS = "<colgroup>" + "".join(f"<col style='width:{w}%'>" for w in (9, 9, 21, 6, 11, 17, 5, 10, 12)) + "</colgroup>"
+
+
+def _time_span(started: str | None, ended: str | None) -> str:
+    """``2026-12-03 09:00 → 11:22`` (UTC, to the minute; the day again only when it changed)."""
+    def short(t: str | None) -> str:
+        return (t or "")[:16].replace("T", " ")
+
+    start, end = short(started), short(ended)
+    return f"{start} → {end[11:] if end[:10] == start[:10] else end}" if start or end else ""
+
+
 def _settings_html(sections: list[Section]) -> str:
     """One line per run and benchmark: how it was produced (from the results' provenance)."""
-    out = ["<details><summary>Settings of every run (provenance)</summary><table><tr><th>Run</th><th>Benchmark</th>"
+    out = ["<details><summary>Settings of every run (provenance)</summary><table class='settings'>" + SETTINGS_COLUMNS
+           + "<tr><th>Run</th><th>Benchmark</th>"
            "<th>Model</th><th>Backend</th><th>Template</th><th>Sampling</th><th>Limit</th><th>Judge</th><th>Time</th></tr>"]
     seen = set()
     for s in sections:
@@ -277,7 +387,7 @@ def _settings_html(sections: list[Section]) -> str:
                 cells = [row.label, b, (p.get("model") or {}).get("path", ""), p.get("backend") or "",
                          f"{template.get('name', p.get('prompt_format', 'raw'))} {template.get('sha256') or ''}", samp,
                          str(p.get("limit") or "full"), f"{judge.get('model') or ''} {judge.get('host') or ''}",
-                         f"{p.get('started', '')} → {p.get('ended', '')}"]
+                         _time_span(p.get("started"), p.get("ended"))]
                 out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     out.append("</table></details>")
     return "\n".join(out)
@@ -316,8 +426,16 @@ def html_page(sections: list[Section], charts: dict[str, bytes], title: str, mix
             f"</head><body>{''.join(body)}</body></html>\n")
 
 
-def bar_charts(sections: list[Section]) -> dict[str, bytes]:
-    """One chart per unit (percent, win rate, MT-Bench score); a missing value gets no bar and an 'n/a' mark."""
+CHARTS = {  # file -> (columns, title, y label, y range): a percent axis runs 0-100, MT-Bench's 1-10 scale to 10
+    "nlp.png": (None, "NLP suite and HumanEval", "percent (accuracy, 100 − TER, pass@1)", (0, 100)),
+    "alpaca_eval.png": (["AlpacaEval 1.0", "AlpacaEval 2.0"], "AlpacaEval", "win rate (%)", (0, 100)),
+    "mt_bench.png": (["MT-Bench"], "MT-Bench", "score (1-10)", (0, 10)),
+}
+
+
+def chart_figures(sections: list[Section]) -> dict:
+    """One matplotlib figure per unit (see :data:`CHARTS`); a missing value gets no bar and an 'n/a' mark,
+    every bar its value (small win rates stay readable on a 0-100 axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,11 +445,9 @@ def bar_charts(sections: list[Section]) -> dict[str, bytes]:
     rows = [r for s in sections for r in _rows(s)]
     rows = list({r.label: r for r in rows}.values())
     columns = list(rows[0].values)
-    groups = {"nlp.png": ([c for c in columns if c not in OPEN_ENDED], "NLP suite and HumanEval", "%"),
-              "alpaca_eval.png": (["AlpacaEval 1.0", "AlpacaEval 2.0"], "AlpacaEval", "win rate (%)"),
-              "mt_bench.png": (["MT-Bench"], "MT-Bench", "score (1-10)")}
-    charts = {}
-    for name, (cols, title, unit) in groups.items():
+    figures = {}
+    for name, (cols, title, unit, limits) in CHARTS.items():
+        cols = cols or [c for c in columns if c not in OPEN_ENDED]
         fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(cols) * max(1, len(rows)) / 2 + 2), 3.4))
         x = np.arange(len(cols))
         width = 0.8 / len(rows)
@@ -340,17 +456,26 @@ def bar_charts(sections: list[Section]) -> dict[str, bytes]:
             pos = x + i * width
             bars = ax.bar([p for p, v in zip(pos, vals) if v is not None], [v for v in vals if v is not None], width,
                           label=_label(row), color=f"C{i}")
-            del bars
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
             for p, v in zip(pos, vals):
                 if v is None:
                     ax.text(p, 0, "n/a", ha="center", va="bottom", fontsize=7, color="#8c959f", rotation=90)
         ax.set_xticks(x + 0.4 - width / 2, cols, fontsize=8)
-        ax.set_ylabel(unit)
-        shown = [v for r in rows for c in cols if (v := r.values.get(c)) is not None]
-        ax.set_ylim(0, 10 if name == "mt_bench.png" else max([1.0, *shown]) * 1.15)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.set_ylim(*limits)
         ax.set_title(title)
         ax.legend(fontsize="x-small")
         fig.tight_layout()
+        figures[name] = fig
+    return figures
+
+
+def bar_charts(sections: list[Section]) -> dict[str, bytes]:
+    """The charts as PNG bytes, by file name."""
+    import matplotlib.pyplot as plt
+
+    charts = {}
+    for name, fig in chart_figures(sections).items():
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=90)
         plt.close(fig)
@@ -358,21 +483,40 @@ def bar_charts(sections: list[Section]) -> dict[str, bytes]:
     return charts
 
 
+FORMATS = ("html", "csv", "latex")
+
+
 def write_report(run_dirs: list[Path], out_dir: Path, baseline: Path | None = None, labels: list[str] | None = None,
                  pairs: list[tuple[str, str, str]] | None = None, allow_mixed: bool = False,
-                 title: str = "Instruction Modelling: evaluation results") -> list[Path]:
-    """Write ``report.html`` (self-contained), ``report.md`` and the chart PNGs; returns their paths."""
+                 title: str = "Instruction Modelling: evaluation results", formats: tuple[str, ...] = ("html",)) -> list[Path]:
+    """Write the report in ``formats``; returns the paths written.
+
+    ``html``: ``report.html`` (self-contained), ``report.md`` and the chart PNGs; ``csv``: ``report.csv``;
+    ``latex``: ``report.tex`` (the Table-1 view, for a paper).
+    """
     if not run_dirs and not pairs:
         raise ValueError("report: give run folders, or --pair DATASET IT_RUN IM_RUN")
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"report --format {' '.join(unknown)}: choose from {', '.join(FORMATS)}")
     sections, mixed = build_sections(list(run_dirs), baseline, labels, pairs, allow_mixed)
     suite = suite_of(next(iter(r.results for s in sections for r in _rows(s))))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "csv" in formats:
+        written.append(out_dir / "report.csv")
+        written[-1].write_text(csv_table(sections))
+    if "latex" in formats:
+        written.append(out_dir / "report.tex")
+        written[-1].write_text(latex_table(sections, title))
+    if "html" not in formats:
+        return written
     charts = bar_charts(sections)
     md, page = out_dir / "report.md", out_dir / "report.html"
     md.write_text(markdown(sections, title))
     page.write_text(html_page(sections, charts, title, mixed, suite))
-    written = [md, page]
+    written += [md, page]
     for name, png in charts.items():
         (out_dir / name).write_bytes(png)
         written.append(out_dir / name)

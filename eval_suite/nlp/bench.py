@@ -83,20 +83,49 @@ def aggregate(raw: dict[str, float | None], suite: Suite) -> tuple[dict[str, flo
 
     Returns:
         (task percents, category means, mean of categories, notes on anything missing). A category
-        averages the tasks it has; the Mean averages the categories that have a score.
+        has a value only when every one of its tasks has a score, and the Mean only when every
+        category has one: a mean over fewer is not Table 1's number (see :func:`incomplete` for what
+        is missing and the partial means).
     """
     tasks: dict[str, float] = {}
     categories: dict[str, float | None] = {}
-    notes = []
     for cat_name, cat in suite.categories.items():
         have = {name: spec.percent(raw[name]) for name, spec in cat.tasks.items() if raw.get(name) is not None}
-        missing = sorted(set(cat.tasks) - set(have))
-        if missing:
-            notes.append(f"{cat.label}: no score for {', '.join(missing)}; averaged over the other tasks")
         tasks.update(have)
-        categories[cat_name] = statistics.fmean(have.values()) if have else None
-    present = [v for v in categories.values() if v is not None]
-    return tasks, categories, statistics.fmean(present) if present else None, notes
+        categories[cat_name] = statistics.fmean(have.values()) if len(have) == len(cat.tasks) else None
+    complete = all(v is not None for v in categories.values())
+    mean = statistics.fmean(categories.values()) if complete else None
+    return tasks, categories, mean, [gap["reason"] for gap in incomplete(raw, suite).values()]
+
+
+def incomplete(raw: dict[str, float | None], suite: Suite) -> dict[str, dict[str, Any]]:
+    """What keeps a category (by name) or the Mean (``"mean"``) from being reported.
+
+    Returns:
+        name -> a JSON record: ``have``/``of`` counts, the ``missing`` tasks (or incomplete categories'
+        labels), ``partial_mean`` (the mean over what is there, never a Table 1 number; None when
+        nothing is) and ``reason``, one line saying all that.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    complete: list[float] = []
+    for cat_name, cat in suite.categories.items():
+        have = [spec.percent(raw[name]) for name, spec in cat.tasks.items() if raw.get(name) is not None]
+        missing = [name for name in cat.tasks if raw.get(name) is None]
+        if not missing:
+            complete.append(statistics.fmean(have))
+            continue
+        partial = statistics.fmean(have) if have else None
+        out[cat_name] = {"have": len(have), "of": len(cat.tasks), "missing": missing, "partial_mean": partial,
+                         "reason": f"{cat.label}: not reported, {len(have)} of {len(cat.tasks)} tasks have a score "
+                                   f"(missing: {', '.join(missing)})" + (f"; partial mean {partial:.2f}" if have else "")}
+    if out:
+        labels = [suite.categories[c].label for c in out]
+        partial = statistics.fmean(complete) if complete else None
+        n = len(suite.categories)
+        out["mean"] = {"have": n - len(out), "of": n, "missing": labels, "partial_mean": partial,
+                       "reason": f"Mean: not reported, {n - len(out)} of {n} categories are complete "
+                                 f"(incomplete: {', '.join(labels)})"}
+    return out
 
 
 # The lm-eval releases this suite runs on; pyproject's `eval` extra declares the same range. lm-eval
@@ -211,8 +240,12 @@ def table1(raw: dict[str, float | None], suite: Suite, humaneval: BenchmarkResul
     for name, spec in _humaneval_tasks(suite).items():
         raw[name] = humaneval.metrics.get(spec.metric) if humaneval else None
     tasks, categories, mean, notes = aggregate(raw, suite)
-    return BenchmarkResult(benchmark="nlp", model="", headline=mean,
-                           breakdown={"raw": raw, "tasks": tasks, "categories": categories}, notes=notes)
+    gaps = incomplete(raw, suite)
+    breakdown = {"raw": raw, "tasks": tasks, "categories": categories}
+    if gaps:  # the means over what is there, kept apart from Table 1's numbers
+        breakdown["partial"] = {name: record["partial_mean"] for name, record in gaps.items()}
+    return BenchmarkResult(benchmark="nlp", model="", headline=mean, breakdown=breakdown, notes=notes,
+                           config={"incomplete": gaps} if gaps else {})
 
 
 def _humaneval_tasks(suite: Suite) -> dict[str, TaskSpec]:

@@ -110,3 +110,20 @@ def test_length_controlled_win_rate_runs_from_a_local_df_gamed(tmp_path):
     lc = result.metrics["length_controlled_win_rate"]
     assert lc is not None and 0 <= lc <= 100
     assert not any("df_gamed" in n for n in result.notes)
+
+
+def test_a_relative_run_dir_works_as_in_the_readme(tiny_model_dir, judge_server, tmp_path):
+    """`--run-dir runs/im` from the working folder: generation, alpaca_eval's judging and the results all land
+    in ./runs/im (alpaca_eval resolves relative paths against its own package folder otherwise), and the
+    relative model path is recorded absolute."""
+    import os
+
+    refs = benchmarks_dir() / "alpaca_eval" / "text_davinci_003_outputs.json"
+    proc = run_cli("alpaca-eval", "run", "--version", "alpaca_eval_1", "--model", os.path.relpath(tiny_model_dir, tmp_path),
+                   "--run-dir", "runs/im", "--reference-outputs", os.path.relpath(refs, tmp_path), "--limit", "2",
+                   "--max-new-tokens", "4", "--judge-base-url", judge_server.url, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "im"
+    assert len(json.loads((run / "alpaca_eval_1" / "annotations.json").read_text())) == 2
+    result = json.loads((run / "results" / "alpaca_eval_1.json").read_text())
+    assert result["provenance"]["model"]["path"] == str(tiny_model_dir)

@@ -12,7 +12,7 @@ import yaml
 from conftest import REPO_ROOT, lm_eval_reported_as, run_cli
 
 from eval_suite.nlp import bench
-from eval_suite.nlp.bench import Suite, aggregate
+from eval_suite.nlp.bench import Suite, aggregate, table1
 from eval_suite.results import BenchmarkResult
 
 MC_ROWS = [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "seven"], "label": 0}
@@ -83,10 +83,19 @@ def test_limit_through_the_cli(tiny_model_dir, tmp_path):
                    "--include-path", str(tasks), "--no-builtin-tasks", "--limit", "2", "--batch-size", "2", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"mean", "category/knowledge", "category/language", "category/code"}
-    assert summary["category/code"] is None  # no HumanEval result in this run dir
+    # No HumanEval result in this run dir: C has none of its tasks, so there is no Mean either (not the mean
+    # of K and L), and the line says what is missing.
+    assert set(summary) == {"mean", "category/knowledge", "category/language", "category/code", "incomplete"}
+    assert summary["category/code"] is None and summary["mean"] is None
+    assert summary["category/knowledge"] is not None and summary["category/language"] is not None
+    assert summary["incomplete"] == {"category/code": "C: not reported, 0 of 1 tasks have a score (missing: HumanEval)",
+                                     "mean": "Mean: not reported, 2 of 3 categories are complete (incomplete: C)"}
     result = json.loads((tmp_path / "run" / "results" / "nlp.json").read_text())
-    assert any("--limit 2" in n for n in result["notes"]) and any("HumanEval" in n for n in result["notes"])
+    assert result["headline"] is None and result["breakdown"]["categories"]["code"] is None
+    assert result["config"]["incomplete"]["mean"]["missing"] == ["C"]
+    assert result["breakdown"]["partial"]["mean"] == pytest.approx(
+        statistics.fmean([summary["category/knowledge"], summary["category/language"]]))
+    assert any("--limit 2" in n for n in result["notes"]) and any("missing: HumanEval" in n for n in result["notes"])
 
 
 def test_log_samples_passes_through_and_a_rerun_answers_from_lm_evals_cache(tiny_model_dir, tmp_path):
@@ -106,15 +115,22 @@ def test_log_samples_passes_through_and_a_rerun_answers_from_lm_evals_cache(tiny
     assert json.loads(again.stdout.strip().splitlines()[-1]) == json.loads(first.stdout.strip().splitlines()[-1])
 
 
-def test_aggregation_flips_lower_is_better_and_skips_missing_tasks():
+def test_aggregation_flips_lower_is_better_and_reports_no_incomplete_category_or_mean():
     suite = Suite(lm_eval_group="g", categories={
         "a": {"label": "A", "tasks": {"x": {"result": "x", "metric": "acc,none"}, "y": {"result": "y", "metric": "acc,none"}}},
         "b": {"label": "B", "tasks": {"ter": {"result": "t", "metric": "ter,none", "higher_is_better": False, "scale": 1}}},
     })
     tasks, categories, mean, notes = aggregate({"x": 0.5, "y": None, "ter": 80.0}, suite)
     assert tasks == {"x": 50.0, "ter": 20.0}
-    assert categories == {"a": 50.0, "b": 20.0} and mean == 35.0
-    assert notes == ["A: no score for y; averaged over the other tasks"]
+    # A has 1 of its 2 tasks: its 50.0 is no category score, and a Mean over B alone is no Mean.
+    assert categories == {"a": None, "b": 20.0} and mean is None
+    assert notes == ["A: not reported, 1 of 2 tasks have a score (missing: y); partial mean 50.00",
+                     "Mean: not reported, 1 of 2 categories are complete (incomplete: A)"]
+    result = table1({"x": 0.5, "y": None, "ter": 80.0}, suite)
+    assert result.breakdown["partial"] == {"a": 50.0, "mean": 20.0}
+    assert result.config["incomplete"]["a"]["missing"] == ["y"]
+    _, categories, mean, notes = aggregate({"x": 0.5, "y": 0.7, "ter": 80.0}, suite)
+    assert categories == {"a": pytest.approx(60.0), "b": 20.0} and mean == pytest.approx(40.0) and notes == []
 
 
 def test_paper_suite_matches_table1_arithmetic():

@@ -159,3 +159,102 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (1400, 1280) and pixels.std() > 0.05  # not a blank page
+
+
+def test_incomplete_categories_and_mean_are_marked_partial_not_shown_as_table1_numbers(tmp_path):
+    """A smoke run's nlp.json with MMLU missing and no HumanEval: U&K has 4 of 5 tasks, M&C 1 of 2. Neither
+    they nor the Mean get a number or a delta; the cells say partial, with the mean over what is there."""
+    it, im = tmp_path / "it", tmp_path / "im"
+    make_run(it, nlp_scale=40.0, mt=4.0, ae1=20.0, ae2=2.0, pass1=0.10)
+    make_run(im, nlp_scale=42.0, mt=3.5, ae1=25.0, ae2=None, pass1=0.30)
+    nlp = load_result(im / "results" / "nlp.json")
+    suite = Suite.load()
+    raw = {**nlp.breakdown["raw"], "MMLU": None}
+    partial = table1(raw, suite)
+    partial.model, partial.config["suite"] = "im", suite.model_dump()
+    partial.write(im)
+    (im / "results" / "humaneval.json").unlink()
+    out = tmp_path / "report"
+    proc = run_cli("report", str(im), "--baseline", str(it), "--out", str(out), "--format", "html", "csv", "latex")
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text()
+    im_row, delta_row = md.splitlines()[5:7]
+    assert im_row == ("| im | partial (42.00) | 42.00 | 42.00 | partial (42.00) | 42.00 | 42.00 | partial (42.00) | – "
+                      "| 3.50 | 25.00 | – |")
+    assert delta_row.startswith("| Δ im − it | – | ▲ +2.00 | ▲ +2.00 | – | ▲ +2.00 | ▲ +2.00 | – | – |")
+    assert "- NLP: U&K: not reported, 4 of 5 tasks have a score (missing: MMLU); partial mean 42.00 (im)" in md
+    assert "- NLP: M&C: not reported, 1 of 2 tasks have a score (missing: HumanEval); partial mean 42.00 (im)" in md
+    assert "- NLP: Mean: not reported, 4 of 6 categories are complete (incomplete: U&K, M&C) (im)" in md
+    page = (out / "report.html").read_text()
+    assert page.count("<td class='partial' title='") == 3
+    assert "title='U&amp;K: not reported, 4 of 5 tasks have a score (missing: MMLU); partial mean 42.00'>(42.00) " in page
+    im_csv = (out / "report.csv").read_text().splitlines()[2]  # the values stay empty, the last columns say why
+    assert im_csv.startswith('Runs,run,im,,42.00,42.00,,42.00,42.00,,,3.50,25.00,,"U&K: not reported, 4 of 5 tasks')
+    assert r"im & (42.00)$^\dagger$ & 42.00 & 42.00 & (42.00)$^\dagger$ &" in (out / "report.tex").read_text()
+
+
+def long_provenance(run_dir, benchmarks=("nlp", "humaneval", "mt_bench", "alpaca_eval_1")):
+    """Provenance as a real 7B run writes it: a long checkpoint path, the HumanEval sampling, a judge, times."""
+    for benchmark in benchmarks:
+        with_provenance(run_dir, benchmark, model={"path": "/mnt/shared/home/researcher/checkpoints/llama-2-7b-instruction-modelling"
+                                                            f"-alpagasus-dolly-3k/{run_dir.name}/checkpoint-final-merged"},
+                        backend="hf", sampling={"n": 20, "temperatures": [0.1, 0.7], "top_p": 0.95, "top_k": None,
+                                                "max_new_tokens": 512}, judge={"model": "gpt-4-0613", "host": "api.openai.com"},
+                        started="2026-12-03T09:00:00.123456+00:00", ended="2026-12-03T11:22:33.654321+00:00")
+
+
+def test_provenance_table_fits_a_1280_px_page(tmp_path):
+    """Every folded section opened, as a reader would: the page is no wider than a 1280 px window and the
+    provenance table ends inside it (long checkpoint paths wrap instead of widening it)."""
+    it, im = tmp_path / "it", tmp_path / "im"
+    make_run(it, nlp_scale=40.0, mt=4.0, ae1=20.0, ae2=2.0, pass1=0.10)
+    make_run(im, nlp_scale=42.0, mt=3.5, ae1=25.0, ae2=None, pass1=0.30)
+    long_provenance(it)
+    long_provenance(im)
+    out = tmp_path / "report"
+    assert run_cli("report", str(im), "--baseline", str(it), "--out", str(out)).returncode == 0
+    measure = ("<script>document.querySelectorAll('details').forEach(d => d.open = true);"
+               "const t = Array.from(document.querySelectorAll('table')).pop();"  # the provenance table: the last one
+               "document.body.dataset.measure = JSON.stringify({page: document.documentElement.scrollWidth, "
+               "view: document.documentElement.clientWidth, window: window.innerWidth, table: Math.ceil(t.getBoundingClientRect().right)});</script></body>")
+    opened = out / "opened.html"
+    opened.write_text((out / "report.html").read_text().replace("</body>", measure))
+    dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400",
+                          "--dump-dom", opened.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    import html as html_lib
+    import re
+
+    found = re.search(r'data-measure="([^"]+)"', dom.stdout)
+    assert found, dom.stdout[-2000:]
+    sizes = json.loads(html_lib.unescape(found[1]))
+    # view: the window's 1280 px less the vertical scroll bar
+    assert sizes["window"] == 1280 and sizes["page"] <= sizes["view"] and sizes["table"] <= sizes["view"], sizes
+
+
+def test_csv_and_latex_exports_of_the_table1_view_and_chart_axes_in_their_units(tmp_path):
+    import csv
+
+    from eval_suite.report import build_sections, chart_figures
+
+    it, im = tmp_path / "it", tmp_path / "im"
+    make_run(it, nlp_scale=40.0, mt=4.0, ae1=20.0, ae2=2.0, pass1=0.10)
+    make_run(im, nlp_scale=42.0, mt=3.5, ae1=25.0, ae2=None, pass1=0.30)
+    out = tmp_path / "report"
+    proc = run_cli("report", str(im), "--baseline", str(it), "--out", str(out), "--format", "csv", "latex")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.tex"]  # only what was asked for
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [(r["kind"], r["run"]) for r in rows] == [("baseline", "it (baseline)"), ("run", "im"), ("delta", "Δ im − it")]
+    assert rows[1] | {} == {**rows[1], "U&K": "42.00", "M&C": "36.00", "Mean": "41.00", "HumanEval": "30.00",
+                           "MT-Bench": "3.50", "AlpacaEval 2.0": "", "incomplete": "", "smoke": ""}
+    assert (rows[2]["Mean"], rows[2]["MT-Bench"], rows[2]["AlpacaEval 2.0"]) == ("+3.50", "-0.50", "")
+    tex = (out / "report.tex").read_text()
+    assert r"\begin{tabular}{lrrrrrrrrrrr}" in tex
+    assert r"Run & U\&K & Multi & CR & M\&C & BBH & S\&H & Mean & HumanEval & MT-Bench & AlpacaEval 1.0 & AlpacaEval 2.0 \\" in tex
+    assert r"im & 42.00 & 42.00 & 42.00 & 36.00 & 42.00 & 42.00 & 41.00 & 30.00 & 3.50 & 25.00 & -- \\" in tex
+    assert r"$\Delta$ im -- it & \textit{+2.00} &" in tex and tex.count(r"\\") == 4
+    sections, _ = build_sections([im], it)
+    axes = {name: fig.axes[0] for name, fig in chart_figures(sections).items()}
+    assert axes["nlp.png"].get_ylim() == (0, 100) and axes["nlp.png"].get_ylabel().startswith("percent")
+    assert axes["alpaca_eval.png"].get_ylim() == (0, 100) and axes["mt_bench.png"].get_ylim() == (0, 10)
