@@ -45,6 +45,8 @@ from instruction_modelling.core.losses import (
 )
 from instruction_modelling.core.options import MEMORY_EFFICIENT_CE_OPTIONS, IMArgs
 
+from .deepspeed import gather_reference_head, is_zero3_module, zero3_blocker, zero3_through_head
+
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
 SEGMENT_COLUMN = "segment_ids"
@@ -257,12 +259,7 @@ class IMTrainer(AxolotlTrainer):
         return unwrapped, base, decoder, head
 
     def _sharded_head(self) -> bool:
-        if self.is_fsdp_enabled:
-            return True
-        if self.is_deepspeed_enabled:
-            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-            return getattr(plugin, "zero_stage", 0) == 3
-        return False
+        return self.is_fsdp_enabled  # ZeRO-3: see deepspeed.py
 
     def _why_not_hidden(self, model, inputs) -> str | None:
         """Why the loss cannot come from hidden states for this model (None when it can)."""
@@ -272,7 +269,9 @@ class IMTrainer(AxolotlTrainer):
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return f"{type(base).__name__}.forward has no logits_to_keep"
         if self._sharded_head():
-            return "the lm_head weight is sharded (DeepSpeed ZeRO-3 / FSDP)"
+            return "the lm_head weight is sharded (FSDP)"
+        if is_zero3_module(head) and zero3_blocker(head):
+            return zero3_blocker(head)
         # The model's own logits of a few tokens against the head applied to its hidden states:
         # catches any transform after the lm_head that logit_transform() does not know about.
         transform = logit_transform(base.config)
@@ -324,6 +323,8 @@ class IMTrainer(AxolotlTrainer):
         cce_blocker = None
         if importlib.util.find_spec("cut_cross_entropy") is None:
             cce_blocker = "cut_cross_entropy not installed"
+        elif is_zero3_module(head):
+            cce_blocker = "under DeepSpeed ZeRO-3 the chunked loss is the one that gathers the sharded lm_head"
         elif head.weight.device.type != "cuda":
             cce_blocker = "cut_cross_entropy needs CUDA"
         elif type(head) is not torch.nn.Linear or head.bias is not None:
@@ -380,16 +381,20 @@ class IMTrainer(AxolotlTrainer):
         b = self._batch
         a = self.im_args
         scores = outputs.logits
-        if b["from_hidden"]:
-            hidden = self._capture.take()  # before the reference's forward, which runs the same decoder
-            if hidden is None:
-                raise RuntimeError("the decoder's forward hook saw no hidden states; set im_loss_impl: logits")
-            _, base, _, head = self._parts(b["model"])
-            scores = HiddenStates(hidden, head, logit_transform(base.config), self._loss_impl)
+        hidden = self._capture.take() if b["from_hidden"] else None  # before the reference's forward (same decoder)
         reference = mask = None
         if self.kl_enabled:
             reference = self.kl_reference(b["forward"])
             mask = kl_mask(b["segment_ids"], b["position_ids"], a.im_kl_segments)
+        if b["from_hidden"]:
+            if hidden is None:
+                raise RuntimeError("the decoder's forward hook saw no hidden states; set im_loss_impl: logits")
+            _, base, _, head = self._parts(b["model"])
+            # ZeRO-3: the loss runs as the head's forward, the reference head gathered once inside it.
+            through = zero3_through_head(head, reference) if is_zero3_module(head) else None
+            scores = HiddenStates(hidden, head, logit_transform(base.config), self._loss_impl, through_head=through)
+        elif reference is not None:
+            gather_reference_head(reference)  # ZeRO-3: once per micro-batch, not per chunk
         ids = b["input_ids"]
         out = segment_weighted_loss(
             scores,

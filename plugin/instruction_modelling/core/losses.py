@@ -646,12 +646,16 @@ class HiddenStates:
         head: the output layer module (``model.get_output_embeddings()``, adapted or not).
         transform: what the model does to the head's output (``LogitTransform``).
         impl: ``chunked`` (pure PyTorch, exact) or ``cce`` (Cut Cross Entropy kernels, CUDA; CE only).
+        through_head: how to run the chunked loss, which reads the head's weights:
+            ``through_head(fn, hidden)`` returns ``fn(hidden)`` (default: called directly). DeepSpeed
+            ZeRO-3 runs it as the head module's forward, so that its hooks gather the weights.
     """
 
     hidden: torch.Tensor
     head: torch.nn.Module
     transform: LogitTransform = LogitTransform()
     impl: str = "chunked"
+    through_head: Callable | None = None
 
 
 def hidden_weighted_loss(
@@ -695,9 +699,12 @@ def hidden_weighted_loss(
     if reference is not None and kl_rows is None:
         kl_rows = kl_w != 0
     rows = kl_rows.reshape(-1) if reference is not None else None
-    loss, ce, kl = _HiddenWeightedLoss.apply(flat, targets.reshape(-1), ce_coef.reshape(-1).detach(), kl_w.detach(),
-                                             rows, states.head, states.transform, reference, kl_type, chunk_size,
-                                             *params)
+
+    def run(hidden):
+        return _HiddenWeightedLoss.apply(hidden, targets.reshape(-1), ce_coef.reshape(-1).detach(), kl_w.detach(),
+                                         rows, states.head, states.transform, reference, kl_type, chunk_size, *params)
+
+    loss, ce, kl = run(flat) if states.through_head is None else states.through_head(run, flat)
     return loss, ce.view(shape), (kl.view(shape) if reference is not None else None)
 
 
