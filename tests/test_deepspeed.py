@@ -147,3 +147,68 @@ def test_impossible_zero3_combinations_stop_at_config_load(tmp_path, tiny_model_
     assert run.returncode != 0
     assert message in run.output
     assert "Tokenizing Prompts" not in run.output and "Loading model" not in run.output
+
+
+# -- the real Axolotl CLI ----------------------------------------------------------------
+
+def test_axolotl_zero3_two_ranks_equal_one_process_with_accumulation(tmp_path, tiny_model_dir, monkeypatch):
+    """ZeRO-3 over two CPU ranks (DeepSpeed engine, gloo) through ``axolotl.cli.train``, chunked loss with
+    the KL to a sharded copy reference, against one plain process with gradient accumulation x2 over
+    the same micro-batches: the same logged losses, segment losses, KL and final weights."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("axolotl")
+    from cli_helpers import AxolotlRun, run_axolotl, write_jsonl
+    from instruction_modelling.axolotl.configs import PLUGIN, cpu_config, write_config
+    from instruction_modelling.quickstart.sample_data import TRAIN_FILE
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT / "tests" / "probes"), os.environ.get("PYTHONPATH", "")]))
+    rows = [json.loads(line) for line in open(TRAIN_FILE, encoding="utf-8")][:24]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+
+    def cfg(name, ga, **extra):
+        # As tests/test_ddp_cli.py: sequential batches (rank r of step s sees micro-batch 2s + r), SGD.
+        return cpu_config(tiny_model_dir, data, tmp_path / name, mode="im", im_instruction_weight=0.3,
+                          micro_batch_size=2, gradient_accumulation_steps=ga, max_steps=3, learning_rate=0.1,
+                          curriculum_sampling=True, save_strategy="steps", save_steps=3, optimizer="sgd",
+                          lr_scheduler="constant", warmup_ratio=0.0, im_kl_coef=0.5, im_kl_reference="copy",
+                          im_loss_chunk_size=32, dataset_prepared_path=str(tmp_path / "prepared"), **extra)
+
+    single = run_axolotl("train", cfg("single", 2), tmp_path / "single.yml")
+    assert single.returncode == 0, single.output[-3000:]
+
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                   "stage3_gather_16bit_weights_on_model_save": True},
+             "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    ds_cfg = cfg("zero3", 1, deepspeed=zero3, plugins=[PLUGIN, "cpu_ddp.CpuDdpPlugin", "cpu_zero.CpuZeroPlugin"])
+    write_config(ds_cfg, tmp_path / "zero3.yml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "axolotl.cli.train", str(tmp_path / "zero3.yml")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    for rank in (0, 1):  # what each rank's trainer thinks it runs
+        assert f"[cpu_zero] rank {rank} world_size 2 distributed_type DistributedType.DEEPSPEED zero_stage 3 " \
+               "deepspeed True" in proc.stdout
+    assert "im_loss_impl: chunked (under DeepSpeed ZeRO-3" in proc.stdout
+    ds = AxolotlRun(proc, ds_cfg)
+
+    a = [h for h in single.log_history() if "loss" in h]
+    b = [h for h in ds.log_history() if "loss" in h]
+    assert len(a) == len(b) == 3
+    assert a[-1]["kl"] > 0
+    for x, y in zip(a, b):
+        for key in ("loss", "instruction_loss", "output_loss", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5), (key, x, y)
+        # The KL (~0.01) is a difference of log-probabilities of size ~7: fp32 rounding is ~1e-6 absolute.
+        assert y["kl"] == pytest.approx(x["kl"], abs=1e-6), (x, y)
+
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "single" / "model.safetensors")
+    wb = load_file(tmp_path / "zero3" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
