@@ -67,18 +67,19 @@ def _adapted_head(cfg) -> str | None:
     return None
 
 
-def check_deepspeed_config(cfg, loss_impl: str) -> None:
+def check_deepspeed_config(cfg, args) -> None:
     """Refuse, at config load, what the IM loss cannot run under the config's DeepSpeed ZeRO stage.
 
     Args:
         cfg: the raw Axolotl config.
-        loss_impl: its ``im_loss_impl``.
+        args: its ``IMArgs``.
 
     Raises:
         ValueError: one sentence naming the option and what to do.
     """
     if config_zero_stage(cfg) != 3:
         return
+    loss_impl = args.im_loss_impl
     if loss_impl == "cce":
         raise ValueError(
             "im_loss_impl: cce cannot run under DeepSpeed ZeRO-3, whose sharded lm_head only the chunked loss "
@@ -204,3 +205,18 @@ def zero3_through_head(head: torch.nn.Module, reference=None) -> Callable:
         return run_as_forward(head, loss_with_gathered_reference, hidden)
 
     return through_head
+
+
+def restore_hf_deepspeed_config(training_args) -> None:
+    """Point transformers' DeepSpeed config back to the trainer's after another model was loaded.
+
+    transformers keeps a weak reference to one ``HfDeepSpeedConfig``; Axolotl's loader makes its own
+    for the KL's copy reference, which replaces the trainer's and is then collected, after which
+    ``is_deepspeed_zero3_enabled()`` is False and Axolotl's final save writes the partitioned
+    parameters as they are: empty tensors.
+    """
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    if config is not None:
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config
+
+        set_hf_deepspeed_config(config)

@@ -82,7 +82,7 @@ class InstructionModellingPlugin(BasePlugin):
             return
         from .deepspeed import check_deepspeed_config
 
-        check_deepspeed_config(cfg, args.im_loss_impl)
+        check_deepspeed_config(cfg, args)
         for key in ("datasets", "test_datasets"):
             for ds in cfg.get(key) or []:
                 ds["roles_to_train"] = args.trained_roles()

@@ -45,7 +45,13 @@ from instruction_modelling.core.losses import (
 )
 from instruction_modelling.core.options import MEMORY_EFFICIENT_CE_OPTIONS, IMArgs
 
-from .deepspeed import gather_reference_head, is_zero3_module, zero3_blocker, zero3_through_head
+from .deepspeed import (
+    gather_reference_head,
+    is_zero3_module,
+    restore_hf_deepspeed_config,
+    zero3_blocker,
+    zero3_through_head,
+)
 
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
@@ -193,6 +199,7 @@ class IMTrainer(AxolotlTrainer):
         from axolotl.loaders import ModelLoader
 
         model, _ = ModelLoader(cfg, self.processing_class, reference_model=True).load()
+        restore_hf_deepspeed_config(self.args)  # else a ZeRO-3 run saves an empty model
         model.eval()
         model.requires_grad_(False)
         model.config.use_cache = False
