@@ -10,8 +10,11 @@ hooks on that module gather the weight before it, the loss computes the weight's
 chunk while the weight is there, and the gradient it returns in backward is accumulated into the
 parameter, where ZeRO's hook reduce-scatters it. No ``[tokens × vocab]`` tensor exists, as without
 ZeRO. The KL's reference head (the policy's own head with adapters disabled, or the sharded copy's
-head) is gathered once per micro-batch (``reference_head_gathered``) and used through a hook-free
-``nn.Linear`` that shares the gathered weights, so the per-chunk projections trigger no gathers.
+head) is gathered once per micro-batch (``reference_head_gathered``; ``gather_reference_head`` for
+the logits path, which projects it again in backward) and used through a hook-free ``nn.Linear``
+holding the gathered weights, so the per-chunk projections start no collective: per-chunk gathers
+also differ in number between ranks whose micro-batches differ in length, on which gloo aborted
+("collective mismatch") before this module.
 
 Only a plain ``nn.Linear`` head can run that way (a PEFT-adapted head owns its weights in child
 modules, each gathered and released by its own hooks): ``im_loss_impl: chunked`` with an adapted

@@ -13,7 +13,8 @@ a forward hook on the decoder keeps the final hidden states, and the loss is com
 the model's own output layer chunk by chunk (``losses.HiddenStates``), or through Cut Cross
 Entropy's kernels. ``logits`` keeps the full-logits path; it is also the fallback, with a log line,
 when the output layer cannot be reproduced (checked once against the model's own logits) or is
-sharded (ZeRO-3 / FSDP). Evaluation takes the same path unless logits are returned
+sharded by FSDP. Under DeepSpeed ZeRO-3 the chunked loss runs as the output layer's forward
+(``deepspeed.py``). Evaluation takes the same path unless logits are returned
 (``prediction_loss_only: false``).
 
 Logged: ``instruction_loss`` and ``output_loss`` (token-weighted means since the last log) each
