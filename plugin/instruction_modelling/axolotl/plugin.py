@@ -83,6 +83,9 @@ class InstructionModellingPlugin(BasePlugin):
             LOG.warning(f"instruction_modelling: `rl: {cfg.get('rl')}` config; the plugin steps aside "
                         "(no IM loss, Axolotl's own trainer and collator)")
             return
+        from .deepspeed import check_deepspeed_config
+
+        check_deepspeed_config(cfg, args)
         for key in ("datasets", "test_datasets"):
             for ds in cfg.get(key) or []:
                 ds["roles_to_train"] = args.trained_roles()

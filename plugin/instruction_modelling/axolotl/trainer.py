@@ -13,7 +13,8 @@ a forward hook on the decoder keeps the final hidden states, and the loss is com
 the model's own output layer chunk by chunk (``losses.HiddenStates``), or through Cut Cross
 Entropy's kernels. ``logits`` keeps the full-logits path; it is also the fallback, with a log line,
 when the output layer cannot be reproduced (checked once against the model's own logits) or is
-sharded where it cannot be gathered (ZeRO-3, FSDP1, an FSDP2 unit of its own; FSDP2: ``fsdp``).
+sharded where it cannot be gathered (FSDP1, an FSDP2 unit of its own; FSDP2: ``fsdp.py``). Under
+DeepSpeed ZeRO-3 the chunked loss runs as the output layer's forward (``deepspeed.py``).
 Evaluation takes the same path unless logits are returned
 (``prediction_loss_only: false``).
 
@@ -50,6 +51,13 @@ from instruction_modelling.core.losses import (
 from instruction_modelling.core.options import MEMORY_EFFICIENT_CE_OPTIONS, IMArgs
 
 from . import fsdp
+from .deepspeed import (
+    gather_reference_head,
+    is_zero3_module,
+    restore_hf_deepspeed_config,
+    zero3_blocker,
+    zero3_through_head,
+)
 
 LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
@@ -208,6 +216,7 @@ class IMTrainer(AxolotlTrainer):
         from axolotl.loaders import ModelLoader
 
         model, _ = ModelLoader(cfg, self.processing_class, reference_model=True).load()
+        restore_hf_deepspeed_config(self.args)  # else a ZeRO-3 run saves an empty model
         model.eval()
         model.requires_grad_(False)
         model.config.use_cache = False
@@ -287,12 +296,6 @@ class IMTrainer(AxolotlTrainer):
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         return unwrapped, base, decoder, head
 
-    def _sharded_head(self) -> bool:
-        if self.is_deepspeed_enabled:
-            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-            return getattr(plugin, "zero_stage", 0) == 3
-        return False
-
     def _why_not_hidden(self, model, inputs) -> str | None:
         """Why the loss cannot come from hidden states for this model (None when it can)."""
         unwrapped, base, decoder, head = self._parts(model)
@@ -300,14 +303,14 @@ class IMTrainer(AxolotlTrainer):
             return f"{type(base).__name__} exposes no get_decoder()/get_output_embeddings()"
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return f"{type(base).__name__}.forward has no logits_to_keep"
-        if self._sharded_head():
-            return "the lm_head weight is sharded (DeepSpeed ZeRO-3)"
         if self.is_fsdp_enabled:
             if not self.accelerator.is_fsdp2:
                 return "FSDP1 exposes the lm_head weight only inside its own forward (use fsdp_version: 2)"
             blocker = fsdp.head_blocker(model, head)
             if blocker is not None:
                 return blocker
+        if is_zero3_module(head) and zero3_blocker(head):
+            return zero3_blocker(head)
         # The model's own logits of a few tokens against the head applied to its hidden states:
         # catches any transform after the lm_head that logit_transform() does not know about.
         transform = logit_transform(base.config)
@@ -362,6 +365,8 @@ class IMTrainer(AxolotlTrainer):
         cce_blocker = None
         if importlib.util.find_spec("cut_cross_entropy") is None:
             cce_blocker = "cut_cross_entropy not installed"
+        elif is_zero3_module(head):
+            cce_blocker = "under DeepSpeed ZeRO-3 the chunked loss is the one that gathers the sharded lm_head"
         elif head.weight.device.type != "cuda":
             cce_blocker = "cut_cross_entropy needs CUDA"
         elif type(head) is not torch.nn.Linear or head.bias is not None:
@@ -419,22 +424,28 @@ class IMTrainer(AxolotlTrainer):
         b = self._batch
         a = self.im_args
         scores = outputs.logits
+        hidden = self._capture.take() if b["from_hidden"] else None  # before the reference's forward (same decoder)
+        reference = mask = release = None
+        if self.kl_enabled:
+            if self.is_fsdp_enabled:  # the logits path releases a copy's units after its backward pass
+                release = fsdp.gather_reference(self, b["model"], None if b["from_hidden"] else scores)
+            with self._capture.autocast():  # the reference's forward as numerically as the policy's
+                reference = self.kl_reference(b["forward"])
+            mask = kl_mask(b["segment_ids"], b["position_ids"], a.im_kl_segments)
         if b["from_hidden"]:
-            hidden = self._capture.take()  # before the reference's forward, which runs the same decoder
             if hidden is None:
                 raise RuntimeError("the decoder's forward hook saw no hidden states; set im_loss_impl: logits")
             _, base, _, head = self._parts(b["model"])
             if self.is_fsdp_enabled:
                 fsdp.gather(b["model"], head)  # the root unit: gathered from its forward to its post-backward
+            # ZeRO-3: the loss runs as the head's forward, the reference head gathered once inside it.
+            through = zero3_through_head(head, reference) if is_zero3_module(head) else None
             scores = HiddenStates(hidden, head, logit_transform(base.config), self._loss_impl,
                                   autocast_dtype=self._capture.autocast_dtype,
-                                  accum_dtype=torch.float32 if a.im_loss_accum_dtype == "float32" else None)
-        reference = mask = None
-        if self.kl_enabled:
-            release = fsdp.gather_reference(self, b["model"], scores) if self.is_fsdp_enabled else None
-            with self._capture.autocast():  # the reference's forward as numerically as the policy's
-                reference = self.kl_reference(b["forward"])
-            mask = kl_mask(b["segment_ids"], b["position_ids"], a.im_kl_segments)
+                                  accum_dtype=torch.float32 if a.im_loss_accum_dtype == "float32" else None,
+                                  through_head=through)
+        elif reference is not None:
+            gather_reference_head(reference)  # ZeRO-3: once per micro-batch, not per chunk
         ids = b["input_ids"]
         out = segment_weighted_loss(
             scores,

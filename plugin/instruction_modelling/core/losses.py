@@ -749,6 +749,9 @@ class HiddenStates:
             applied in it, as the model applied it (``compute_dtype``).
         accum_dtype: dtype in which the head's parameter gradients are summed over chunks (None: the
             parameter's own; fp32 by default, see ``im_loss_accum_dtype``).
+        through_head: how to run the chunked loss, which reads the head's weights:
+            ``through_head(fn, hidden)`` returns ``fn(hidden)`` (default: called directly). DeepSpeed
+            ZeRO-3 runs it as the head module's forward, so that its hooks gather the weights.
     """
 
     hidden: torch.Tensor
@@ -757,6 +760,7 @@ class HiddenStates:
     impl: str = "chunked"
     autocast_dtype: torch.dtype | None = None
     accum_dtype: torch.dtype | None = torch.float32
+    through_head: Callable | None = None
 
 
 def hidden_weighted_loss(
@@ -807,9 +811,13 @@ def hidden_weighted_loss(
     if reference is not None and kl_rows is None:
         kl_rows = kl_w != 0
     rows = _kl_rows(kl_rows.reshape(-1), chunk_size, kl_counts) if reference is not None else None
-    loss, ce, kl = _HiddenWeightedLoss.apply(flat, targets.reshape(-1), ce_coef.reshape(-1).detach(), kl_w.detach(),
-                                             rows, states.head, states.transform, reference, kl_type, chunk_size,
-                                             states.accum_dtype, *params)
+
+    def run(hidden):
+        return _HiddenWeightedLoss.apply(hidden, targets.reshape(-1), ce_coef.reshape(-1).detach(), kl_w.detach(),
+                                         rows, states.head, states.transform, reference, kl_type, chunk_size,
+                                         states.accum_dtype, *params)
+
+    loss, ce, kl = run(flat) if states.through_head is None else states.through_head(run, flat)
     return loss, ce.view(shape), (kl.view(shape) if reference is not None else None)
 
 
