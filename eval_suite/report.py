@@ -17,6 +17,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval_suite import protocol as protocols
 from eval_suite import provenance as prov
 from eval_suite.nlp.bench import Suite, table1
 from eval_suite.results import BenchmarkResult, load_run
@@ -36,6 +37,7 @@ class Row:
     task_stderr: dict[str, float] = field(default_factory=dict)
     smoke: list[str] = field(default_factory=list)  # why this row is a smoke run
     results: dict[str, BenchmarkResult] = field(default_factory=dict)
+    flags: dict[str, list[str]] = field(default_factory=dict)  # column -> why it is not comparable with the paper
 
 
 @dataclass
@@ -58,13 +60,52 @@ def _stderr(result: BenchmarkResult) -> float | None:
     return (result.breakdown.get("stderr") or {}).get("headline")
 
 
+def provenance_of(result: BenchmarkResult) -> dict:
+    """A result's provenance, with the protocol and limit from its config where the command wrote no provenance."""
+    p = dict(result.provenance)
+    p.setdefault("protocol", result.config.get("protocol"))
+    if "limit" not in p:
+        p["limit"] = result.config.get("limit")
+    return p
+
+
+def protocol_of(result: BenchmarkResult | None) -> protocols.Protocol:
+    return protocols.of_result(provenance_of(result)) if result else protocols.DEFAULT
+
+
+def _flag(row: Row, columns: list[str], reasons: list[str]) -> None:
+    for column in columns:
+        for reason in reasons:
+            if reason not in row.flags.setdefault(column, []):
+                row.flags[column].append(reason)
+
+
+def flag_cells(row: Row, suite: Suite, combined: BenchmarkResult | None) -> None:
+    """Mark every cell whose number is not comparable with Table 1's, with the reasons."""
+    categories = [c.label for c in suite.categories.values()]
+    sources = {"nlp": categories + ["Mean"], "humaneval": [HUMANEVAL, "Mean"] + [
+        c.label for c in suite.categories.values() if any(t.source == "humaneval" for t in c.tasks.values())]}
+    sources.update({b: [col] for col, b in OPEN_ENDED.items()})
+    for benchmark, result in row.results.items():
+        reasons = prov.not_paper_comparable(provenance_of(result), judged=benchmark in OPEN_ENDED.values())
+        _flag(row, sources.get(benchmark, []), reasons)
+    if combined is not None:  # a category computed from some of its tasks is not Table 1's category
+        for name, cat in suite.categories.items():
+            missing = [t for t in cat.tasks if combined.breakdown["tasks"].get(t) is None]
+            if missing and combined.breakdown["categories"].get(name) is not None:
+                _flag(row, [cat.label, "Mean"], [f"{cat.label} partial: no score for {', '.join(missing)}"])
+    row.flags = {c: r for c, r in row.flags.items() if r and row.values.get(c) is not None}
+
+
 def make_row(label: str, results: dict[str, BenchmarkResult], suite: Suite) -> Row:
     nlp, humaneval = results.get("nlp"), results.get("humaneval")
     notes: list[str] = []
     values: dict[str, float | None] = {}
     row = Row(label, values, notes, results=results)
+    combined = None
     if nlp or humaneval:
-        combined = table1(nlp.breakdown.get("raw", {}) if nlp else {}, suite, humaneval)
+        # Lower-is-better tasks (WMT's TER) are averaged as the NLP run's protocol says.
+        combined = table1(nlp.breakdown.get("raw", {}) if nlp else {}, suite, humaneval, protocol_of(nlp))
         notes += [f"NLP: {n}" for n in combined.notes + (nlp.notes if nlp else [])]
         values.update({suite.categories[c].label: v for c, v in combined.breakdown["categories"].items()})
         present = [v for v in combined.breakdown["categories"].values() if v is not None]
@@ -94,6 +135,7 @@ def make_row(label: str, results: dict[str, BenchmarkResult], suite: Suite) -> R
         reasons = prov.smoke_reasons(result.provenance)
         if reasons:
             row.smoke.append(f"{benchmark}: {', '.join(reasons)}")
+    flag_cells(row, suite, combined)
     return row
 
 
@@ -166,6 +208,31 @@ def _label(row: Row) -> str:
     return row.label + (" [smoke]" if row.smoke else "")
 
 
+FLAG = "†"  # on a cell whose number is not comparable with the paper's Table 1
+
+
+def comparability_lines(sections: list[Section]) -> list[str]:
+    """One line per run and set of reasons: which of its cells are not comparable with the paper, and why."""
+    lines: list[str] = []
+    for row in {r.label: r for s in sections for r in _rows(s)}.values():
+        by_reasons: dict[tuple[str, ...], list[str]] = {}
+        for column in [c for c in row.values if c in row.flags]:  # in the table's column order
+            reasons = row.flags[column]
+            by_reasons.setdefault(tuple(reasons), []).append(column)
+        for reasons, columns in by_reasons.items():
+            lines.append(f"{row.label}: {', '.join(columns)}: {'; '.join(reasons)}")
+    return lines
+
+
+def protocol_line(sections: list[Section]) -> str:
+    """Which protocol each run's results follow (``--protocol``), with what the protocol means."""
+    used: dict[str, list[str]] = {}
+    for row in {r.label: r for s in sections for r in _rows(s)}.values():
+        for name in sorted({provenance_of(r).get("protocol") or "default" for r in row.results.values()}):
+            used.setdefault(name, []).append(row.label)
+    return "; ".join(f"{name} ({protocols.get(name).summary}): {', '.join(labels)}" for name, labels in used.items())
+
+
 def _notes(sections: list[Section]) -> list[str]:
     """Each distinct note once, followed by the runs it applies to."""
     by_note: dict[str, list[str]] = {}
@@ -186,13 +253,18 @@ def markdown(sections: list[Section], title: str = "Evaluation results") -> str:
             lines += [f"## {s.title}", ""]
         lines += ["| Run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         for row in _rows(s):
-            lines.append(f"| {_label(row)} | " + " | ".join(_fmt(row.values[c]) for c in columns) + " |")
+            lines.append(f"| {_label(row)} | " + " | ".join(_fmt(row.values[c]) + (FLAG if c in row.flags else "")
+                                                            for c in columns) + " |")
             if s.base and row is not s.base:
                 lines.append(f"| Δ {row.label} − {s.base.label.split(' (')[0]} | "
                              + " | ".join(_fmt_delta(delta(row.values[c], s.base.values[c])) for c in columns) + " |")
         lines.append("")
     lines.append("NLP columns: percent; a category is the mean of its tasks, Mean the mean of the six categories "
                  "(Table 1). HumanEval: best pass@1 over temperatures, %. MT-Bench: score 1-10. AlpacaEval: win rate %.")
+    lines += ["", f"Protocol: {protocol_line(sections)}"]
+    flagged = comparability_lines(sections)
+    if flagged:
+        lines += ["", f"{FLAG} Not comparable with the paper's Table 1:"] + [f"- {line}" for line in flagged]
     notes = _notes(sections)
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 
@@ -207,6 +279,7 @@ th{background:#f6f8fa} td:first-child,th:first-child{text-align:left} tr.delta t
 .gain{color:#1a7f37;font-weight:600} .loss{color:#cf222e;font-weight:600} .missing{color:#8c959f}
 .se{color:#656d76;font-size:.8em} .smoke{background:#fff8c5;border:1px solid #d4a72c;padding:.5em .8em;margin:.8em 0}
 .charts img{max-width:100%;border:1px solid #d0d7de;margin:.4em 0} .meta{color:#656d76} details{margin:.6em 0}
+.flag{color:#9a6700;font-weight:600;cursor:help}
 """
 
 
@@ -215,7 +288,10 @@ def _cell(row: Row, column: str) -> str:
     if value is None:
         return "<td class='missing' title='not run or no score'>missing</td>"
     se = row.stderr.get(column)
-    return f"<td>{value:.2f}" + (f" <span class='se'>± {se:.2f}</span>" if se is not None else "") + "</td>"
+    reasons = row.flags.get(column)
+    flag = (f"<sup class='flag' title='not comparable with the paper: {html.escape('; '.join(reasons))}'>{FLAG}</sup>"
+            if reasons else "")
+    return f"<td>{value:.2f}{flag}" + (f" <span class='se'>± {se:.2f}</span>" if se is not None else "") + "</td>"
 
 
 def _delta_cell(d: float | None) -> str:
@@ -256,7 +332,8 @@ def _section_html(s: Section, columns: list[str], suite: Suite) -> str:
 def _settings_html(sections: list[Section]) -> str:
     """One line per run and benchmark: how it was produced (from the results' provenance)."""
     out = ["<details><summary>Settings of every run (provenance)</summary><table><tr><th>Run</th><th>Benchmark</th>"
-           "<th>Model</th><th>Backend</th><th>Template</th><th>Sampling</th><th>Limit</th><th>Judge</th><th>Time</th></tr>"]
+           "<th>Model</th><th>Protocol</th><th>Backend</th><th>Template</th><th>Sampling</th><th>Limit</th><th>Judge</th>"
+           "<th>Time</th></tr>"]
     seen = set()
     for s in sections:
         for row in _rows(s):
@@ -266,7 +343,7 @@ def _settings_html(sections: list[Section]) -> str:
             for b, r in sorted(row.results.items()):
                 p = r.provenance
                 if not p:
-                    out.append(f"<tr><td>{html.escape(row.label)}</td><td>{b}</td><td colspan='7' class='missing'>"
+                    out.append(f"<tr><td>{html.escape(row.label)}</td><td>{b}</td><td colspan='8' class='missing'>"
                                "no provenance (written by an older eval_suite)</td></tr>")
                     continue
                 template = p.get("template") or {}
@@ -274,7 +351,8 @@ def _settings_html(sections: list[Section]) -> str:
                 samp = ", ".join(f"{k} {v}" for k, v in sampling.items() if k in ("n", "temperatures", "temperature", "top_p",
                                                                                   "top_k", "max_new_tokens", "decoding"))
                 judge = p.get("judge") or {}
-                cells = [row.label, b, (p.get("model") or {}).get("path", ""), p.get("backend") or "",
+                cells = [row.label, b, (p.get("model") or {}).get("path", ""), p.get("protocol") or "default",
+                         p.get("backend") or "",
                          f"{template.get('name', p.get('prompt_format', 'raw'))} {template.get('sha256') or ''}", samp,
                          str(p.get("limit") or "full"), f"{judge.get('model') or ''} {judge.get('host') or ''}",
                          f"{p.get('started', '')} → {p.get('ended', '')}"]
@@ -303,7 +381,12 @@ def html_page(sections: list[Section], charts: dict[str, bytes], title: str, mix
         body.append("<div class='smoke'><b>Smoke runs, not comparable with the paper:</b> " + html.escape("; ".join(smoke)) + "</div>")
     if mixed:
         body.append("<div class='smoke'><b>Mixed protocols (--allow-mixed):</b> " + html.escape("; ".join(mixed)) + "</div>")
+    body.append("<p class='meta'><b>Protocol:</b> " + html.escape(protocol_line(sections)) + "</p>")
     body += [_section_html(s, columns, suite) for s in sections]
+    flagged = comparability_lines(sections)
+    if flagged:
+        body.append(f"<p><b><span class='flag'>{FLAG}</span> Not comparable with the paper's Table 1:</b></p><ul>"
+                    + "".join(f"<li>{html.escape(line)}</li>" for line in flagged) + "</ul>")
     body.append("<h2>Charts</h2><div class='charts'>")
     for name, png in charts.items():
         body.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
