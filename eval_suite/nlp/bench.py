@@ -148,6 +148,17 @@ def load_overrides(*paths: str | Path | None) -> dict[str, dict[str, Any]]:
     return merged
 
 
+def lm_eval_model_args(model: str | Path, backend_options: dict[str, Any] | None = None,
+                       protocol: Protocol = DEFAULT) -> str:
+    """lm-eval's ``model_args`` for a model directory; ``add_bos_token`` as the protocol says (the
+    authors' 2024 lm-eval added no BOS for causal LMs; 0.4.11 leaves it to the tokenizer, which adds
+    LLaMA's)."""
+    options = dict(backend_options or {})
+    if protocol.lm_eval_add_bos_token is not None:
+        options["add_bos_token"] = protocol.lm_eval_add_bos_token
+    return ",".join([f"pretrained={model}", *(f"{k}={v}" for k, v in options.items())])
+
+
 def request_cache(run_dir: Path, protocol: Protocol = DEFAULT) -> str:
     """lm-eval's request cache prefix in a run folder: one per protocol, as its keys do not hold the BOS setting."""
     name = "lm_eval_cache" if protocol.name == DEFAULT.name else f"lm_eval_cache_{protocol.name}"
@@ -191,10 +202,7 @@ def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] 
         task_manager = TaskManager(include_path=paths, include_defaults=include_defaults)
         if isinstance(model, (str, Path)):
             model_name = model_name or str(model)
-            options = dict(backend_options or {})
-            if protocol.lm_eval_add_bos_token is not None:
-                options["add_bos_token"] = protocol.lm_eval_add_bos_token
-            model_args = ",".join([f"pretrained={model}", *(f"{k}={v}" for k, v in options.items())])
+            model_args = lm_eval_model_args(model, backend_options, protocol)
             model = backend
         else:
             model_args = None

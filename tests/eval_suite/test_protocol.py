@@ -1,0 +1,140 @@
+"""--protocol default|paper: what each preset changes, checked through the real lm-eval, FastChat and generation code."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CORPUS, TULU_TEMPLATE
+
+from eval_suite import protocol as protocols
+from eval_suite.generation import BackendOptions, Generator, SamplingConfig, token_budget_batches
+from eval_suite.mtbench import bench as mt_bench
+from eval_suite.nlp import bench as nlp_bench
+from eval_suite.protocol import DEFAULT, PAPER
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model_dir(tmp_path_factory):
+    """A tiny Llama whose tokenizer behaves like LLaMA-2's: SentencePiece-style "▁" word pieces (decode
+    drops the leading space), a BOS added to every encoding, 256 positions of context."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("sentencepiece_model")
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    tok.save_pretrained(out)  # no chat template: --protocol paper supplies the tulu format
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def test_presets_are_data_and_paper_names_the_authors_choices():
+    assert set(protocols.PROTOCOLS) == {"default", "paper"} and protocols.get(None) is DEFAULT
+    assert (PAPER.lower_is_better, PAPER.lm_eval_add_bos_token, PAPER.mt_bench_format, PAPER.mt_bench_fastchat_template,
+            PAPER.mt_bench_top_k, PAPER.alpaca_eval_chat_template, PAPER.cap_at_context_length) == \
+        ("as-is", False, "fastchat", "one_shot", 50, "tulu", True)
+    assert (DEFAULT.lower_is_better, DEFAULT.lm_eval_add_bos_token, DEFAULT.mt_bench_format, DEFAULT.mt_bench_top_k,
+            DEFAULT.alpaca_eval_chat_template, DEFAULT.cap_at_context_length) == \
+        ("flip", None, "chat-template", None, None, False)
+    assert PAPER.record()["name"] == "paper"
+    with pytest.raises(ValueError, match="--protocol 'exact': choose one of default, paper"):
+        protocols.get("exact")
+
+
+def test_lm_eval_adds_no_bos_under_the_paper_protocol(sentencepiece_model_dir):
+    """The model arguments reach lm-eval 0.4.11's own HFLM: it then encodes requests without LLaMA's BOS,
+    as the authors' lm-eval did, and with it under the default protocol."""
+    from lm_eval.api.registry import get_model
+
+    bos = 1
+    encodings = {}
+    for preset in (DEFAULT, PAPER):
+        args = nlp_bench.lm_eval_model_args(sentencepiece_model_dir, {}, preset)
+        lm = get_model("hf").create_from_arg_string(args, {"batch_size": 1, "device": "cpu"})
+        encodings[preset.name] = lm.tok_encode("Question: What is two plus two? Answer:")
+        context, continuation = lm._encode_pair("Question: What is two plus two? Answer:", " four")
+        assert (context[0] == bos) == (preset is DEFAULT) and bos not in continuation
+    assert "add_bos_token=False" in nlp_bench.lm_eval_model_args("m", {}, PAPER)
+    assert "add_bos_token" not in nlp_bench.lm_eval_model_args("m", {"dtype": "bfloat16"}, DEFAULT)
+    assert encodings["default"][0] == bos and encodings["paper"][0] != bos
+    assert encodings["default"][1:] == encodings["paper"]
+
+
+def test_paper_mt_bench_template_is_one_shot_whatever_the_folder_is_called():
+    for path in ("models/tulu_im", "meta-llama/Llama-2-7b-hf", "runs/lima_data_llama2_7b_bs128_lr2e-5_ml2048_ep2_bf16_im"):
+        conv = mt_bench.fastchat_template(path, PAPER.mt_bench_fastchat_template)
+        assert conv.name == "one_shot" and mt_bench.fastchat_stops(path, "one_shot") == ("###",)
+    # Picked by path (--protocol default with --mt-bench-format fastchat), these two get other templates.
+    assert mt_bench.fastchat_template("models/tulu_im").name == "tulu"
+    assert mt_bench.fastchat_template("meta-llama/Llama-2-7b-hf").name == "llama-2"
+
+
+def test_generation_stops_at_the_context_length_per_row(sentencepiece_model_dir, caplog):
+    """Each row may generate up to context length - its own prompt length (vLLM's cap), also when rows of
+    different lengths share one HF generate call; a prompt that fills the context gets an empty sample."""
+    import torch
+
+    gen = Generator(str(sentencepiece_model_dir), backend="hf", options=BackendOptions(device="cpu"))
+    assert gen.context_length() == 256
+    prompts = ["The answer is", "Paris is the capital of France. The quick brown fox jumps over the lazy dog. def add(a, b):"]
+    lengths = [len(gen.prompt_ids(p)) for p in prompts]
+    context = lengths[1] + 3  # the long prompt has room for 3 tokens, the short one for more
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0, context_length=context)
+    capped = [s[0] for s in gen.complete(prompts, sampling)]
+    assert all(capped)  # the random model does not stop by itself before its cap
+    for prompt, length, text in zip(prompts, lengths, capped):
+        ids = torch.tensor([gen.prompt_ids(prompt)])
+        with torch.no_grad():
+            want = gen._model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=min(12, context - length), pad_token_id=gen.tokenizer.pad_token_id)
+        assert text == gen.tokenizer.decode(want[0, length:], skip_special_tokens=True)
+    assert sampling.new_tokens(lengths[0]) == 12 and sampling.new_tokens(lengths[1]) == 3
+    with caplog.at_level("WARNING"):
+        full = gen.complete([prompts[1]], SamplingConfig(max_new_tokens=12, context_length=lengths[1]))
+    assert full == [[""]] and "take the whole context of" in caplog.text
+    assert SamplingConfig(max_new_tokens=12).new_tokens(10_000) == 12  # no cap: max_new_tokens alone
+
+
+def test_batches_plan_with_each_rows_capped_new_tokens():
+    # Two long prompts near a 100-token context: 10 new tokens each, so both fit a 220-token budget together.
+    assert token_budget_batches([90, 90], [10, 10], 220) == [[0, 1]]
+    assert token_budget_batches([90, 90], 200, 400) == [[0], [1]]  # uncapped they would not
+    # The batch generates as many tokens as its shortest prompt may: 80 + 20 for 3 rows > 250.
+    assert token_budget_batches([10, 80, 80], [90, 20, 20], 250) == [[0], [1, 2]]
+
+
+def test_options_contradicting_the_paper_protocol_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
+    from eval_suite.__main__ import main
+
+    base = ["all", str(tiny_model_dir), "--run-dir", str(tmp_path / "run"), "--protocol", "paper"]
+    for extra, message in ((["--mt-bench-format", "chat-template"], "--mt-bench-format chat-template (the paper's is fastchat)"),
+                           (["--top-k", "40"], "--top-k 40 (the paper's top-k is FastChat's 50 for MT-Bench and none elsewhere)"),
+                           (["--chat-template", "zephyr"], "--chat-template zephyr (the paper's AlpacaEval prompt is the tulu format)")):
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        assert str(e.value).startswith("eval-suite all: --protocol paper fixes what these change: ")
+        assert message in str(e.value) and str(e.value).endswith("drop them, or use --protocol default")
+    assert not (tmp_path / "run").exists()
+
+
+def test_tulu_template_is_the_papers_alpaca_eval_prompt(sentencepiece_model_dir):
+    """The paper preset's AlpacaEval prompt: open-instruct's tulu format, one BOS (theirs: add_bos=False, vLLM's BOS)."""
+    from eval_suite.generation import load_chat_template
+
+    gen = Generator(str(sentencepiece_model_dir), chat_template=load_chat_template(PAPER.alpaca_eval_chat_template),
+                    load_model=False)
+    text = gen.render_chat([{"role": "user", "content": "Write a short poem about the sea."}])
+    assert text == "<|user|>\nWrite a short poem about the sea.\n<|assistant|>\n" and gen.tokenizer.chat_template == TULU_TEMPLATE
+    ids = gen.prompt_ids(text)
+    assert ids[0] == gen.tokenizer.bos_token_id and ids.count(gen.tokenizer.bos_token_id) == 1
