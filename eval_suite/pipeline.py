@@ -57,9 +57,10 @@ class Run:
         """The context length generation stops at, when the protocol caps it (else None)."""
         return self.generator().context_length() if self.protocol.cap_at_context_length else None
 
-    def record(self, **fields: Any) -> dict[str, Any]:
+    def record(self, benchmark: str, **fields: Any) -> dict[str, Any]:
         """The provenance block of one stage, with the protocol and the options that depart from it."""
-        return prov.record(protocol=self.protocol.name, deviations=deviations(self.args, self.protocol), **fields)
+        return prov.record(protocol=self.protocol.name, deviations=deviations(self.args, self.protocol, benchmark),
+                           **fields)
 
     @property
     def model_name(self) -> str:
@@ -121,18 +122,21 @@ class Run:
         return gen.generated, gen.reused
 
 
-def deviations(args: Any, protocol) -> list[str]:
-    """Options that change a benchmark's settings away from the protocol (smoke-run shortcuts, mostly)."""
+def deviations(args: Any, protocol, benchmark: str) -> list[str]:
+    """Options that change ``benchmark``'s settings away from the protocol (smoke-run shortcuts, mostly)."""
     from eval_suite.humaneval.bench import PAPER_SAMPLES, PAPER_TEMPERATURES
 
+    if benchmark == "nlp":  # lm-eval runs each task's own settings; --limit is recorded on its own
+        return []
     out = []
     if getattr(args, "max_new_tokens", None):
         out.append(f"--max-new-tokens {args.max_new_tokens}")
-    if getattr(args, "n", PAPER_SAMPLES) != PAPER_SAMPLES:
-        out.append(f"--n {args.n}")
-    if list(getattr(args, "temperatures", PAPER_TEMPERATURES)) != list(PAPER_TEMPERATURES):
-        out.append("--temperatures " + " ".join(f"{t:g}" for t in args.temperatures))
-    if protocol.name == "default" and getattr(args, "top_k", None) is not None:
+    if benchmark == "humaneval":
+        if getattr(args, "n", PAPER_SAMPLES) != PAPER_SAMPLES:
+            out.append(f"--n {args.n}")
+        if list(getattr(args, "temperatures", PAPER_TEMPERATURES)) != list(PAPER_TEMPERATURES):
+            out.append("--temperatures " + " ".join(f"{t:g}" for t in args.temperatures))
+    if getattr(args, "top_k", None) is not None:  # --protocol paper refuses --top-k; under default it is a change
         out.append(f"--top-k {args.top_k}")
     return out
 
@@ -178,8 +182,8 @@ def humaneval_stage(run: Run) -> BenchmarkResult:
                                    model=run.model_name, workers=a.workers, ks=a.k,
                                    limits=SandboxLimits(wall_seconds=a.timeout, cpu_seconds=max(1, int(a.timeout))))
     write_jsonl(Path(str(samples_path) + "_results.jsonl"), executed)
-    result.provenance = run.record(model=_fingerprint(run), backend=backend, template=None, sampling=sampling,
-                                   limit=a.limit, started=started, prompt_format="raw")
+    result.provenance = run.record("humaneval", model=_fingerprint(run), backend=backend, template=None,
+                                   sampling=sampling, limit=a.limit, started=started, prompt_format="raw")
     return result
 
 
@@ -210,7 +214,7 @@ def alpaca_eval_stage(run: Run, version: str) -> BenchmarkResult:
     (out_dir / "model_outputs.json").write_text(json.dumps(outputs, indent=2, ensure_ascii=False))
     result = bench.judge(version, outputs, references, run.client(), out_dir, a.judge_model, a.lc_data)
     result.config.update(judge_model_reported=run.judge_reported, judge_base_url=run.judge_info()["host"])
-    result.provenance = run.record(model=_fingerprint(run), backend=gen.backend, template=template,
+    result.provenance = run.record(version, model=_fingerprint(run), backend=gen.backend, template=template,
                                    sampling=sampling.protocol(), limit=a.limit, started=started, judge=run.judge_info(),
                                    reference_sha256=prov.file_sha256(reference_file), prompt_format="chat-template",
                                    outputs=str(Path(ALPACA_EVAL_OUTPUTS) / GENERATION_FILE))
@@ -246,8 +250,8 @@ def mt_bench_stage(run: Run) -> BenchmarkResult:
     answers = {r["question_id"]: r["choices"][0]["turns"] for r in rows}
     result = bench.judge(questions, answers, run.client(), out_dir, run.model_name, a.judge_model)
     result.config.update(judge_model_reported=run.judge_reported, judge_base_url=run.judge_info()["host"])
-    result.provenance = run.record(model=_fingerprint(run), backend=gen.backend, template=template, sampling=sampling,
-                                   limit=a.limit, started=started, judge=run.judge_info(), prompt_format=fmt)
+    result.provenance = run.record("mt_bench", model=_fingerprint(run), backend=gen.backend, template=template,
+                                   sampling=sampling, limit=a.limit, started=started, judge=run.judge_info(), prompt_format=fmt)
     return result
 
 
@@ -265,7 +269,7 @@ def nlp_stage(run: Run, humaneval: BenchmarkResult | None) -> BenchmarkResult:
                        backend_options=_vllm_model_args(a) if backend == "vllm" else {},
                        log_samples=a.log_samples, use_cache=bench.request_cache(run.run_dir, run.protocol),
                        protocol=run.protocol)
-    result.provenance = run.record(model=_fingerprint(run), backend=backend, template=None,
+    result.provenance = run.record("nlp", model=_fingerprint(run), backend=backend, template=None,
                                    sampling={"decoding": "each task's lm-eval settings",
                                              "add_bos_token": run.protocol.lm_eval_add_bos_token},
                                    limit=a.limit, started=started, n_shot=result.config.get("n_shot"),

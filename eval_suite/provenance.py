@@ -65,8 +65,8 @@ def protocol(provenance: dict[str, Any]) -> dict[str, Any]:
     """The fields that must agree for two results to share a table (the sampling seed need not)."""
     out = {k: provenance.get(k) for k in PROTOCOL_FIELDS}
     out["protocol"] = out["protocol"] or "default"  # written before --protocol existed: today's default choices
-    if isinstance(out["sampling"], dict):
-        out["sampling"] = {k: v for k, v in out["sampling"].items() if k != "seed"}
+    if isinstance(out["sampling"], dict):  # the seed, and the context length (the model's), need not agree
+        out["sampling"] = {k: v for k, v in out["sampling"].items() if k not in ("seed", "context_length")}
     if isinstance(out["template"], dict):  # the template's text, not the model's BOS id, is the protocol
         out["template"] = {k: v for k, v in out["template"].items() if k != "bos_id"}
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
 from conftest import CORPUS, TULU_TEMPLATE
 
@@ -15,7 +17,7 @@ from eval_suite.protocol import DEFAULT, PAPER
 @pytest.fixture(scope="session")
 def sentencepiece_model_dir(tmp_path_factory):
     """A tiny Llama whose tokenizer behaves like LLaMA-2's: SentencePiece-style "▁" word pieces (decode
-    drops the leading space), a BOS added to every encoding, 256 positions of context."""
+    drops the leading space), a BOS added to every encoding, 512 positions of context."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -25,7 +27,10 @@ def sentencepiece_model_dir(tmp_path_factory):
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    # Every printable ASCII character is a piece (LLaMA's byte fallback covers the rest), so stop strings
+    # such as FastChat's "###" can be matched.
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                         initial_alphabet=sorted(set(string.printable))))
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
@@ -33,7 +38,7 @@ def sentencepiece_model_dir(tmp_path_factory):
     tok.save_pretrained(out)  # no chat template: --protocol paper supplies the tulu format
     torch.manual_seed(1)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
@@ -86,7 +91,7 @@ def test_generation_stops_at_the_context_length_per_row(sentencepiece_model_dir,
     import torch
 
     gen = Generator(str(sentencepiece_model_dir), backend="hf", options=BackendOptions(device="cpu"))
-    assert gen.context_length() == 256
+    assert gen.context_length() == 512
     prompts = ["The answer is", "Paris is the capital of France. The quick brown fox jumps over the lazy dog. def add(a, b):"]
     lengths = [len(gen.prompt_ids(p)) for p in prompts]
     context = lengths[1] + 3  # the long prompt has room for 3 tokens, the short one for more
@@ -138,3 +143,54 @@ def test_tulu_template_is_the_papers_alpaca_eval_prompt(sentencepiece_model_dir)
     assert text == "<|user|>\nWrite a short poem about the sea.\n<|assistant|>\n" and gen.tokenizer.chat_template == TULU_TEMPLATE
     ids = gen.prompt_ids(text)
     assert ids[0] == gen.tokenizer.bos_token_id and ids.count(gen.tokenizer.bos_token_id) == 1
+
+
+def test_smoke_all_with_the_paper_protocol_on_two_tiny_models(tiny_model_dir, sentencepiece_model_dir, tmp_path, capsys):
+    """`eval-suite all --protocol paper` end to end on CPU for an IT and an IM model (every benchmark, the NLP
+    suite on local tasks): the paper's settings reach every stage, AlpacaEval is generated once for both
+    annotators, and the report names the protocol and marks the smoke cells with why."""
+    import json
+
+    from conftest import benchmarks_dir
+    from test_nlp import write_local_tasks
+
+    from eval_suite.__main__ import main
+    from eval_suite.judge.server import JudgeServer
+
+    tasks = write_local_tasks(tmp_path)
+    ae1 = benchmarks_dir() / "alpaca_eval" / "text_davinci_003_outputs.json"
+    rows = json.loads(ae1.read_text())[:3]
+    ae2 = tmp_path / "gpt4_turbo_outputs.json"  # the same instructions in another order, by another generator
+    ae2.write_text(json.dumps([{**r, "generator": "gpt4_turbo"} for r in (rows[1], rows[0], rows[2])]))
+    runs = {"it": tmp_path / "it", "im": tmp_path / "im"}
+    with JudgeServer() as judge:
+        for label, model in (("it", tiny_model_dir), ("im", sentencepiece_model_dir)):
+            main(["all", str(model), "--run-dir", str(runs[label]), "--protocol", "paper", "--allow-code-execution",
+                  "--judge-base-url", judge.url, "--alpaca-eval-1-reference", str(ae1),
+                  "--alpaca-eval-2-reference", str(ae2), "--limit", "2", "--n", "1", "--max-new-tokens", "8",
+                  "--tasks", "tiny_group", "--include-path", str(tasks), "--no-builtin-tasks", "--nlp-batch-size", "2",
+                  "--device", "cpu", "--workers", "1", *(["--baseline-run", str(runs["it"])] if label == "im" else [])])
+            out = capsys.readouterr().out
+            assert "alpaca_eval_1: generated 2 samples, 0 already in" in out, out
+            assert "alpaca_eval_2: generated 0 samples, 2 already in" in out, out  # judged twice, generated once
+    results = {b: json.loads((runs["im"] / "results" / f"{b}.json").read_text())
+               for b in ("humaneval", "alpaca_eval_1", "alpaca_eval_2", "mt_bench", "nlp")}
+    assert {r["provenance"]["protocol"] for r in results.values()} == {"paper"}
+    assert results["mt_bench"]["provenance"]["template"]["name"] == "fastchat:one_shot"
+    assert results["mt_bench"]["provenance"]["sampling"]["top_k"] == 50
+    assert results["alpaca_eval_2"]["provenance"]["template"]["name"] == "tulu"
+    assert results["alpaca_eval_2"]["provenance"]["sampling"]["context_length"] == 512
+    assert results["humaneval"]["provenance"]["sampling"]["context_length"] == 512
+    assert results["humaneval"]["provenance"]["deviations"] == ["--max-new-tokens 8", "--n 1"]
+    assert "add_bos_token=False" in results["nlp"]["config"]["lm_eval_model_args"]
+    assert (runs["im"] / "nlp" / "lm_eval_cache_paper_rank0.db").is_file()
+    md = (runs["im"] / "report" / "report.md").read_text()
+    page = (runs["im"] / "report" / "report.html").read_text()
+    assert "Protocol: paper (the authors' scripts" in md and "<b>Protocol:</b> paper (the authors&#x27; scripts" in page
+    assert "| im [smoke] |" in md and "| it (baseline) [smoke] |" in md
+    flagged = md.split("Not comparable with the paper's Table 1:")[1]
+    assert "- im: HumanEval: smoke --limit 2; --max-new-tokens 8 changes the protocol; --n 1 changes the protocol" in flagged
+    assert ("- im: MT-Bench, AlpacaEval 1.0, AlpacaEval 2.0: smoke --limit 2; judge eval-suite-rule-judge, not GPT-4; "
+            "--max-new-tokens 8 changes the protocol\n") in flagged
+    assert "M&C partial: no score for GSM8K" in flagged  # HumanEval alone fills Math & Coding
+    assert "title='not comparable with the paper: smoke --limit 2" in page
