@@ -194,3 +194,56 @@ def test_smoke_all_with_the_paper_protocol_on_two_tiny_models(tiny_model_dir, se
             "--max-new-tokens 8 changes the protocol\n") in flagged
     assert "M&C partial: no score for GSM8K" in flagged  # HumanEval alone fills Math & Coding
     assert "title='not comparable with the paper: smoke --limit 2" in page
+
+
+def nlp_result(run_dir, protocol_name: str, raw: dict, limit=None):
+    """An NLP result computed from raw lm-eval scores, and the HumanEval result that fills Math & Coding."""
+    from eval_suite.nlp.bench import Suite, table1
+    from eval_suite.results import BenchmarkResult
+
+    suite = Suite.load()
+    result = table1(raw, suite, protocol=protocols.get(protocol_name))
+    result.model, result.config["suite"] = run_dir.name, suite.model_dump()
+    result.provenance = {"protocol": protocol_name, "model": {"path": str(run_dir)}, "limit": limit, "n_shot": {},
+                         "tasks": ["im_sft_eval"]}
+    result.write(run_dir)
+    BenchmarkResult(benchmark="humaneval", model=run_dir.name, headline=100 * raw["HumanEval"],
+                    metrics={"pass@1": raw["HumanEval"]}, provenance={**result.provenance, "tasks": None}).write(run_dir)
+
+
+def test_report_scores_wmt_as_the_runs_protocol_did_and_refuses_mixing_protocols(tmp_path):
+    """The report re-aggregates each run from its raw lm-eval scores: a paper-protocol run shows Table 1's
+    Multi (TER as it is), a default one 100 - TER; putting them in one table needs --allow-mixed."""
+    from test_nlp import table1_base_row_raw
+
+    from eval_suite.nlp.bench import Suite
+    from eval_suite.report import build_sections
+
+    raw = table1_base_row_raw(Suite.load())
+    nlp_result(tmp_path / "paper", "paper", raw)
+    nlp_result(tmp_path / "default", "default", raw)
+    (paper,), _ = build_sections([tmp_path / "paper"], None)
+    (default,), _ = build_sections([tmp_path / "default"], None)
+    paper_row, default_row = paper.rows[0], default.rows[0]
+    assert round(paper_row.values["Multi"], 2) == 61.99 and round(paper_row.values["Mean"], 2) == 49.32
+    assert round(default_row.values["Multi"], 2) == 40.01 and round(default_row.values["Mean"], 2) == 45.66
+    assert paper_row.flags == {}  # paper protocol, full run, every task scored: Table 1's numbers
+    assert default_row.flags["Multi"] == ["protocol default, not paper"]
+    with pytest.raises(ValueError, match=r"runs with different protocols in one report \(humaneval: .* nlp: .* differ in protocol\)"):
+        build_sections([tmp_path / "paper"], tmp_path / "default")
+    sections, mixed = build_sections([tmp_path / "paper"], tmp_path / "default", allow_mixed=True)
+    assert mixed and "protocol" in mixed[0]
+
+
+def test_results_of_another_protocol_are_not_reused(tmp_path, tiny_model_dir):
+    """`eval-suite all --protocol paper` in a run folder holding default-protocol results runs the benchmark again."""
+    import argparse
+
+    from eval_suite.pipeline import Run, already_done
+    from eval_suite.results import BenchmarkResult
+
+    BenchmarkResult(benchmark="mt_bench", model="m", headline=5.0,
+                    provenance={"protocol": "default", "limit": None, "model": {"path": str(tiny_model_dir)}}).write(tmp_path)
+    for name, reused in (("default", True), ("paper", False)):
+        args = argparse.Namespace(model=str(tiny_model_dir), limit=None, protocol=name)
+        assert (already_done(Run(args, tmp_path), "mt_bench") is not None) == reused
