@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 
 import pytest
-from conftest import CORPUS, TULU_TEMPLATE
+from conftest import CORPUS, TULU_TEMPLATE, save_tiny_llama
 
 from eval_suite import protocol as protocols
 from eval_suite.generation import BackendOptions, Generator, SamplingConfig, token_budget_batches
@@ -18,9 +18,8 @@ from eval_suite.protocol import DEFAULT, PAPER
 def sentencepiece_model_dir(tmp_path_factory):
     """A tiny Llama whose tokenizer behaves like LLaMA-2's: SentencePiece-style "▁" word pieces (decode
     drops the leading space), a BOS added to every encoding, 512 positions of context."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("sentencepiece_model")
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -35,13 +34,7 @@ def sentencepiece_model_dir(tmp_path_factory):
                                                        special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>")
-    tok.save_pretrained(out)  # no chat template: --protocol paper supplies the tulu format
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+    return save_tiny_llama(tok, out, max_position_embeddings=512, seed=1)  # no chat template: paper supplies tulu
 
 
 def test_presets_are_data_and_paper_names_the_authors_choices():
