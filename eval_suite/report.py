@@ -3,8 +3,11 @@
 ``eval-suite report runs/im --baseline runs/it --out report/`` (one pair) or
 ``eval-suite report --pair "Dolly 3k" runs/dolly_it runs/dolly_im --pair LIMA runs/lima_it runs/lima_im``
 writes ``report.html`` (one self-contained page: charts inline as PNG), ``report.md`` and the charts
-as files. Every column is higher-is-better (lower-is-better tasks were flipped by the suite's
-aggregation), so green / ▲ is always a gain. Runs whose protocols differ (template, sampling, limit,
+as files. Every column is higher-is-better under ``--protocol default`` (lower-is-better tasks were
+flipped by the suite's aggregation), so green / ▲ is a gain; under ``--protocol paper`` WMT's TER
+enters Multilinguality as it is, as in Table 1, so a rise there can be a worse translation. Each
+run's NLP scores are re-aggregated as its protocol says, and every cell that is not comparable
+with Table 1 carries a † and a one-line reason. Runs whose protocols differ (template, sampling, limit,
 judge, reference outputs) are refused unless ``allow_mixed``; smoke runs (``--limit``, the rule-based
 test judge) are marked on every row.
 """
