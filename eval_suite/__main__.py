@@ -32,7 +32,49 @@ from eval_suite.results import BenchmarkResult, print_summary
 log = logging.getLogger("eval_suite")
 
 
+def _protocol_argument(p: argparse.ArgumentParser) -> None:
+    from eval_suite.protocol import PROTOCOLS
+
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="default",
+                   help="paper: the authors' scripts (WMT as TER, lm-eval without BOS, MT-Bench in FastChat's one_shot "
+                   "with top-k 50, AlpacaEval in the tulu format, generation capped at the context length); default: "
+                   "this suite's choices (docs/eval_suite.md, the protocol table)")
+
+
+def resolve_protocol(args: argparse.Namespace) -> None:
+    """Fill the options the protocol decides; an option that contradicts ``--protocol paper`` is an error.
+
+    Sets ``args.protocol_spec`` (the :class:`eval_suite.protocol.Protocol`), and, where the command has
+    them, ``mt_bench_format``, ``chat_template``, ``mt_bench_top_k`` and ``fastchat_template``.
+    """
+    from eval_suite import protocol as protocols
+
+    spec = args.protocol_spec = protocols.get(getattr(args, "protocol", None))
+    paper = spec.name == "paper"
+    problems = []
+    if paper and getattr(args, "top_k", None) is not None:
+        problems.append(f"--top-k {args.top_k} (the paper's top-k is FastChat's 50 for MT-Bench and none elsewhere)")
+    if hasattr(args, "mt_bench_format"):
+        if paper and args.mt_bench_format not in (None, spec.mt_bench_format):
+            problems.append(f"--mt-bench-format {args.mt_bench_format} (the paper's is {spec.mt_bench_format})")
+        if paper and args.fastchat_model_path:
+            problems.append(f"--fastchat-model-path (the paper's MT-Bench template is {spec.mt_bench_fastchat_template}, "
+                            "whatever the path)")
+        args.mt_bench_format = args.mt_bench_format or spec.mt_bench_format
+        args.fastchat_template = spec.mt_bench_fastchat_template
+        args.mt_bench_top_k = args.top_k if args.top_k is not None else spec.mt_bench_top_k
+    if hasattr(args, "chat_template"):
+        wanted = spec.alpaca_eval_chat_template
+        if paper and args.chat_template not in (None, wanted):
+            problems.append(f"--chat-template {args.chat_template} (the paper's AlpacaEval prompt is the {wanted} format)")
+        args.chat_template = args.chat_template or wanted
+    if problems:
+        raise SystemExit(f"eval-suite {args.command}: --protocol paper fixes what these change: {'; '.join(problems)}; "
+                         "drop them, or use --protocol default")
+
+
 def _generation_arguments(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    _protocol_argument(p)
     g = p.add_argument_group("generation")
     if model_positional:
         g.add_argument("model", help="model directory (or hub id when online)")
@@ -48,7 +90,8 @@ def _generation_arguments(p: argparse.ArgumentParser, model_positional: bool = F
     g.add_argument("--batch-tokens", type=COUNT, help="KV-cache tokens per HF generate call (rows x (prompt + new "
                    "tokens)); default from free GPU memory, 16384 on CPU. Fix it to resume bit-identically on a GPU")
     g.add_argument("--max-new-tokens", type=COUNT, help="override the benchmark's generation length (smoke runs)")
-    g.add_argument("--top-k", type=COUNT, help="top-k sampling (default: off, as the authors' vLLM runs)")
+    g.add_argument("--top-k", type=COUNT, help="top-k sampling (default: off, as the authors' vLLM runs; "
+                   "--protocol paper: 50 for MT-Bench, as FastChat's HF generate)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda, cuda:1 or cpu")
     g.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32")
@@ -103,7 +146,7 @@ def cmd_nlp(args) -> None:
                                                               gpu_memory_utilization=args.gpu_memory_utilization,
                                                               max_model_len=args.max_model_len).items() if v is not None}
                        if args.backend == "vllm" else {},
-                       log_samples=args.log_samples, use_cache=pipeline._lm_eval_cache(run))
+                       log_samples=args.log_samples, use_cache=pipeline._lm_eval_cache(run), protocol=args.protocol_spec)
     result.metrics = {"mean": result.headline, **{f"category/{k}": v for k, v in result.breakdown["categories"].items()}}
     run.stamp("nlp", result)
     if args.run_dir is not None:
@@ -183,13 +226,16 @@ def cmd_alpaca_eval(args) -> None:
 
         from eval_suite import pipeline
 
+        generator = _generator(args)
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens or pipeline.ALPACA_EVAL_MAX_NEW_TOKENS,
-                                  temperature=0.0, top_k=args.top_k, seed=args.seed)
+                                  temperature=0.0, top_k=args.top_k, seed=args.seed, context_length=generator.context_length()
+                                  if args.protocol_spec.cap_at_context_length else None)
         run = pipeline.Run(args, Path(args.run_dir))
         if args.rerun:
             pipeline.rerun(run, args.version)
-        store = pipeline.store_for(run, args.version, sampling.protocol())
-        outputs = bench.generate(_generator(args), args.reference_outputs, _model_name(args), sampling, args.limit,
+        # The outputs both versions judge, as `eval-suite all` keeps them (rows keyed by instruction).
+        store = pipeline.store_for(run, pipeline.ALPACA_EVAL_OUTPUTS, sampling.protocol())
+        outputs = bench.generate(generator, args.reference_outputs, _model_name(args), sampling, args.limit,
                                  store=store)
         out_dir.mkdir(parents=True, exist_ok=True)
         outputs_file.write_text(json.dumps(outputs, indent=2, ensure_ascii=False))
@@ -224,10 +270,12 @@ def cmd_mt_bench(args) -> None:
         run = pipeline.Run(args, Path(args.run_dir))
         if args.rerun:
             pipeline.rerun(run, "mt_bench")
-        store = pipeline.store_for(run, "mt_bench", {"format": args.mt_bench_format, "top_k": args.top_k,
-                                                     "max_new_tokens": args.max_new_tokens})
+        store = pipeline.store_for(run, "mt_bench", {"format": args.mt_bench_format,
+                                                     "fastchat_template": args.fastchat_template,
+                                                     "top_k": args.mt_bench_top_k, "max_new_tokens": args.max_new_tokens})
         rows = bench.generate(_generator(args), questions, _model_name(args), args.max_new_tokens, args.mt_bench_format,
-                              args.fastchat_model_path, args.top_k, store=store)
+                              args.fastchat_model_path, args.mt_bench_top_k, store=store,
+                              fastchat_template_name=args.fastchat_template)
         write_jsonl(answers_file, rows)
         print(f"wrote answers to {answers_file}")
         if args.action == "generate":
@@ -291,9 +339,9 @@ def cmd_judge_server(args) -> None:
 
 
 def _mt_bench_format_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mt-bench-format", choices=["chat-template", "fastchat"], default="chat-template",
-                   help="MT-Bench prompts: the model's chat template, or FastChat's conversation template for "
-                   "--fastchat-model-path as the authors' FastChat run picked it (one_shot for their paths)")
+    p.add_argument("--mt-bench-format", choices=["chat-template", "fastchat"],
+                   help="MT-Bench prompts: the model's chat template (--protocol default), or FastChat's conversation "
+                   "template (--protocol paper: one_shot; else the one FastChat picks for --fastchat-model-path)")
     p.add_argument("--fastchat-model-path", help="model path FastChat picks its template by (default: the model path)")
 
 
@@ -380,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="vLLM: context length to allocate")
     p.add_argument("--log-samples", action="store_true", help="lm-eval --log_samples: RUN_DIR/nlp/samples_<task>.jsonl")
     p.add_argument("--rerun", action="store_true", help="move the earlier results and lm-eval cache aside first")
+    _protocol_argument(p)
     p.set_defaults(func=cmd_nlp)
 
     he = sub.add_parser("humaneval", help="HumanEval pass@k (sandboxed execution)")
@@ -491,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
         for noisy in ("httpx", "httpx2", "openai"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        resolve_protocol(args)
         args.func(args)
     except (ValueError, FileNotFoundError, PermissionError, JudgeError) as e:  # bad input or judge: one line
         raise SystemExit(f"eval-suite {args.command}: {e}") from None

@@ -53,7 +53,10 @@ def protocol_settings(args) -> dict[str, Any]:
     Everything returned here is part of every key and of the provenance: a preset that changes
     generation or scoring only needs to return what it changes.
     """
-    return {"preset": getattr(args, "protocol", None) or "default"}
+    from eval_suite import protocol as protocols
+
+    spec = getattr(args, "protocol_spec", None) or protocols.get(getattr(args, "protocol", None))
+    return {"preset": spec.name, **{k: v for k, v in spec.record().items() if k not in ("name", "summary")}}
 
 
 def _template_text_sha(args) -> str | None:
@@ -85,8 +88,19 @@ def generation_inputs(args, benchmark: str, weights_sha: str | None) -> dict[str
         return {**chat, "questions": _file(getattr(args, "questions", None)) or "FastChat's 80",
                 "mt_bench_format": getattr(args, "mt_bench_format", None),
                 "fastchat_model_path": getattr(args, "fastchat_model_path", None)}
-    reference = getattr(args, f"{benchmark}_reference", None) or getattr(args, "reference_outputs", None)
-    return {**chat, "instructions": _file(reference)}
+    # AlpacaEval: one store for both versions (RUN/alpaca_eval/), its rows keyed by the instruction's
+    # text; which instructions a version asks for is a result input (its reference file).
+    return chat
+
+
+def generations_folder(benchmark: str) -> str:
+    """The folder under RUN holding ``benchmark``'s generations (AlpacaEval 1.0 and 2.0 share theirs)."""
+    return "alpaca_eval" if benchmark.startswith("alpaca_eval") else benchmark
+
+
+def lm_eval_cache_folder(preset: str) -> str:
+    """lm-eval's request cache folder for a protocol preset (its requests do not hold the BOS setting)."""
+    return LM_EVAL_CACHE if preset == "default" else f"{LM_EVAL_CACHE}_{preset}"
 
 
 def result_inputs(args, benchmark: str, weights_sha: str | None, judge_answering: str | None = None,
@@ -106,7 +120,8 @@ def result_inputs(args, benchmark: str, weights_sha: str | None, judge_answering
         out["judge"] = {"requested": getattr(args, "judge_model", None),
                         "host": judge_host(getattr(args, "judge_base_url", None)), "answering": judge_answering}
         if benchmark.startswith("alpaca_eval"):
-            out["lc_data"] = _file(getattr(args, "lc_data", None))
+            reference = getattr(args, f"{benchmark}_reference", None) or getattr(args, "reference_outputs", None)
+            out.update(instructions=_file(reference), lc_data=_file(getattr(args, "lc_data", None)))
     return out
 
 
@@ -122,7 +137,7 @@ def lm_eval_cache(run_dir: Path, inputs: dict[str, Any]) -> Path:
 
     lm-eval keys its cache by request only; the folder per key keeps one model's answers from another.
     """
-    return Path(run_dir) / "nlp" / LM_EVAL_CACHE / digest(inputs)
+    return Path(run_dir) / "nlp" / lm_eval_cache_folder(inputs["protocol"]["preset"]) / digest(inputs)
 
 
 def stored_result_key(run_dir: Path, benchmark: str) -> tuple[str | None, dict[str, Any] | None]:
@@ -147,7 +162,7 @@ def refusal(run_dir: Path, benchmark: str, gen_inputs: dict[str, Any], res_input
     if key is not None and key != digest(res_inputs):
         what = (Path(run_dir) / "results" / f"{benchmark}.json", old)
     else:
-        meta_path = Path(run_dir) / benchmark / GENERATION_FILE.replace(".jsonl", ".meta.json")
+        meta_path = Path(run_dir) / generations_folder(benchmark) / GENERATION_FILE.replace(".jsonl", ".meta.json")
         if meta_path.is_file():
             try:
                 meta = json.loads(meta_path.read_text())
@@ -168,10 +183,11 @@ def set_aside(run_dir: Path, benchmark: str) -> Path | None:
     """Move ``benchmark``'s results, generations and lm-eval cache to ``RUN/<benchmark>/replaced/<time>/``."""
     run_dir = Path(run_dir)
     folder = run_dir / benchmark
-    candidates = [run_dir / "results" / f"{benchmark}.json", folder / GENERATION_FILE,
-                  folder / GENERATION_FILE.replace(".jsonl", ".meta.json")]
+    generations = run_dir / generations_folder(benchmark)
+    candidates = [run_dir / "results" / f"{benchmark}.json", generations / GENERATION_FILE,
+                  generations / GENERATION_FILE.replace(".jsonl", ".meta.json")]
     if benchmark == "nlp":
-        candidates.append(folder / LM_EVAL_CACHE)
+        candidates += sorted(folder.glob(f"{LM_EVAL_CACHE}*"))
     present = [p for p in candidates if p.exists()]
     if not present:
         return None

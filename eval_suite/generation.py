@@ -49,11 +49,21 @@ class SamplingConfig:
     n: int = 1  # samples per prompt
     stop: tuple[str, ...] = field(default_factory=tuple)  # cut the text before the first of these
     seed: int = 1234
+    # Stop each sample once prompt + new tokens reach this many (the model's context length), as
+    # vLLM does; None: only max_new_tokens limits it.
+    context_length: int | None = None
 
     def protocol(self) -> dict[str, Any]:
         """The settings a results file records."""
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "n": self.n, "stop": list(self.stop), "seed": self.seed}
+                "top_k": self.top_k, "n": self.n, "stop": list(self.stop), "seed": self.seed,
+                "context_length": self.context_length}
+
+    def new_tokens(self, prompt_length: int) -> int:
+        """How many tokens a sample of a ``prompt_length``-token prompt may generate (0: the prompt fills the context)."""
+        if self.context_length is None:
+            return self.max_new_tokens
+        return max(0, min(self.max_new_tokens, self.context_length - prompt_length))
 
 
 @dataclass(frozen=True)
@@ -136,7 +146,7 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def token_budget_batches(lengths: Sequence[int], max_new_tokens: int, budget: int,
+def token_budget_batches(lengths: Sequence[int], max_new_tokens: int | Sequence[int], budget: int,
                          max_rows: int | None = None) -> list[list[int]]:
     """Plan generate calls whose padded KV cache stays within ``budget`` tokens.
 
@@ -146,26 +156,30 @@ def token_budget_batches(lengths: Sequence[int], max_new_tokens: int, budget: in
 
     Args:
         lengths: prompt length in tokens of every row (a row is one sample of one prompt).
-        max_new_tokens: generation length.
+        max_new_tokens: generation length, or one per row (rows capped at the context length).
         budget: most KV-cache tokens one call may hold.
         max_rows: also at most this many rows per call (``--batch-size N``).
 
     Returns:
         Batches of row indices. A row that alone exceeds the budget raises a ValueError.
     """
+    new = [max_new_tokens] * len(lengths) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
+    current_new = 0  # the most new tokens a row of the current batch may take (the call generates that many)
     for i in order:
-        cost_alone = lengths[i] + max_new_tokens
+        cost_alone = lengths[i] + new[i]
         if cost_alone > budget:
-            raise ValueError(f"a prompt of {lengths[i]} tokens plus {max_new_tokens} new tokens does not fit the "
+            raise ValueError(f"a prompt of {lengths[i]} tokens plus {new[i]} new tokens does not fit the "
                              f"generation budget of {budget} tokens; raise --batch-tokens or lower --max-new-tokens")
         # Shortest first: the new row is the longest so far, so it sets the padded length.
-        if current and ((len(current) + 1) * cost_alone > budget or (max_rows and len(current) >= max_rows)):
+        cost = (len(current) + 1) * (lengths[i] + max(current_new, new[i]))
+        if current and (cost > budget or (max_rows and len(current) >= max_rows)):
             batches.append(current)
-            current = []
+            current, current_new = [], 0
         current.append(i)
+        current_new = max(current_new, new[i])
     if current:
         batches.append(current)
     return batches
@@ -216,6 +230,7 @@ class Generator:
         self.generated = 0  # rows generated, over all complete() calls
         self.reused = 0  # rows found in a store instead, over all complete() calls
         self.batch_tokens = batch_tokens
+        self._context_length: int | None = options.max_model_len
         if not load_model:
             return
         if backend == "vllm":
@@ -281,6 +296,21 @@ class Generator:
                              f"(or a name from {TEMPLATES_DIR}, e.g. tulu)")
         return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
+    def context_length(self) -> int:
+        """Prompt plus generated tokens the model takes: ``--max-model-len``, else its config's positions."""
+        if self._context_length is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(self.model_dir)
+            for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+                if isinstance(getattr(config, name, None), int):
+                    self._context_length = getattr(config, name)
+                    break
+            else:
+                raise ValueError(f"{self.model_dir}: config.json names no context length (max_position_embeddings); "
+                                 "pass --max-model-len N")
+        return self._context_length
+
     def template_hash(self) -> str | None:
         import hashlib
 
@@ -307,6 +337,12 @@ class Generator:
         keys = list(keys) if keys is not None else [str(i) for i in range(len(prompts))]
         row_keys = [(p, j, f"{keys[p]}#{j}") for p in range(len(prompts)) for j in range(sampling.n)]
         done = store.texts() if store is not None else {}
+        if sampling.context_length is not None:  # a prompt that fills the context gets an empty sample, as in vLLM
+            full = {p for p in range(len(prompts)) if sampling.new_tokens(len(self.prompt_ids(prompts[p]))) == 0}
+            if full:
+                log.warning("%d of %d prompts take the whole context of %d tokens: their samples are empty",
+                            len(full), len(prompts), sampling.context_length)
+                done.update({k: "" for p, _, k in row_keys if p in full and k not in done})
         todo = [r for r in row_keys if r[2] not in done]
         self.reused += len(row_keys) - len(todo)
         if todo:
@@ -336,9 +372,10 @@ class Generator:
         # seeds as an uninterrupted one; batches with nothing missing are skipped.
         all_rows = row_keys
         lengths = [len(self.prompt_ids(p)) for p in prompts]
-        batches = token_budget_batches([lengths[p] for p, _, _ in all_rows],
-                                       sampling.max_new_tokens, self.batch_tokens or CPU_TOKEN_BUDGET, self.max_rows)
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        caps = [sampling.new_tokens(lengths[p]) for p in range(len(prompts))]  # per prompt: context length
+        batches = token_budget_batches([lengths[p] for p, _, _ in all_rows], [caps[p] for p, _, _ in all_rows],
+                                       self.batch_tokens or CPU_TOKEN_BUDGET, self.max_rows)
+        kwargs = dict(pad_token_id=self.tokenizer.pad_token_id)
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k or 0)  # 0 turns transformers' default top-k of 50 off
@@ -353,10 +390,14 @@ class Generator:
             enc = {k: v.to(self._model.device) for k, v in self.hf_batch([prompts[p] for p, _, _ in rows]).items()}
             torch.manual_seed(batch_seed(sampling.seed, [k for _, _, k in rows]))
             with torch.no_grad():
-                out = self._model.generate(**enc, **kwargs)
+                out = self._model.generate(**enc, max_new_tokens=max(caps[p] for p, _, _ in rows), **kwargs)
+            # Each row keeps at most its own cap (a longer prompt has less room in the context); the text
+            # is decoded with the prompt in front (decode_continuations: SentencePiece's first space).
             width = enc["input_ids"].shape[1]
             prompt_rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu())]
-            texts = decode_continuations(self.tokenizer, prompt_rows, out[:, width:].tolist())
+            new_ids = out[:, width:].cpu()
+            texts = decode_continuations(self.tokenizer, prompt_rows,
+                                         [ids[:caps[p]].tolist() for ids, (p, _, _) in zip(new_ids, rows)])
             new = {k: t for (_, _, k), t in zip(rows, texts) if k in todo_keys}
             self._save(new, done, store)
 
@@ -374,9 +415,10 @@ class Generator:
         import vllm
 
         params = [vllm.SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                                      top_k=sampling.top_k or -1, max_tokens=sampling.max_new_tokens,
+                                      top_k=sampling.top_k or -1,
+                                      max_tokens=sampling.new_tokens(len(self.prompt_ids(prompts[p]))),
                                       stop=list(sampling.stop) or None, seed=batch_seed(sampling.seed, [k]))
-                  for _, _, k in rows]
+                  for p, _, k in rows]
         return self.vllm_prompts([prompts[p] for p, _, _ in rows]), params
 
     def _complete_vllm(self, prompts, sampling: SamplingConfig, todo, done: dict, store) -> None:

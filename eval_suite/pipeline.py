@@ -29,6 +29,7 @@ JUDGED = ("alpaca_eval_1", "alpaca_eval_2", "mt_bench")
 # The authors' generation lengths (paper.md §4.1): AlpacaEval 8,192 (open-instruct), HumanEval 512,
 # MT-Bench 1,024 (FastChat's default).
 ALPACA_EVAL_MAX_NEW_TOKENS = 8192
+ALPACA_EVAL_OUTPUTS = "alpaca_eval"  # RUN_DIR/alpaca_eval/generations.jsonl: the outputs both versions judge
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Run:
                  if benchmark == "nlp" else self.batch_settings())
         result.provenance.update(
             model=self.weights(), key=freshness.digest(inputs), inputs=inputs,
+            protocol=self.protocol.name, deviations=deviations(a, self.protocol, benchmark),
             protocol_preset=freshness.protocol_settings(a)["preset"], protocol_settings=freshness.protocol_settings(a),
             dtype={"requested": getattr(a, "dtype", None), "loaded": batch.get("dtype")}, batch=batch,
             generation_sessions=store.sessions if store is not None else None,
@@ -120,6 +122,21 @@ class Run:
     @property
     def model_dir(self) -> str:
         return str(self.args.model)
+
+    @property
+    def protocol(self):
+        """The :class:`eval_suite.protocol.Protocol` the run follows (``--protocol``)."""
+        from eval_suite import protocol as protocols
+
+        return getattr(self.args, "protocol_spec", None) or protocols.get(getattr(self.args, "protocol", None))
+
+    def context_length(self) -> int | None:
+        """The context length generation stops at, when the protocol caps it (else None)."""
+        return self.generator().context_length() if self.protocol.cap_at_context_length else None
+
+    def record(self, benchmark: str, **fields: Any) -> dict[str, Any]:
+        """The provenance block of one stage; :meth:`stamp` adds the protocol, its deviations and the keys."""
+        return prov.record(**fields)
 
     @property
     def model_name(self) -> str:
@@ -184,6 +201,25 @@ class Run:
         return gen.generated, gen.reused
 
 
+def deviations(args: Any, protocol, benchmark: str) -> list[str]:
+    """Options that change ``benchmark``'s settings away from the protocol (smoke-run shortcuts, mostly)."""
+    from eval_suite.humaneval.bench import PAPER_SAMPLES, PAPER_TEMPERATURES
+
+    if benchmark == "nlp":  # lm-eval runs each task's own settings; --limit is recorded on its own
+        return []
+    out = []
+    if getattr(args, "max_new_tokens", None):
+        out.append(f"--max-new-tokens {args.max_new_tokens}")
+    if benchmark == "humaneval":
+        if getattr(args, "n", PAPER_SAMPLES) != PAPER_SAMPLES:
+            out.append(f"--n {args.n}")
+        if list(getattr(args, "temperatures", PAPER_TEMPERATURES)) != list(PAPER_TEMPERATURES):
+            out.append("--temperatures " + " ".join(f"{t:g}" for t in args.temperatures))
+    if getattr(args, "top_k", None) is not None:  # --protocol paper refuses --top-k; under default it is a change
+        out.append(f"--top-k {args.top_k}")
+    return out
+
+
 def store_for(run: Run, folder: str, meta: dict[str, Any]):
     """The benchmark's SampleStore, keyed on its generation inputs plus the resolved ``meta`` (template, BOS)."""
     from eval_suite.records import SampleStore
@@ -208,9 +244,11 @@ def humaneval_generate(run: Run) -> tuple[Path, dict[str, Any], str]:
     sampling = {"n": a.n, "temperatures": list(a.temperatures), "top_p": bench.PAPER_SAMPLING["top_p"], "top_k": a.top_k,
                 "max_new_tokens": max_new, "stop": list(bench.PAPER_SAMPLING["stop"]), "seed": a.seed}
     gen = run.generator()
+    sampling["context_length"] = run.context_length()
     store = store_for(run, "humaneval", {"model": run.model_dir, "template": None, "bos_id": gen.bos_id, **sampling})
     before = run.mark()
-    samples = bench.sample(gen, problems, a.temperatures, a.n, a.limit, max_new_tokens=max_new, top_k=a.top_k, store=store)
+    samples = bench.sample(gen, problems, a.temperatures, a.n, a.limit, max_new_tokens=max_new, top_k=a.top_k, store=store,
+                           context_length=sampling["context_length"])
     run.count("humaneval", before)
     return write_jsonl(run.run_dir / "humaneval" / "samples.jsonl", samples), sampling, gen.backend
 
@@ -228,8 +266,8 @@ def humaneval_stage(run: Run) -> BenchmarkResult:
                                    model=run.model_name, workers=a.workers, ks=a.k,
                                    limits=SandboxLimits(wall_seconds=a.timeout, cpu_seconds=max(1, int(a.timeout))))
     write_jsonl(Path(str(samples_path) + "_results.jsonl"), executed)
-    result.provenance = prov.record(model=_fingerprint(run), backend=backend, template=None, sampling=sampling,
-                                    limit=a.limit, started=started, prompt_format="raw")
+    result.provenance = run.record("humaneval", model=_fingerprint(run), backend=backend, template=None,
+                                   sampling=sampling, limit=a.limit, started=started, prompt_format="raw")
     return result
 
 
@@ -244,11 +282,14 @@ def alpaca_eval_stage(run: Run, version: str) -> BenchmarkResult:
     bench.check_reference(version, references, str(reference_file))
     out_dir = run.run_dir / version
     sampling = SamplingConfig(max_new_tokens=a.max_new_tokens or ALPACA_EVAL_MAX_NEW_TOKENS, temperature=0.0, top_k=a.top_k,
-                              seed=a.seed)
+                              seed=a.seed, context_length=run.context_length())
     gen = run.generator()
     template = run.template()
-    store = store_for(run, version, {"model": run.model_dir, "template": template, "reference": prov.file_sha256(reference_file),
-                                     **sampling.protocol()})
+    # One store for both versions: the outputs are generated once and judged by both annotators (the
+    # authors' script reuses its outputs file too). Rows are keyed by the instruction's text, so the
+    # two reference files need not list the instructions in the same order.
+    store = run.stores[version] = store_for(run, ALPACA_EVAL_OUTPUTS, {"model": run.model_dir, "template": template,
+                                                                       **sampling.protocol()})
     before = run.mark()
     outputs = bench.generate(gen, reference_file, run.model_name, sampling, a.limit, store=store)
     run.count(version, before)
@@ -258,9 +299,10 @@ def alpaca_eval_stage(run: Run, version: str) -> BenchmarkResult:
     (out_dir / "model_outputs.json").write_text(json.dumps(outputs, indent=2, ensure_ascii=False))
     result = bench.judge(version, outputs, references, run.client(), out_dir, a.judge_model, a.lc_data)
     result.config.update(judge_model_reported=run.judge_reported, judge_base_url=run.judge_info()["host"])
-    result.provenance = prov.record(model=_fingerprint(run), backend=gen.backend, template=template,
-                                    sampling=sampling.protocol(), limit=a.limit, started=started, judge=run.judge_info(),
-                                    reference_sha256=prov.file_sha256(reference_file), prompt_format="chat-template")
+    result.provenance = run.record(version, model=_fingerprint(run), backend=gen.backend, template=template,
+                                   sampling=sampling.protocol(), limit=a.limit, started=started, judge=run.judge_info(),
+                                   reference_sha256=prov.file_sha256(reference_file), prompt_format="chat-template",
+                                   outputs=str(Path(ALPACA_EVAL_OUTPUTS) / GENERATION_FILE))
     return result
 
 
@@ -273,25 +315,28 @@ def mt_bench_stage(run: Run) -> BenchmarkResult:
     questions = bench.load_questions(a.questions, a.limit)
     gen = run.generator()
     fmt = a.mt_bench_format
+    fastchat_name = getattr(a, "fastchat_template", None)
+    top_k = getattr(a, "mt_bench_top_k", a.top_k)
     if fmt == "fastchat":
-        conv = bench.fastchat_template(a.fastchat_model_path or run.model_dir)
+        conv = bench.fastchat_template(a.fastchat_model_path or run.model_dir, fastchat_name)
         template = {"name": f"fastchat:{conv.name}", "sha256": prov.text_sha256(repr(conv)), "bos_id": gen.bos_id}
     else:
         template = run.template()
     max_new = a.max_new_tokens or bench.CONFIG["max_new_tokens"]
-    sampling = {"temperatures": bench.CONFIG["temperature_config"], "top_k": a.top_k, "max_new_tokens": max_new,
+    sampling = {"temperatures": bench.CONFIG["temperature_config"], "top_k": top_k, "max_new_tokens": max_new,
                 "seed": a.seed}
     store = store_for(run, "mt_bench", {"model": run.model_dir, "template": template, **sampling})
     before = run.mark()
-    rows = bench.generate(gen, questions, run.model_name, max_new, fmt, a.fastchat_model_path, a.top_k, store=store)
+    rows = bench.generate(gen, questions, run.model_name, max_new, fmt, a.fastchat_model_path, top_k, store=store,
+                          fastchat_template_name=fastchat_name)
     run.count("mt_bench", before)
     out_dir = run.run_dir / "mt_bench"
     write_jsonl(out_dir / "model_answer.jsonl", rows)
     answers = {r["question_id"]: r["choices"][0]["turns"] for r in rows}
     result = bench.judge(questions, answers, run.client(), out_dir, run.model_name, a.judge_model)
     result.config.update(judge_model_reported=run.judge_reported, judge_base_url=run.judge_info()["host"])
-    result.provenance = prov.record(model=_fingerprint(run), backend=gen.backend, template=template, sampling=sampling,
-                                    limit=a.limit, started=started, judge=run.judge_info(), prompt_format=fmt)
+    result.provenance = run.record("mt_bench", model=_fingerprint(run), backend=gen.backend, template=template,
+                                   sampling=sampling, limit=a.limit, started=started, judge=run.judge_info(), prompt_format=fmt)
     return result
 
 
@@ -307,11 +352,12 @@ def nlp_stage(run: Run, humaneval: BenchmarkResult | None) -> BenchmarkResult:
                        limit=a.limit, batch_size=a.nlp_batch_size, device=_lm_eval_device(a.device),
                        model_name=run.model_name, humaneval=humaneval, backend=backend,
                        backend_options=_vllm_model_args(a) if backend == "vllm" else {},
-                       log_samples=a.log_samples, use_cache=_lm_eval_cache(run))
-    result.provenance = prov.record(model=_fingerprint(run), backend=backend, template=None,
-                                    sampling={"decoding": "each task's lm-eval settings"}, limit=a.limit, started=started,
-                                    n_shot=result.config.get("n_shot"), tasks=result.config.get("tasks"),
-                                    prompt_format="lm-eval task prompts")
+                       log_samples=a.log_samples, use_cache=_lm_eval_cache(run), protocol=run.protocol)
+    result.provenance = run.record("nlp", model=_fingerprint(run), backend=backend, template=None,
+                                   sampling={"decoding": "each task's lm-eval settings",
+                                             "add_bos_token": run.protocol.lm_eval_add_bos_token},
+                                   limit=a.limit, started=started, n_shot=result.config.get("n_shot"),
+                                   tasks=result.config.get("tasks"), prompt_format="lm-eval task prompts")
     return result
 
 
@@ -442,9 +488,10 @@ def run_all(args) -> dict[str, BenchmarkResult]:
               "alpaca_eval_2": lambda r: alpaca_eval_stage(r, "alpaca_eval_2"), "mt_bench": mt_bench_stage,
               "nlp": lambda r: nlp_stage(r, results.get("humaneval"))}
     try:
-        for benchmark in [b for b in ("humaneval", "alpaca_eval_1", "alpaca_eval_2", "mt_bench", "nlp") if b in benchmarks]:
-            if args.rerun:
-                rerun(run, benchmark)
+        order = [b for b in ("humaneval", "alpaca_eval_1", "alpaca_eval_2", "mt_bench", "nlp") if b in benchmarks]
+        for benchmark in order if args.rerun else ():  # all first: AlpacaEval 2.0 reuses the outputs 1.0 makes
+            rerun(run, benchmark)
+        for benchmark in order:
             done = None if args.rerun else already_done(run, benchmark)
             if done is not None:
                 print(f"{benchmark}: results already in {run.run_dir / 'results'}; skipped (--rerun to redo)", flush=True)

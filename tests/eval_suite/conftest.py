@@ -37,9 +37,8 @@ def benchmarks_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A ~0.3M-parameter LlamaForCausalLM with a BPE tokenizer and the tulu chat template."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny_model")
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -51,10 +50,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>")
     tok.chat_template = TULU_TEMPLATE
+    return save_tiny_llama(tok, out, max_position_embeddings=1024, seed=0)
+
+
+def save_tiny_llama(tok, out: Path, max_position_embeddings: int, seed: int) -> Path:
+    """Save ``tok`` and a randomly initialised 2-layer LlamaForCausalLM for it in ``out``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     tok.save_pretrained(out)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_position_embeddings,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
     return out

@@ -72,7 +72,7 @@ def test_killed_during_humaneval_and_alpaca_eval_generation_resumes_to_the_same_
         args = all_args(tiny_model_dir, run, judge.url)
         had = run_until(args, run / "humaneval" / "generations.jsonl", 3, tmp_path / "first.log")
         assert 3 <= had < humaneval_rows
-        had_alpaca = run_until(args, run / "alpaca_eval_1" / "generations.jsonl", 1, tmp_path / "second.log")
+        had_alpaca = run_until(args, run / "alpaca_eval" / "generations.jsonl", 1, tmp_path / "second.log")  # AE1 and AE2 share it
         assert counts((tmp_path / "second.log").read_text(), "humaneval") == (humaneval_rows - had, had)
         assert 1 <= had_alpaca < alpaca_rows
         assert not (run / "results" / "alpaca_eval_1.json").exists()

@@ -13,6 +13,7 @@ from conftest import REPO_ROOT, lm_eval_reported_as, run_cli
 
 from eval_suite.nlp import bench
 from eval_suite.nlp.bench import Suite, aggregate, table1
+from eval_suite.protocol import DEFAULT, PAPER
 from eval_suite.results import BenchmarkResult
 
 MC_ROWS = [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "seven"], "label": 0}
@@ -133,17 +134,37 @@ def test_aggregation_flips_lower_is_better_and_reports_no_incomplete_category_or
     assert categories == {"a": pytest.approx(60.0), "b": 20.0} and mean == pytest.approx(40.0) and notes == []
 
 
-def test_paper_suite_matches_table1_arithmetic():
-    """Table 1's LLaMA-2-base row: the Mean column is the mean of the six categories (49.32)."""
+def table1_base_row_raw(suite: Suite) -> dict[str, float]:
+    """Raw lm-eval scores that give Table 1's LLaMA-2-base categories under the authors' scoring: every task
+    of a category at the category's score (a fraction, as lm-eval reports accuracies), except
+    Multilinguality: LAMBADA Multilingual 52.00 % and WMT's TER 71.98 as lm-eval reports it (0-100,
+    lower is better), whose plain average is Table 1's 61.99."""
+    categories = dict(zip(suite.categories, (63.91, 61.99, 75.86, 13.32, 38.80, 42.03)))
+    raw = {name: categories[c] / 100 for c, cat in suite.categories.items() for name in cat.tasks}
+    raw.update({"LAMBADA Multilingual": 0.52, "WMT 2014/2016": 71.98})
+    return raw
+
+
+def test_paper_protocol_reproduces_table1_from_raw_scores_and_default_does_not():
+    """Table 1's LLaMA-2-base row: Mean 49.32 is the mean of the six categories, with WMT's TER averaged as
+    it is (the authors' get_results_group.py). The default protocol's 100 - TER gives another Multi
+    (lower by TER - 50) and Mean (lower by (TER - 50) / 6), and says so."""
     suite = Suite.load()
     assert [c.label for c in suite.categories.values()] == ["U&K", "Multi", "CR", "M&C", "BBH", "S&H"]
     assert sum(len(c.tasks) for c in suite.categories.values()) == 17  # 18 tasks, WMT14+16 as one entry
-    categories = dict(zip(suite.categories, (63.91, 61.99, 75.86, 13.32, 38.80, 42.03)))
-    # every task of a category at the category's score: fraction for accuracies, 100 - score for TER
-    one_task = {name: categories[c] / spec.scale if spec.higher_is_better else (100 - categories[c]) / spec.scale
-                for c, cat in suite.categories.items() for name, spec in cat.tasks.items()}
-    _, cats, mean, _ = aggregate(one_task, suite)
-    assert cats == pytest.approx(categories) and round(mean, 2) == 49.32
+    raw = table1_base_row_raw(suite)
+    _, cats, mean, _ = aggregate(raw, suite, PAPER)
+    assert round(cats["multilinguality"], 2) == 61.99 and round(mean, 2) == 49.32
+    assert [round(v, 2) for v in cats.values()] == [63.91, 61.99, 75.86, 13.32, 38.80, 42.03]
+    tasks, cats, mean, _ = aggregate(raw, suite, DEFAULT)
+    assert tasks["WMT 2014/2016"] == pytest.approx(100 - 71.98)
+    assert cats["multilinguality"] == pytest.approx(61.99 - (71.98 - 50)) and round(mean, 2) == 45.66
+    # The result says which scoring it used.
+    paper_note = [n for n in bench.table1(raw, suite, protocol=PAPER).notes if n.startswith("WMT")]
+    default_note = [n for n in bench.table1(raw, suite).notes if n.startswith("WMT")]
+    assert paper_note == ["WMT 2014/2016: TER enters its category as it is (lower is better), as the authors' "
+                          "get_results_group.py did; Multi and Mean are Table 1's"]
+    assert "100 - TER" in default_note[0] and "--protocol paper" in default_note[0]
 
 
 def test_shipped_lm_eval_yaml_resolves_to_registered_tasks():

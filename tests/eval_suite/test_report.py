@@ -40,8 +40,12 @@ def test_report_from_two_run_directories(tmp_path):
     assert title == "# Instruction Modelling: evaluation results"
     assert header == ("| Run | U&K | Multi | CR | M&C | BBH | S&H | Mean | HumanEval | MT-Bench | AlpacaEval 1.0 "
                       "| AlpacaEval 2.0 |")
-    assert base_row == "| it (baseline) | 40.00 | 40.00 | 40.00 | 25.00 | 40.00 | 40.00 | 37.50 | 10.00 | 4.00 | 20.00 | 2.00 |"
-    assert im_row == "| im | 42.00 | 42.00 | 42.00 | 36.00 | 42.00 | 42.00 | 41.00 | 30.00 | 3.50 | 25.00 | – |"
+    # Results without a recorded protocol follow the default one: every number is marked † (not Table 1's).
+    assert base_row == ("| it (baseline) | 40.00† | 40.00† | 40.00† | 25.00† | 40.00† | 40.00† | 37.50† | 10.00† | 4.00† "
+                        "| 20.00† | 2.00† |")
+    assert im_row == "| im | 42.00† | 42.00† | 42.00† | 36.00† | 42.00† | 42.00† | 41.00† | 30.00† | 3.50† | 25.00† | – |"
+    assert ("- im: U&K, Multi, CR, M&C, BBH, S&H, Mean, HumanEval: protocol default, not paper" in md
+            and "- im: MT-Bench, AlpacaEval 1.0: protocol default, not paper; judge unknown, not GPT-4" in md), md
     assert delta_row == ("| Δ im − it | ▲ +2.00 | ▲ +2.00 | ▲ +2.00 | ▲ +11.00 | ▲ +2.00 | ▲ +2.00 | ▲ +3.50 "
                          "| ▲ +20.00 | ▼ -0.50 | ▲ +5.00 | – |")
     page = (out / "report.html").read_text()
@@ -94,8 +98,8 @@ def test_several_pairs_get_one_section_each_and_notes_once(tmp_path):
     md = (out / "report.md").read_text()
     assert "## Alpagasus Dolly 3k" in md and "## LIMA" in md
     dolly, lima = md.split("## LIMA")
-    assert "| IT (dolly_it) | 40.00 |" in dolly and "| Δ IM (dolly_im) − IT | ▲ +4.00 |" in dolly
-    assert "| IT (lima_it) | 30.00 |" in lima and "| Δ IM (lima_im) − IT | ▲ +3.00 |" in lima
+    assert "| IT (dolly_it) | 40.00† |" in dolly and "| Δ IM (dolly_im) − IT | ▲ +4.00 |" in dolly
+    assert "| IT (lima_it) | 30.00† |" in lima and "| Δ IM (lima_im) − IT | ▲ +3.00 |" in lima
     assert md.count("- NLP: M&C: no score for GSM8K") == 0  # every task has a score here: no notes to repeat
 
 
