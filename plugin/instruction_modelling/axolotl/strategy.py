@@ -113,6 +113,14 @@ def row_fields_from_dataset_config(ds_cfg: dict) -> RowFields:
     )
 
 
+def template_name_of(cfg, ds_cfg) -> str:
+    """How errors name the chat template: the config's ``chat_template`` value (``falcon_h1``,
+    ``tokenizer_default``), or ``chat_template_jinja`` for an inline template."""
+    name = ds_cfg.get("chat_template") or cfg.get("chat_template") or "tokenizer_default"
+    name = getattr(name, "value", name)  # Axolotl's ChatTemplate enum after validation
+    return "chat_template_jinja" if name == "jinja" else str(name)
+
+
 class InstructionModellingStrategy:
     """Dataset wrapping strategy (Axolotl's ``DatasetWrappingStrategy`` protocol; the plugin registers
     it as a virtual subclass, so importing this module does not import Axolotl)."""
@@ -257,7 +265,8 @@ def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
         from axolotl.utils.chat_templates import get_chat_template_from_config
 
         template = get_chat_template_from_config(cfg=cfg, ds_cfg=ds_cfg, tokenizer=tokenizer)
-        render = ChatRenderer(tokenizer, template, dict(cfg.get("chat_template_kwargs") or {}))
+        render = ChatRenderer(tokenizer, template, dict(cfg.get("chat_template_kwargs") or {}),
+                              name=template_name_of(cfg, ds_cfg))
     except ValueError as exc:  # no template: fine for Alpaca / prompt-completion rows
         LOG.info(f"no chat template for {ds_cfg.get('path')}: {exc}")
 

@@ -432,6 +432,7 @@ def chat_pieces(
     tools: list | None = None,
     train_on_eos: str = "turn",
     thinking_key: str = "reasoning_content",
+    tools_field: str = "tools",
 ) -> list[Piece]:
     """Split a rendered conversation into template and content pieces.
 
@@ -444,15 +445,22 @@ def chat_pieces(
             the template's text around them stays template.
         train_on_eos: which end-of-turn tokens join the output: ``turn`` (after each trained assistant
             turn), ``last`` (the last one only), ``all`` (after every turn), ``none``.
+        tools_field: the row's field with the tool schemas (named in errors).
 
     Returns:
         Pieces whose texts concatenate to the real render exactly.
+
+    Raises:
+        TemplateError: the template drops, rewrites or interleaves a content, or renders none of the
+            row's tool schemas or of a turn's tool calls (they would be silently left out of training).
     """
     turns = [m.template_turn() for m in messages]
     real = _render(render, turns, tools, messages_field)
     if not tools and _is_plain(messages):
         spans = _plain_spans(messages, turns, real, render, messages_field)
     else:
+        if tools:
+            _check_tools_rendered(tools, turns, real, render, messages_field, tools_field)
         spans = _diff_spans(messages, turns, tools, real, render, messages_field, thinking_key)
     return _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field)
 
@@ -534,6 +542,27 @@ def _diff_span(real: str, other: str) -> tuple[int, int]:
     return start, len(real) - suffix
 
 
+def _template_named(render) -> str:
+    name = getattr(render, "name", "")
+    return f"the chat template ({name})" if name else "the chat template"
+
+
+def _check_tools_rendered(tools, turns, real, render, messages_field, tools_field) -> None:
+    """Refuse a row whose tool schemas the template leaves out of the render (chatml, llama3 and
+    command_a without documents write no ``tools``): training on it would teach calls to tools the
+    model was never shown. One render without ``tools``: the schemas are what differs."""
+    start, end = _diff_span(real, _render(render, turns, None, messages_field))
+    region = real[start:end]
+    for k, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = (function or tool).get("name") if isinstance(function or tool, dict) else None
+        if not region or (isinstance(name, str) and name and name not in region):
+            what = "the row's tool schemas" if not region else f"the schema of tool {name!r}"
+            raise TemplateError(tools_field if not region else f"{tools_field}[{k}]",
+                                f"{_template_named(render)} does not render {what}, so training would leave them "
+                                "out silently; use a chat template that renders `tools`, or remove the field")
+
+
 def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_key) -> list[_TurnSpan]:
     """Per message, diff the real render against one where that message is ``{role, content:
     sentinel}`` (its tool calls, reasoning, name... dropped), as Axolotl's chat_template type
@@ -547,12 +576,30 @@ def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_k
     spans = []
     for i, (msg, turn) in enumerate(zip(messages, turns)):
         where = f"{messages_field}[{i}]"
+        empty = not msg.content.strip()
+        if empty and set(turn) <= {"role", "content"}:
+            # An empty content renders nothing of its own. Whatever the template writes for it (Command-A
+            # opens a separate system turn when the system prompt is empty) is template text: a sentinel
+            # in its place would take the template down another branch and make that text "content".
+            continue
+        if turn.get("tool_calls"):
+            try:
+                dropped = variant(i, {k: v for k, v in turn.items() if k != "tool_calls"}) == real
+            except TemplateError:  # the template needs them (Mistral's role alternation): rendered
+                dropped = False
+            if dropped:
+                raise TemplateError(f"{where}.tool_calls", f"{_template_named(render)} does not render tool calls, "
+                                    "so training would leave them out silently; use a chat template that renders "
+                                    "`tool_calls`")
         # Axolotl's dummy turn first. Templates that refuse it get, in turn: the turn with its other
         # fields kept (Mistral needs a tool result's tool_call_id), then the conversation without the
         # turn (Mistral's role-alternation check counts an assistant turn without tool_calls; such
-        # templates have no role header, so the difference is exactly what the turn renders).
-        dummies = ({"role": turn["role"], "content": _sentinel(i)},
-                   {**{k: v for k, v in turn.items() if k not in ("tool_calls", thinking_key)}, "content": _sentinel(i)},
+        # templates have no role header, so the difference is exactly what the turn renders). An empty
+        # system/user/tool content stays empty in the dummy, so the diff is what the turn's other fields
+        # render; assistant turns keep Axolotl's sentinel, so that IT trains the tokens Axolotl trains.
+        filler = msg.content if empty and msg.role != "assistant" else _sentinel(i)
+        dummies = ({"role": turn["role"], "content": filler},
+                   {**{k: v for k, v in turn.items() if k not in ("tool_calls", thinking_key)}, "content": filler},
                    None)
         for dummy in dummies:
             try:
@@ -596,9 +643,16 @@ def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_k
     return spans
 
 
-def _tool_schema_spans(tools, real: str, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Where the row's tool schemas appear in the render (as the JSON the template's ``tojson`` writes,
-    or, for templates that write a schema key by key, its values). Text around them is template."""
+def _tool_schema_spans(tools, real: str, taken: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+    """Where the row's tool schemas appear in the render: as the JSON the template's ``tojson`` writes,
+    or, for templates that write a schema key by key, its values as JSON or, failing that, its names
+    and descriptions as written (gemma4's ``description:<|"|>…<|"|>``, Mistral's descriptions with
+    unescaped quotes). Text around them is template.
+
+    Returns:
+        ``(spans, unlocated)``: the spans, and how many characters of the schemas' names and
+        descriptions were found nowhere (a template that rewrites them): those carry no loss.
+    """
 
     def free(a, b):
         return all(b <= s or a >= e for s, e in taken + found)
@@ -614,14 +668,42 @@ def _tool_schema_spans(tools, real: str, taken: list[tuple[int, int]]) -> list[t
                 return True
         return False
 
+    def word_at(j: int, text: str) -> bool:  # not inside a longer identifier ("add" in "additional")
+        before, after = real[j - 1:j], real[j + len(text):j + len(text) + 1]
+        return not (before.isalnum() or before == "_" or after.isalnum() or after == "_")
+
+    def locate_as_written(text: str) -> bool:
+        j = real.find(text)
+        while j >= 0 and not (free(j, j + len(text)) and word_at(j, text)):
+            j = real.find(text, j + 1)
+        if j >= 0:
+            found.append((j, j + len(text)))
+        return j >= 0
+
     found: list[tuple[int, int]] = []
+    written: list[str] = []  # names and descriptions of schemas not written as JSON
     for tool in tools or []:
         function = tool.get("function") if isinstance(tool, dict) else None
         if locate(tool) or (isinstance(function, dict) and locate(function)):
             continue
-        for value in (function or tool).values() if isinstance(function or tool, dict) else ():
-            locate(value)
-    return found
+        for key, value in (function or tool).items() if isinstance(function or tool, dict) else ():
+            if not locate(value):
+                written += _names_and_descriptions(key, value)
+    # Longest first, so that a name inside a description does not take the description's place.
+    unlocated = sum(len(text) for text in sorted(written, key=len, reverse=True)
+                    if text.strip() and not locate_as_written(text))
+    return found, unlocated
+
+
+def _names_and_descriptions(key, value) -> list[str]:
+    """The free text of a schema part: a tool's name, and every ``description`` in it."""
+    if isinstance(value, str):
+        return [value] if key in ("name", "description") else []
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in _names_and_descriptions(k, v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _names_and_descriptions(key, v)]
+    return []
 
 
 def _detail_pieces(text: str, offset: int, detail, segment: Segment) -> list[Piece]:
@@ -646,7 +728,7 @@ def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_fiel
         if b.region[0] < a.region[1]:
             raise TemplateError(f"{messages_field}[{b.index}]", "the chat template interleaves this message with "
                                 f"message {a.index}; cannot tell their tokens apart")
-    schemas = _tool_schema_spans(tools, real, [sp.region for sp in spans]) if tools else []
+    schemas, unlocated = _tool_schema_spans(tools, real, [sp.region for sp in spans]) if tools else ([], 0)
     last_assistant = max((sp.index for sp in spans if messages[sp.index].role == "assistant"), default=-1)
 
     # Every labelled stretch of the render in order: (start, end, pieces of that stretch).
@@ -750,6 +832,11 @@ def prompt_completion_pieces(row: Mapping[str, Any], fields: RowFields) -> list[
 # ----------------------------------------------------------------------------------------
 
 
+def added_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokenizer's added tokens (special or not): matched whole, never split by BPE."""
+    return frozenset(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}))
+
+
 def end_of_turn_ids(tokenizer: Any, extra_tokens: Sequence[str] = ()) -> frozenset[int]:
     """Ids that close an assistant turn: EOS, ``extra_tokens`` and known markers in the vocab."""
     ids = set()
@@ -768,6 +855,7 @@ def assign_segments(
     offsets: Sequence[tuple[int, int]],
     input_ids: Sequence[int],
     end_ids: frozenset[int],
+    atomic_ids: frozenset[int] = frozenset(),
 ) -> tuple[list[int], int]:
     """Segment id per token, from character offsets.
 
@@ -777,6 +865,8 @@ def assign_segments(
         offsets: ``(start, end)`` character offsets per token (a fast tokenizer's offset mapping).
         input_ids: token ids (to recognise end-of-turn tokens).
         end_ids: ids that close an assistant turn.
+        atomic_ids: the tokenizer's added tokens (``<|START_THINKING|>``): one such token across a
+            template/content boundary joins the content it touches (see below).
 
     Returns:
         ``(segment_ids, straddled)``.
@@ -811,25 +901,30 @@ def assign_segments(
         glue_ok = len(content) == 1 and all(
             pieces[j].glue and not text[max(s, starts[j]):min(e, ends[j])].strip() for j in covered if j != content[0]
         )
+        # An added token is never split, so a boundary inside it is an artefact of the diff that located
+        # the turn (Command-A's "<|START_" is common to <|START_THINKING|> and the dummy's
+        # <|START_RESPONSE|>): the token differs as a whole and belongs to the turn, as in Axolotl.
+        glue_ok = glue_ok or (len(content) == 1 and input_ids[t] in atomic_ids
+                              and all(pieces[j].glue for j in covered if j != content[0]))
         if glue_ok:
             segment_ids[t] = segs[content[0]]
             piece_of_token[t] = content[0]
         else:
             straddled += 1
 
-    # End-of-turn after each piece that closes a turn (``Piece.end_of_turn``): the first
-    # non-whitespace token that starts after the content, inside the following template text.
+    # End-of-turn after each piece that closes a turn (``Piece.end_of_turn``): the first end-of-turn
+    # token among the 4 template tokens that follow the content (Axolotl's window: Command-A writes
+    # <|END_RESPONSE|> between the answer and <|END_OF_TURN_TOKEN|>).
     for k, p in enumerate(pieces):
         if p.end_of_turn is None:
             continue
-        t = _first_token_at(offsets, ends[k])
-        while t < len(offsets):
+        t = first = _first_token_at(offsets, ends[k])
+        while t < len(offsets) and t - first <= 3:
             s, e = offsets[t]
             if s >= ends[k] and piece_of_token[t] != -1 and segs[piece_of_token[t]] != Segment.TEMPLATE:
                 break  # reached the next content: no end-of-turn token in between
-            if e > s and text[s:e].strip():
-                if input_ids[t] in end_ids and segment_ids[t] == Segment.TEMPLATE:
-                    segment_ids[t] = p.end_of_turn
+            if input_ids[t] in end_ids and segment_ids[t] == Segment.TEMPLATE:
+                segment_ids[t] = p.end_of_turn
                 break
             t += 1
     return [int(x) for x in segment_ids], straddled
@@ -871,7 +966,8 @@ def encode_pieces(
     """
     text = "".join(p.text for p in pieces)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _encoded(text, pieces, enc["input_ids"], enc["offset_mapping"], tokenizer, end_ids, add_bos, add_eos)
+    return _encoded(text, pieces, enc["input_ids"], enc["offset_mapping"], tokenizer, end_ids, add_bos, add_eos,
+                    atomic_ids=added_token_ids(tokenizer))
 
 
 def encode_many(
@@ -882,9 +978,10 @@ def encode_many(
     add_bos: Sequence[bool] | bool = False,
     add_eos: Sequence[bool] | bool = False,
     eos_segment: Segment = Segment.OUTPUT,
+    atomic_ids: frozenset[int] = frozenset(),
 ) -> list[EncodedExample]:
     """``encode_pieces`` for many examples with one batched tokenizer call (faster); an added EOS
-    gets ``eos_segment``."""
+    gets ``eos_segment``; ``atomic_ids``: ``added_token_ids(tokenizer)``."""
     texts = ["".join(p.text for p in pieces) for pieces in batch]
     if not texts:
         return []
@@ -894,14 +991,14 @@ def encode_many(
     eos = [add_eos] * n if isinstance(add_eos, bool) else list(add_eos)
     return [
         _encoded(texts[i], batch[i], enc["input_ids"][i], enc["offset_mapping"][i], tokenizer, end_ids, bos[i], eos[i],
-                 eos_segment)
+                 eos_segment, atomic_ids)
         for i in range(n)
     ]
 
 
 def _encoded(text, pieces, input_ids, offsets, tokenizer, end_ids, add_bos, add_eos,
-             eos_segment=Segment.OUTPUT) -> EncodedExample:
-    segment_ids, straddled = assign_segments(text, pieces, offsets, input_ids, end_ids)
+             eos_segment=Segment.OUTPUT, atomic_ids=frozenset()) -> EncodedExample:
+    segment_ids, straddled = assign_segments(text, pieces, offsets, input_ids, end_ids, atomic_ids)
     input_ids = list(input_ids)
     if add_bos and tokenizer.bos_token_id is not None:
         input_ids.insert(0, int(tokenizer.bos_token_id))
@@ -949,6 +1046,7 @@ class RowEncoder:
                 f"{type(self.tokenizer).__name__} is a slow one (load it with use_fast=True)"
             )
         self.end_ids = end_of_turn_ids(self.tokenizer, self.end_tokens)
+        self.atomic_ids = added_token_ids(self.tokenizer)
         if self.train_on_eos not in TRAIN_ON_EOS:
             raise ValueError(f"train_on_eos must be one of {', '.join(TRAIN_ON_EOS)}, got {self.train_on_eos!r}")
         if self.add_bos_to_plain is None:
@@ -963,7 +1061,8 @@ class RowEncoder:
             f = self.fields
             messages = normalize_messages(row, f, drop_system=self.drop_system_message)
             return chat_pieces(messages, self.render, f.messages, tools=row_tools(row, f),
-                               train_on_eos=self.train_on_eos, thinking_key=f.template_thinking_key), False
+                               train_on_eos=self.train_on_eos, thinking_key=f.template_thinking_key,
+                               tools_field=f.tools), False
         if fmt == "alpaca":
             return alpaca_pieces(row, self.fields), True
         return prompt_completion_pieces(row, self.fields), True
@@ -990,7 +1089,8 @@ class RowEncoder:
             plain.append(is_plain)
         encoded = encode_many(batch, self.tokenizer, self.end_ids,
                               add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain,
-                              eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT)
+                              eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT,
+                              atomic_ids=self.atomic_ids)
         for i, ex in zip(good, encoded):
             results[i] = ex
         return results
@@ -1003,6 +1103,7 @@ class ChatRenderer:
     tokenizer: Any
     chat_template: str
     template_kwargs: dict = field(default_factory=dict)
+    name: str = ""  # how errors name the template (the config's `chat_template`, e.g. ``falcon_h1``)
 
     def __call__(self, messages, tools=None):
         # Same inputs as Axolotl's chat_template type: its template kwargs, then ``tools`` when given.
