@@ -169,7 +169,7 @@ def test_dropped_tool_calls_are_bad_rows_counted_by_the_strategy(merging_tokeniz
     REPORT.entries.clear()
     kept = load(merging_tokenizer, {**cfg, "im_on_bad_rows": "skip"}, ds).wrap_dataset(rows)
     assert len(kept) == 2
-    (_, total, skipped, _), = REPORT.entries
+    (_, total, skipped, _, _), = REPORT.entries
     REPORT.entries.clear()
     assert total == 3 and [i for i, _ in skipped] == [1]
 
@@ -189,3 +189,29 @@ def test_schema_text_written_without_tojson_is_system_content(merging_tokenizer,
         assert text not in template
     if template_name.startswith("gemma4"):
         assert "declaration:" in template and "description:" in template and "<|\"|>" not in system
+
+
+REWRITING_TEMPLATE = (  # writes each tool's name, and its description upper-cased, not its parameters
+    "{% for t in tools or [] %}Tool {{ t.function.name }}: {{ t.function.description | upper }}\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+
+
+def test_schema_text_the_template_rewrites_is_counted_in_the_report(merging_tokenizer):
+    from datasets import Dataset
+
+    from instruction_modelling.axolotl.strategy import REPORT, load
+
+    row = {"tools": [WEATHER], "messages": copy.deepcopy(PLAIN["messages"])}
+    ex = RowEncoder(merging_tokenizer, ChatRenderer(merging_tokenizer, REWRITING_TEMPLATE)).encode(copy.deepcopy(row))
+    assert text_of(merging_tokenizer, ex, {Segment.SYSTEM}) == "get_weather"
+    rewritten = len('Current weather in a "city".') + len('City name, e.g. "Paris"')
+    assert ex.meta["unweighted_schema_chars"] == rewritten
+    REPORT.entries.clear()
+    rows = Dataset.from_list([{"messages": PLAIN["messages"], "tools": json.dumps([WEATHER])}] * 2)
+    cfg = {"sequence_len": 4096, "chat_template": "jinja", "chat_template_jinja": REWRITING_TEMPLATE}
+    load(merging_tokenizer, cfg, {"type": "instruction_modelling", "path": "tools.jsonl"}).wrap_dataset(rows)
+    summary = REPORT.summary()
+    REPORT.entries.clear()
+    assert (f"tools.jsonl: 2 rows, 2 kept, 0 skipped, 0 tokens straddled a template/content boundary (no loss), "
+            f"{2 * rewritten} characters of tool names/descriptions that the chat template rewrites or leaves out "
+            "(no loss)") in summary

@@ -30,6 +30,7 @@ LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
 ERROR_COLUMN = "_im_error"
 STRADDLED_COLUMN = "_im_straddled"
+SCHEMA_COLUMN = "_im_unweighted_schema_chars"
 
 
 class BadRowsError(ValueError):
@@ -143,7 +144,8 @@ class InstructionModellingStrategy:
             rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
         readable = [r for r in rows if not isinstance(r, RowError)]
         encoded = iter(self.encoder.encode_rows(readable))
-        out = {k: [] for k in ("input_ids", "attention_mask", "labels", "segment_ids", ERROR_COLUMN, STRADDLED_COLUMN)}
+        out = {k: [] for k in ("input_ids", "attention_mask", "labels", "segment_ids", ERROR_COLUMN, STRADDLED_COLUMN,
+                                         SCHEMA_COLUMN)}
         for row in rows:
             ex = row if isinstance(row, RowError) else next(encoded)
             error = ""
@@ -165,6 +167,7 @@ class InstructionModellingStrategy:
             out["segment_ids"].append(segs)
             out[ERROR_COLUMN].append(error)
             out[STRADDLED_COLUMN].append(straddled)
+            out[SCHEMA_COLUMN].append(0 if error else ex.meta.get("unweighted_schema_chars", 0))
         return out
 
     def _output_field(self, row) -> str:
@@ -198,7 +201,7 @@ class InstructionModellingStrategy:
         errors = encoded[ERROR_COLUMN]
         bad = [(i, e) for i, e in enumerate(errors) if e]
         straddled = sum(encoded[STRADDLED_COLUMN])
-        REPORT.add(self.path, len(dataset), bad, straddled)
+        REPORT.add(self.path, len(dataset), bad, straddled, sum(encoded[SCHEMA_COLUMN]))
         if bad and self.on_bad_rows == "error":
             first_i, first_e = bad[0]
             more = f" ({len(bad) - 1} more bad rows; im_on_bad_rows: skip drops and counts them)" if len(bad) > 1 else ""
@@ -209,18 +212,18 @@ class InstructionModellingStrategy:
             for i, e in bad[:5]:
                 LOG.warning(f"skipped {describe_row(self.path, i)}: {e}")
             LOG.warning(f"skipped {len(bad)} of {len(dataset)} rows of {self.path} (im_on_bad_rows: skip)")
-        return encoded.remove_columns([ERROR_COLUMN, STRADDLED_COLUMN])
+        return encoded.remove_columns([ERROR_COLUMN, STRADDLED_COLUMN, SCHEMA_COLUMN])
 
 
 class PreprocessReport:
     """Counts of what the dataset pass skipped, reported once at the end of the process."""
 
     def __init__(self):
-        self.entries: list[tuple[str | None, int, list[tuple[int, str]], int]] = []
+        self.entries: list[tuple[str | None, int, list[tuple[int, str]], int, int]] = []
         self._registered = False
 
-    def add(self, path, total, bad, straddled):
-        self.entries.append((path, total, bad, straddled))
+    def add(self, path, total, bad, straddled, unweighted_schema_chars=0):
+        self.entries.append((path, total, bad, straddled, unweighted_schema_chars))
         if not self._registered:
             import atexit
 
@@ -229,10 +232,12 @@ class PreprocessReport:
 
     def summary(self) -> str:
         lines = ["instruction_modelling preprocessing report:"]
-        for path, total, bad, straddled in self.entries:
+        for path, total, bad, straddled, schema_chars in self.entries:
             lines.append(
                 f"  {path}: {total} rows, {total - len(bad)} kept, {len(bad)} skipped, "
                 f"{straddled} tokens straddled a template/content boundary (no loss)"
+                + (f", {schema_chars} characters of tool names/descriptions that the chat template rewrites or "
+                   "leaves out (no loss)" if schema_chars else "")
             )
             for i, e in bad[:3]:
                 lines.append(f"    {describe_row(path, i)}: {e}")
@@ -242,7 +247,7 @@ class PreprocessReport:
         """Log the report once (at the end of preprocessing, or before the model loads in training)."""
         if not self.entries:
             return
-        skipped = any(bad for _, _, bad, _ in self.entries)
+        skipped = any(entry[2] for entry in self.entries)
         try:
             (LOG.warning if skipped else LOG.info)(self.summary())
         except ValueError:  # stream already closed at interpreter exit

@@ -433,6 +433,7 @@ def chat_pieces(
     train_on_eos: str = "turn",
     thinking_key: str = "reasoning_content",
     tools_field: str = "tools",
+    stats: dict | None = None,
 ) -> list[Piece]:
     """Split a rendered conversation into template and content pieces.
 
@@ -446,6 +447,8 @@ def chat_pieces(
         train_on_eos: which end-of-turn tokens join the output: ``turn`` (after each trained assistant
             turn), ``last`` (the last one only), ``all`` (after every turn), ``none``.
         tools_field: the row's field with the tool schemas (named in errors).
+        stats: if given, receives ``unweighted_schema_chars``: characters of the tool schemas' names and
+            descriptions found nowhere in the render (a template that rewrites them; no loss).
 
     Returns:
         Pieces whose texts concatenate to the real render exactly.
@@ -462,7 +465,7 @@ def chat_pieces(
         if tools:
             _check_tools_rendered(tools, turns, real, render, messages_field, tools_field)
         spans = _diff_spans(messages, turns, tools, real, render, messages_field, thinking_key)
-    return _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field)
+    return _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field, stats)
 
 
 def _plain_spans(messages, turns, real, render, messages_field) -> list[_TurnSpan]:
@@ -551,7 +554,10 @@ def _check_tools_rendered(tools, turns, real, render, messages_field, tools_fiel
     """Refuse a row whose tool schemas the template leaves out of the render (chatml, llama3 and
     command_a without documents write no ``tools``): training on it would teach calls to tools the
     model was never shown. One render without ``tools``: the schemas are what differs."""
-    start, end = _diff_span(real, _render(render, turns, None, messages_field))
+    try:
+        start, end = _diff_span(real, _render(render, turns, None, messages_field))
+    except TemplateError:  # a template that needs `tools` renders them
+        return
     region = real[start:end]
     for k, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -722,13 +728,15 @@ def _detail_pieces(text: str, offset: int, detail, segment: Segment) -> list[Pie
     return pieces
 
 
-def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field) -> list[Piece]:
+def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field, stats=None) -> list[Piece]:
     spans = sorted(spans, key=lambda sp: sp.region)
     for a, b in zip(spans, spans[1:]):
         if b.region[0] < a.region[1]:
             raise TemplateError(f"{messages_field}[{b.index}]", "the chat template interleaves this message with "
                                 f"message {a.index}; cannot tell their tokens apart")
     schemas, unlocated = _tool_schema_spans(tools, real, [sp.region for sp in spans]) if tools else ([], 0)
+    if stats is not None and unlocated:
+        stats["unweighted_schema_chars"] = unlocated
     last_assistant = max((sp.index for sp in spans if messages[sp.index].role == "assistant"), default=-1)
 
     # Every labelled stretch of the render in order: (start, end, pieces of that stretch).
@@ -1052,8 +1060,9 @@ class RowEncoder:
         if self.add_bos_to_plain is None:
             self.add_bos_to_plain = tokenizer_adds_bos(self.tokenizer)
 
-    def pieces(self, row: Mapping[str, Any]) -> tuple[list[Piece], bool]:
-        """``(pieces, plain)``: plain formats get BOS/EOS ids added around them."""
+    def pieces(self, row: Mapping[str, Any], stats: dict | None = None) -> tuple[list[Piece], bool]:
+        """``(pieces, plain)``: plain formats get BOS/EOS ids added around them; ``stats`` as in
+        ``chat_pieces``."""
         fmt = detect_format(row, self.fields)
         if fmt == "messages":
             if self.render is None:
@@ -1062,7 +1071,7 @@ class RowEncoder:
             messages = normalize_messages(row, f, drop_system=self.drop_system_message)
             return chat_pieces(messages, self.render, f.messages, tools=row_tools(row, f),
                                train_on_eos=self.train_on_eos, thinking_key=f.template_thinking_key,
-                               tools_field=f.tools), False
+                               tools_field=f.tools, stats=stats), False
         if fmt == "alpaca":
             return alpaca_pieces(row, self.fields), True
         return prompt_completion_pieces(row, self.fields), True
@@ -1077,21 +1086,24 @@ class RowEncoder:
     def encode_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[EncodedExample | RowError]:
         """``encode`` for many rows with one batched tokenizer call; a bad row yields its ``RowError``."""
         results: list[EncodedExample | RowError | None] = [None] * len(rows)
-        good, batch, plain = [], [], []
+        good, batch, plain, stats = [], [], [], []
         for i, row in enumerate(rows):
+            row_stats: dict = {}
             try:
-                pieces, is_plain = self.pieces(row)
+                pieces, is_plain = self.pieces(row, row_stats)
             except RowError as exc:
                 results[i] = exc
                 continue
             good.append(i)
             batch.append(pieces)
             plain.append(is_plain)
+            stats.append(row_stats)
         encoded = encode_many(batch, self.tokenizer, self.end_ids,
                               add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain,
                               eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT,
                               atomic_ids=self.atomic_ids)
-        for i, ex in zip(good, encoded):
+        for i, ex, row_stats in zip(good, encoded, stats):
+            ex.meta.update(row_stats)
             results[i] = ex
         return results
 
