@@ -24,7 +24,7 @@ How a chat example is segmented
    "?\n") joins that content, since the tokenizer attaches the space to the word the model
    must produce.
 4. The end-of-turn token that closes an assistant turn (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...:
-   the first non-whitespace token after the content, if it is one of ``end_token_ids``) joins
+   the first of ``end_token_ids`` within 3 tokens after the content, Axolotl's rule) joins
    the output segment, so the model learns to stop. End-of-turn tokens after system and user
    turns stay template tokens (Axolotl's ``train_on_eos`` chooses otherwise: ``last``, ``all``, ``none``).
 
@@ -112,6 +112,9 @@ KNOWN_END_OF_TURN_TOKENS = (
     "<|end_of_text|>",
     "</s>",
 )
+
+# How many tokens after a turn its end token may come (Axolotl's chat_template allows 3).
+END_OF_TURN_WINDOW = 3
 
 _SENTINEL_OPEN, _SENTINEL_CLOSE = "\ue000", "\ue001"  # private-use chars: never trimmed
 
@@ -920,21 +923,18 @@ def assign_segments(
         else:
             straddled += 1
 
-    # End-of-turn after each piece that closes a turn (``Piece.end_of_turn``): the first end-of-turn
-    # token among the 4 template tokens that follow the content (Axolotl's window: Command-A writes
-    # <|END_RESPONSE|> between the answer and <|END_OF_TURN_TOKEN|>).
+    # End-of-turn after each piece that closes a turn (``Piece.end_of_turn``): Axolotl's rule, the
+    # first end token among the 4 tokens from the first one that starts after the turn (templates
+    # put "</tool_response>" or "\n" between a tool result and its <|im_end|>).
     for k, p in enumerate(pieces):
         if p.end_of_turn is None:
             continue
-        t = first = _first_token_at(offsets, ends[k])
-        while t < len(offsets) and t - first <= 3:
-            s, e = offsets[t]
-            if s >= ends[k] and piece_of_token[t] != -1 and segs[piece_of_token[t]] != Segment.TEMPLATE:
-                break  # reached the next content: no end-of-turn token in between
-            if input_ids[t] in end_ids and segment_ids[t] == Segment.TEMPLATE:
-                segment_ids[t] = p.end_of_turn
+        t0 = _first_token_at(offsets, ends[k])
+        for t in range(t0, min(t0 + END_OF_TURN_WINDOW + 1, len(offsets))):
+            if input_ids[t] in end_ids:
+                if segment_ids[t] == Segment.TEMPLATE:
+                    segment_ids[t] = p.end_of_turn
                 break
-            t += 1
     return [int(x) for x in segment_ids], straddled
 
 
