@@ -89,8 +89,8 @@ def text_of(tokenizer, ex, segments):
 
 @pytest.mark.parametrize("template_name,name,row", COMMAND_A_ROWS, ids=[f"{t}-{n}" for t, n, _ in COMMAND_A_ROWS])
 def test_command_a_trains_what_axolotl_trains(merging_tokenizer, template_name, name, row):
-    """<|END_OF_TURN_TOKEN|> follows <|END_RESPONSE|>, not the answer: it is found in Axolotl's window of
-    4 tokens after the turn. <|START_THINKING|> and <|END_ACTION|> share "<|START_" / "|>" with the
+    """<|END_OF_TURN_TOKEN|> follows <|END_RESPONSE|>, not the answer: it is found within 3 tokens after
+    the turn (Axolotl's rule). <|START_THINKING|> and <|END_ACTION|> share "<|START_" / "|>" with the
     dummy turn's tokens, so the located turn starts and ends inside them: as added tokens they are
     whole, and belong to the turn."""
     tok = merging_tokenizer
