@@ -102,7 +102,9 @@ DEFAULT_ROLE_ALIASES = {
     "ipython": "tool",
 }
 
-# End-of-turn markers of common chat templates; the tokenizer's EOS is always included.
+# End-of-turn markers of common chat templates. Only the tokenizer's EOS and the configured
+# ``eot_tokens`` are trained (as in Axolotl); these are named in a warning when a template uses one
+# that is not configured (``unconfigured_end_markers``).
 KNOWN_END_OF_TURN_TOKENS = (
     "<|im_end|>",
     "<|eot_id|>",
@@ -112,6 +114,9 @@ KNOWN_END_OF_TURN_TOKENS = (
     "<|end_of_text|>",
     "</s>",
 )
+
+# How many tokens after a turn its end token may come (Axolotl's chat_template allows 3).
+END_OF_TURN_WINDOW = 3
 
 _SENTINEL_OPEN, _SENTINEL_CLOSE = "\ue000", "\ue001"  # private-use chars: never trimmed
 
@@ -134,12 +139,16 @@ class Piece:
             content masked by a training flag (its characters never carry loss).
         end_of_turn: segment that the end-of-turn token right after this piece joins (None: it stays
             template).
+        widen_into: content that a ``train_detail`` span leaves untrained (a TEMPLATE piece): a token
+            that also covers trained content of the turn is trained, as Axolotl widens a span to the
+            tokens it partly covers.
     """
 
     text: str
     segment: Segment
     glue: bool = True
     end_of_turn: Segment | None = None
+    widen_into: bool = False
 
 
 @dataclass(frozen=True)
@@ -635,7 +644,7 @@ def _detail_pieces(text: str, offset: int, detail, segment: Segment) -> list[Pie
     for c in range(1, len(text) + 1):
         if c == len(text) or trained[c] != trained[start]:
             seg = segment if trained[start] else Segment.TEMPLATE
-            pieces.append(Piece(text[start:c], seg, glue=trained[start]))
+            pieces.append(Piece(text[start:c], seg, glue=trained[start], widen_into=not trained[start]))
             start = c
     return pieces
 
@@ -647,7 +656,10 @@ def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_fiel
             raise TemplateError(f"{messages_field}[{b.index}]", "the chat template interleaves this message with "
                                 f"message {a.index}; cannot tell their tokens apart")
     schemas = _tool_schema_spans(tools, real, [sp.region for sp in spans]) if tools else []
-    last_assistant = max((sp.index for sp in spans if messages[sp.index].role == "assistant"), default=-1)
+    # ``last`` trains the end token of the last *trained* assistant turn, as Axolotl does.
+    last_assistant = max((sp.index for sp in spans
+                          if messages[sp.index].role == "assistant" and messages[sp.index].trained is not False),
+                         default=-1)
 
     # Every labelled stretch of the render in order: (start, end, pieces of that stretch).
     stretches = [(s, e, [Piece(real[s:e], Segment.SYSTEM)]) for s, e in schemas]
@@ -751,15 +763,24 @@ def prompt_completion_pieces(row: Mapping[str, Any], fields: RowFields) -> list[
 
 
 def end_of_turn_ids(tokenizer: Any, extra_tokens: Sequence[str] = ()) -> frozenset[int]:
-    """Ids that close an assistant turn: EOS, ``extra_tokens`` and known markers in the vocab."""
+    """Ids that close an assistant turn: EOS and ``extra_tokens`` (Axolotl's ``eot_tokens``), as
+    Axolotl's chat_template type trains them; nothing is guessed from the template."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab()
-    for tok in (*extra_tokens, *KNOWN_END_OF_TURN_TOKENS):
+    for tok in extra_tokens:
         if tok in vocab:
             ids.add(int(vocab[tok]))
     return frozenset(ids)
+
+
+def unconfigured_end_markers(chat_template: str, tokenizer: Any, extra_tokens: Sequence[str] = ()) -> list[str]:
+    """Known end-of-turn markers (``<|im_end|>``, ``<|eot_id|>``, ...) that the template writes and the
+    vocabulary has as one token, but that are neither EOS nor in ``extra_tokens``: they carry no loss."""
+    vocab = tokenizer.get_vocab()
+    return [tok for tok in KNOWN_END_OF_TURN_TOKENS
+            if tok in chat_template and tok in vocab and tok != tokenizer.eos_token and tok not in extra_tokens]
 
 
 def assign_segments(
@@ -806,32 +827,35 @@ def assign_segments(
         if not content:
             piece_of_token[t] = k
             continue
-        # Merged across a template/content boundary. Whitespace glue (" 4", "▁Yes", "?\n") joins
-        # the one content piece it touches; any other template text keeps the token loss-free.
-        glue_ok = len(content) == 1 and all(
-            pieces[j].glue and not text[max(s, starts[j]):min(e, ends[j])].strip() for j in covered if j != content[0]
-        )
+        # Merged across a boundary. Whitespace glue (" 4", "▁Yes", "?\n") joins the content it
+        # touches; so does a token covering only output-side content (".\n" ending a reasoning trace
+        # before "</think>": the model generates all of it; it takes the segment it starts in), and
+        # text a train_detail span leaves untrained when at least two of the token's characters are
+        # trained (Axolotl's widening of a span to the tokens it partly covers). Any other template
+        # text keeps the token loss-free.
+        glue_ok = (len(content) == 1 or all(segs[j] in OUTPUT_SEGMENTS for j in content)) and all(
+            pieces[j].widen_into or (pieces[j].glue and not text[max(s, starts[j]):min(e, ends[j])].strip())
+            for j in covered if segs[j] == Segment.TEMPLATE
+        ) and (not any(pieces[j].widen_into for j in covered)
+               or sum(min(e, ends[j]) - max(s, starts[j]) for j in content) >= 2)
         if glue_ok:
             segment_ids[t] = segs[content[0]]
             piece_of_token[t] = content[0]
         else:
             straddled += 1
 
-    # End-of-turn after each piece that closes a turn (``Piece.end_of_turn``): the first
-    # non-whitespace token that starts after the content, inside the following template text.
+    # End-of-turn after each piece that closes a turn (``Piece.end_of_turn``): Axolotl's rule, the
+    # first end token among the 4 tokens from the first one that starts after the turn (templates
+    # put "</tool_response>" or "\n" between a tool result and its <|im_end|>).
     for k, p in enumerate(pieces):
         if p.end_of_turn is None:
             continue
-        t = _first_token_at(offsets, ends[k])
-        while t < len(offsets):
-            s, e = offsets[t]
-            if s >= ends[k] and piece_of_token[t] != -1 and segs[piece_of_token[t]] != Segment.TEMPLATE:
-                break  # reached the next content: no end-of-turn token in between
-            if e > s and text[s:e].strip():
-                if input_ids[t] in end_ids and segment_ids[t] == Segment.TEMPLATE:
+        t0 = _first_token_at(offsets, ends[k])
+        for t in range(t0, min(t0 + END_OF_TURN_WINDOW + 1, len(offsets))):
+            if input_ids[t] in end_ids:
+                if segment_ids[t] == Segment.TEMPLATE:
                     segment_ids[t] = p.end_of_turn
                 break
-            t += 1
     return [int(x) for x in segment_ids], straddled
 
 
