@@ -169,3 +169,33 @@ def test_c_flags_on_instruction_turns_follow_the_segment_weights(tok):
     ids, labels = axolotl_labels(tok, "qwen_25", row, ["<|im_end|>"], **FLAGS)
     axolotl = tok.decode([ids[i] for i in labelled(labels)])
     assert axolotl.startswith("Be kind.<|im_end|>Please say<|im_end|>")
+
+
+def test_preview_shows_the_reasoning_end_and_end_tokens_as_trained(tmp_path, tiny_model_dir, tok):
+    """`im preview --plain` on a Qwen3 reasoning row under IT: the reasoning's last token (".\\n" merged
+    with the template's "\\n</think>") and <|im_end|> carry loss; without eot_tokens it says why
+    <|im_end|> does not."""
+    import os
+    import subprocess
+    import sys
+
+    from cli_helpers import write_jsonl
+    from instruction_modelling.axolotl.configs import cpu_config, write_config
+
+    tok.save_pretrained(str(tmp_path / "tok"))
+    data = write_jsonl(tmp_path / "rows.jsonl", [ROWS["reasoning_plain"]])
+    outputs = {}
+    for name, eot in (("eot", ["<|im_end|>"]), ("no_eot", None)):
+        cfg = cpu_config(tiny_model_dir, data, tmp_path / name, mode="it", tokenizer_config=str(tmp_path / "tok"),
+                         chat_template="jinja", chat_template_jinja=axolotl_template("qwen3"),
+                         **({"eot_tokens": eot} if eot else {}))
+        path = write_config(cfg, tmp_path / f"{name}.yml")
+        proc = subprocess.run([sys.executable, "-m", "instruction_modelling.preview", str(path), "--plain", "--rows", "1"],
+                              capture_output=True, text=True, env={**os.environ}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs[name] = proc.stdout + proc.stderr
+    line = next(l for l in outputs["eot"].splitlines() if "<think>" in l)
+    assert "[7]R[.\\n]R[</think>]O" in line and line.endswith("[<|im_end|>]O·\\n·")
+    assert "ends turns with <|im_end|>" in outputs["no_eot"] and "set eot_tokens" in outputs["no_eot"]
+    line = next(l for l in outputs["no_eot"].splitlines() if "<think>" in l)
+    assert "[<|im_end|>]" not in line and "[.\\n]R" in line
