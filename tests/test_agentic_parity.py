@@ -171,6 +171,25 @@ def test_c_flags_on_instruction_turns_follow_the_segment_weights(tok):
     assert axolotl.startswith("Be kind.<|im_end|>Please say<|im_end|>")
 
 
+def test_train_detail_is_placed_on_the_content_where_axolotl_is_one_token_early(tok):
+    """Deliberate difference: Llama 4 writes <|python_start|> before a tool-calling turn's content;
+    Axolotl counts the content's token positions from the turn's start and trains "<|python_start|>Let
+    me" for the span "Let me check "; we train the marked characters."""
+    from agentic_corpus import WEATHER, call, detail
+
+    row = {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "content": "Let me check the weather.", "tool_calls": [call("get_weather", {"city": "Rome"})],
+         "train_detail": detail((0, 12, True))},
+        {"role": "tool", "content": "{\"temp\": 18}"},
+        {"role": "assistant", "content": "It is 18 degrees."}]}
+    ex = ours(tok, "llama4", row, ["<|eot|>"], **FLAGS)
+    assert "".join(t for t, _ in marked(tok, ex)) == "Let me check<|eot|>It is 18 degrees.<|eot|>"
+    ids, labels = axolotl_labels(tok, "llama4", row, ["<|eot|>"], **FLAGS)
+    assert ids == ex.input_ids
+    assert tok.decode([ids[i] for i in labelled(labels)]) == "<|python_start|>Let me<|eot|>It is 18 degrees.<|eot|>"
+
+
 def test_preview_shows_the_reasoning_end_and_end_tokens_as_trained(tmp_path, tiny_model_dir, tok):
     """`im preview --plain` on a Qwen3 reasoning row under IT: the reasoning's last token (".\\n" merged
     with the template's "\\n</think>") and <|im_end|> carry loss; without eot_tokens it says why

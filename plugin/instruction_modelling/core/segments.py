@@ -19,14 +19,16 @@ How a chat example is segmented
 3. The whole text is tokenised once, as ``apply_chat_template`` would, and each token takes the
    segment of the characters it covers. A token that straddles template text and content
    (a tokenizer merge across the boundary) is treated conservatively: it becomes a template
-   token and carries no loss (``EncodedExample.straddled`` counts them). The one exception is
-   whitespace glue: a token made of content plus template *whitespace* only (" 4", "▁Yes",
-   "?\n") joins that content, since the tokenizer attaches the space to the word the model
-   must produce.
-4. The end-of-turn token that closes an assistant turn (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...:
-   the first non-whitespace token after the content, if it is one of ``end_token_ids``) joins
-   the output segment, so the model learns to stop. End-of-turn tokens after system and user
-   turns stay template tokens (Axolotl's ``train_on_eos`` chooses otherwise: ``last``, ``all``, ``none``).
+   token and carries no loss (``EncodedExample.straddled`` counts them). The exceptions: whitespace
+   glue, a token made of content plus template *whitespace* only (" 4", "▁Yes", "?\n"), joins that
+   content, since the tokenizer attaches the space to the word the model must produce; a token
+   made of output-side content only (".\n" ending a reasoning trace before "\n</think>") is
+   trained; and ``train_detail`` spans widen to tokens they cover by two or more characters, as
+   Axolotl's do.
+4. The end token that closes an assistant turn (the tokenizer's EOS or one of Axolotl's
+   ``eot_tokens``: the first one within 3 tokens after the turn, Axolotl's rule) joins the output
+   segment, so the model learns to stop. End tokens after system, user and tool turns stay template
+   tokens (Axolotl's ``train_on_eos`` chooses otherwise: ``last``, ``all``, ``none``).
 
 Rows with tools, tool calls, reasoning or other message properties (or empty contents) take a
 second path: each message is located as Axolotl's ``chat_template`` type locates a turn, by
