@@ -22,6 +22,7 @@ from instruction_modelling.core.segments import (
     RowFields,
     describe_row,
     detect_format,
+    unconfigured_end_markers,
 )
 
 from . import raw_rows
@@ -275,11 +276,18 @@ def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
     except ValueError as exc:  # no template: fine for Alpaca / prompt-completion rows
         LOG.info(f"no chat template for {ds_cfg.get('path')}: {exc}")
 
+    end_tokens = tuple(cfg.get("eot_tokens") or ())
+    if render is not None:
+        missing = unconfigured_end_markers(render.chat_template, tokenizer, end_tokens)
+        if missing:
+            LOG.warning(f"the chat template ends turns with {', '.join(missing)}, which is neither the tokenizer's "
+                        f"EOS ({tokenizer.eos_token}) nor in eot_tokens, so the model is not trained to stop (as in "
+                        f"Axolotl's chat_template); set eot_tokens: {list(end_tokens) + missing[:1]} to train it")
     encoder = RowEncoder(
         tokenizer=tokenizer,
         render=render,
         fields=fields,
-        end_tokens=tuple(cfg.get("eot_tokens") or ()),
+        end_tokens=end_tokens,
         train_on_eos=train_on_eos_of(ds_cfg),
         drop_system_message=bool(ds_cfg.get("drop_system_message")),
     )

@@ -19,14 +19,17 @@ How a chat example is segmented
 3. The whole text is tokenised once, as ``apply_chat_template`` would, and each token takes the
    segment of the characters it covers. A token that straddles template text and content
    (a tokenizer merge across the boundary) is treated conservatively: it becomes a template
-   token and carries no loss (``EncodedExample.straddled`` counts them). The one exception is
-   whitespace glue: a token made of content plus template *whitespace* only (" 4", "▁Yes",
-   "?\n") joins that content, since the tokenizer attaches the space to the word the model
-   must produce.
-4. The end-of-turn token that closes an assistant turn (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...:
-   the first of ``end_token_ids`` within 3 tokens after the content, Axolotl's rule) joins
-   the output segment, so the model learns to stop. End-of-turn tokens after system and user
-   turns stay template tokens (Axolotl's ``train_on_eos`` chooses otherwise: ``last``, ``all``, ``none``).
+   token and carries no loss (``EncodedExample.straddled`` counts them). The exceptions: whitespace
+   glue, a token made of content plus template *whitespace* only (" 4", "▁Yes", "?\n"), joins that
+   content, since the tokenizer attaches the space to the word the model must produce; a token
+   made of output-side content only (".\n" ending a reasoning trace before "\n</think>") is
+   trained; ``train_detail`` spans widen to tokens they cover by two or more characters, as
+   Axolotl's do; and an added token (``<|START_THINKING|>``) that a located turn's edge cuts joins
+   that turn, since the tokenizer never splits it.
+4. The end token that closes an assistant turn (the tokenizer's EOS or one of Axolotl's
+   ``eot_tokens``: the first one within 3 tokens after the turn, Axolotl's rule) joins the output
+   segment, so the model learns to stop. End tokens after system, user and tool turns stay template
+   tokens (Axolotl's ``train_on_eos`` chooses otherwise: ``last``, ``all``, ``none``).
 
 Rows with tools, tool calls, reasoning or other message properties (or empty contents) take a
 second path: each message is located as Axolotl's ``chat_template`` type locates a turn, by
@@ -102,7 +105,9 @@ DEFAULT_ROLE_ALIASES = {
     "ipython": "tool",
 }
 
-# End-of-turn markers of common chat templates; the tokenizer's EOS is always included.
+# End-of-turn markers of common chat templates. Only the tokenizer's EOS and the configured
+# ``eot_tokens`` are trained (as in Axolotl); these are named in a warning when a template uses one
+# that is not configured (``unconfigured_end_markers``).
 KNOWN_END_OF_TURN_TOKENS = (
     "<|im_end|>",
     "<|eot_id|>",
@@ -137,12 +142,16 @@ class Piece:
             content masked by a training flag (its characters never carry loss).
         end_of_turn: segment that the end-of-turn token right after this piece joins (None: it stays
             template).
+        widen_into: content that a ``train_detail`` span leaves untrained (a TEMPLATE piece): a token
+            that also covers trained content of the turn is trained, as Axolotl widens a span to the
+            tokens it partly covers.
     """
 
     text: str
     segment: Segment
     glue: bool = True
     end_of_turn: Segment | None = None
+    widen_into: bool = False
 
 
 @dataclass(frozen=True)
@@ -726,7 +735,7 @@ def _detail_pieces(text: str, offset: int, detail, segment: Segment) -> list[Pie
     for c in range(1, len(text) + 1):
         if c == len(text) or trained[c] != trained[start]:
             seg = segment if trained[start] else Segment.TEMPLATE
-            pieces.append(Piece(text[start:c], seg, glue=trained[start]))
+            pieces.append(Piece(text[start:c], seg, glue=trained[start], widen_into=not trained[start]))
             start = c
     return pieces
 
@@ -740,7 +749,10 @@ def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_fiel
     schemas, unlocated = _tool_schema_spans(tools, real, [sp.region for sp in spans]) if tools else ([], 0)
     if stats is not None and unlocated:
         stats["unweighted_schema_chars"] = unlocated
-    last_assistant = max((sp.index for sp in spans if messages[sp.index].role == "assistant"), default=-1)
+    # ``last`` trains the end token of the last *trained* assistant turn, as Axolotl does.
+    last_assistant = max((sp.index for sp in spans
+                          if messages[sp.index].role == "assistant" and messages[sp.index].trained is not False),
+                         default=-1)
 
     # Every labelled stretch of the render in order: (start, end, pieces of that stretch).
     stretches = [(s, e, [Piece(real[s:e], Segment.SYSTEM)]) for s, e in schemas]
@@ -849,15 +861,24 @@ def added_token_ids(tokenizer: Any) -> frozenset[int]:
 
 
 def end_of_turn_ids(tokenizer: Any, extra_tokens: Sequence[str] = ()) -> frozenset[int]:
-    """Ids that close an assistant turn: EOS, ``extra_tokens`` and known markers in the vocab."""
+    """Ids that close an assistant turn: EOS and ``extra_tokens`` (Axolotl's ``eot_tokens``), as
+    Axolotl's chat_template type trains them; nothing is guessed from the template."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab()
-    for tok in (*extra_tokens, *KNOWN_END_OF_TURN_TOKENS):
+    for tok in extra_tokens:
         if tok in vocab:
             ids.add(int(vocab[tok]))
     return frozenset(ids)
+
+
+def unconfigured_end_markers(chat_template: str, tokenizer: Any, extra_tokens: Sequence[str] = ()) -> list[str]:
+    """Known end-of-turn markers (``<|im_end|>``, ``<|eot_id|>``, ...) that the template writes and the
+    vocabulary has as one token, but that are neither EOS nor in ``extra_tokens``: they carry no loss."""
+    vocab = tokenizer.get_vocab()
+    return [tok for tok in KNOWN_END_OF_TURN_TOKENS
+            if tok in chat_template and tok in vocab and tok != tokenizer.eos_token and tok not in extra_tokens]
 
 
 def assign_segments(
@@ -907,11 +928,17 @@ def assign_segments(
         if not content:
             piece_of_token[t] = k
             continue
-        # Merged across a template/content boundary. Whitespace glue (" 4", "▁Yes", "?\n") joins
-        # the one content piece it touches; any other template text keeps the token loss-free.
-        glue_ok = len(content) == 1 and all(
-            pieces[j].glue and not text[max(s, starts[j]):min(e, ends[j])].strip() for j in covered if j != content[0]
-        )
+        # Merged across a boundary. Whitespace glue (" 4", "▁Yes", "?\n") joins the content it
+        # touches; so does a token covering only output-side content (".\n" ending a reasoning trace
+        # before "</think>": the model generates all of it; it takes the segment it starts in), and
+        # text a train_detail span leaves untrained when at least two of the token's characters are
+        # trained (Axolotl's widening of a span to the tokens it partly covers). Any other template
+        # text keeps the token loss-free.
+        glue_ok = (len(content) == 1 or all(segs[j] in OUTPUT_SEGMENTS for j in content)) and all(
+            pieces[j].widen_into or (pieces[j].glue and not text[max(s, starts[j]):min(e, ends[j])].strip())
+            for j in covered if segs[j] == Segment.TEMPLATE
+        ) and (not any(pieces[j].widen_into for j in covered)
+               or sum(min(e, ends[j]) - max(s, starts[j]) for j in content) >= 2)
         # An added token is never split, so a boundary inside it is an artefact of the diff that located
         # the turn (Command-A's "<|START_" is common to <|START_THINKING|> and the dummy's
         # <|START_RESPONSE|>): the token differs as a whole and belongs to the turn, as in Axolotl.
