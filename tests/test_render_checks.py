@@ -215,3 +215,17 @@ def test_schema_text_the_template_rewrites_is_counted_in_the_report(merging_toke
     assert (f"tools.jsonl: 2 rows, 2 kept, 0 skipped, 0 tokens straddled a template/content boundary (no loss), "
             f"{2 * rewritten} characters of tool names/descriptions that the chat template rewrites or leaves out "
             "(no loss)") in summary
+
+
+def test_command_a_tool_results_numbered_by_their_call_are_refused(merging_tokenizer):
+    """command_a_tool_use writes each tool result's number from the call with its tool_call_id, so the
+    call's turn, diffed without its calls, reaches into the result's turn; Axolotl trains the result's
+    header as the call's output. We refuse the row in one line (a kept difference, README table)."""
+    row = copy.deepcopy(TOOL_CALLS)
+    row["messages"][3]["tool_call_id"] = "c1"
+    _, labels = axolotl_labels(merging_tokenizer, "command_a_tool_use", row)
+    axolotl_trained = merging_tokenizer.decode([t for t in labels if t != -100])
+    assert "<|START_TOOL_RESULT|>" in axolotl_trained
+    with pytest.raises(TemplateError, match=r"field 'messages\[3\]': the chat template interleaves this message with "
+                                            r"message 2"):
+        encoder(merging_tokenizer, "command_a_tool_use").encode(row)
