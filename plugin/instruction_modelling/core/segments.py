@@ -37,7 +37,10 @@ diffing the real render against one where that message is only ``{role, content:
 What differs is everything the message's fields render to: for an assistant turn its text, the
 tool-call JSON and the template's wrapper around it (all output), with the reasoning trace
 located by a further diff (``Segment.REASONING``). The row's tool schemas are found as the JSON
-the template writes (system content); the template's text around them stays template.
+the template writes, or their names and descriptions as written (system content); the template's
+text around them stays template. An empty system/user/tool content renders nothing of its own
+(template text its emptiness brings stays template), and a row whose tool schemas or tool calls
+the template does not render is refused rather than trained without them.
 Per-message training flags (``trained``, ``train_detail``) mask what they exclude.
 
 Alpaca-style and prompt/completion rows are turned into the same ``Piece`` list by their own
