@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from agentic_corpus import ROWS, TOOL_TEMPLATES, merging_tokenizer, rows_for
+from agentic_corpus import ROWS, TOOL_TEMPLATES, detail, merging_tokenizer, rows_for
 from cli_helpers import axolotl_template
 from instruction_modelling.axolotl.strategy import row_fields_from_dataset_config, train_on_eos_of
 from instruction_modelling.core.segments import (
@@ -122,6 +122,11 @@ def test_b_train_detail_widens_to_tokens_it_covers_by_two_characters(tok):
     assert "It is 18 degrees Rome.<|im_end|>" in text
     got, want = compare(tok, "qwen_25", row, ["<|im_end|>"], **FLAGS)
     assert got == want
+    # A span ending inside the content's last token (" Zürich", "e Zü" marked) widens over it too.
+    row = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "me Zürich", "train_detail": detail((1, 4, True))}]}
+    got, want = compare(tok, "qwen_25", row, ["<|im_end|>"], **FLAGS)
+    assert [t for _, t in got] == [" Zürich", "<|im_end|>"] and got == want
 
 
 def test_d_end_token_after_a_tool_result_under_train_on_eos_all(tok):
