@@ -23,8 +23,8 @@ How a chat example is segmented
    glue, a token made of content plus template *whitespace* only (" 4", "▁Yes", "?\n"), joins that
    content, since the tokenizer attaches the space to the word the model must produce; a token
    made of output-side content only (".\n" ending a reasoning trace before "\n</think>") is
-   trained; and ``train_detail`` spans widen to tokens they cover by two or more characters, as
-   Axolotl's do.
+   trained; and ``train_detail`` spans widen to tokens they partly cover, as Axolotl's do
+   (``_widens``).
 4. The end token that closes an assistant turn (the tokenizer's EOS or one of Axolotl's
    ``eot_tokens``: the first one within 3 tokens after the turn, Axolotl's rule) joins the output
    segment, so the model learns to stop. End tokens after system, user and tool turns stay template
