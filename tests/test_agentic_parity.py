@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from agentic_corpus import ROWS, TOOL_TEMPLATES, merging_tokenizer, rows_for
+from agentic_corpus import ROWS, TOOL_TEMPLATES, detail, merging_tokenizer, rows_for
 from cli_helpers import axolotl_template
 from instruction_modelling.axolotl.strategy import row_fields_from_dataset_config, train_on_eos_of
 from instruction_modelling.core.segments import (
@@ -113,15 +113,20 @@ def test_a_reasoning_last_token_merged_with_the_template_is_output_side(tok):
         assert compare(tok, template, row, ["<|im_end|>"])[0] == compare(tok, template, row, ["<|im_end|>"])[1]
 
 
-def test_b_train_detail_widens_to_tokens_it_covers_by_two_characters(tok):
-    """'It is 18 degrees ' (0-16), not 'in ' (17-19), 'Rome.' (20-24): ' Rome' is trained (4 of its 5
-    characters are in the span), ' in' is not (only its space is)."""
+def test_b_train_detail_widens_to_tokens_it_partly_covers_as_axolotl(tok):
+    """'It is 18 degrees ' (0-16), not 'in ' (17-19), 'Rome.' (20-24): ' Rome' is trained (the span
+    starts inside it), ' in' is not (the first span ends on its first character)."""
     row = ROWS["flags"]
     ex = ours(tok, "qwen_25", row, ["<|im_end|>"], **FLAGS)
     text = "".join(t for t, _ in marked(tok, ex))
     assert "It is 18 degrees Rome.<|im_end|>" in text
     got, want = compare(tok, "qwen_25", row, ["<|im_end|>"], **FLAGS)
     assert got == want
+    # A span ending inside the content's last token (" Zürich", "e Zü" marked) widens over it too.
+    row = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "me Zürich", "train_detail": detail((1, 4, True))}]}
+    got, want = compare(tok, "qwen_25", row, ["<|im_end|>"], **FLAGS)
+    assert [t for _, t in got] == [" Zürich", "<|im_end|>"] and got == want
 
 
 def test_d_end_token_after_a_tool_result_under_train_on_eos_all(tok):
@@ -218,3 +223,71 @@ def test_preview_shows_the_reasoning_end_and_end_tokens_as_trained(tmp_path, tin
     assert "ends turns with <|im_end|>" in outputs["no_eot"] and "set eot_tokens" in outputs["no_eot"]
     line = next(l for l in outputs["no_eot"].splitlines() if "<think>" in l)
     assert "[<|im_end|>]" not in line and "[.\\n]R" in line
+
+
+def random_agent_row(rng, template):
+    """A random agent trace: system or not, 1-2 rounds of user, 0-2 tool-calling turns (parallel calls,
+    null/empty content, dict or string arguments, reasoning, `training: false`), tool results, and an
+    answer with reasoning, `train_detail` or `training: false` at random."""
+    from agentic_corpus import SEARCH, WEATHER, call
+
+    words = ["Paris", "is", "warm", "today.", "It", "rains.\n", "Zürich", "東京", "ok", "18", "degrees", "?", "done.",
+             "<b>", "x=1;", "\n\n", "Let", "me", "check."]
+
+    def text(n=None):
+        return " ".join(rng.choice(words) for _ in range(n or rng.randint(1, 7)))
+
+    messages = [{"role": "system", "content": text()}] if rng.random() < .5 else []
+    for _ in range(rng.randint(1, 2)):
+        messages.append({"role": "user", "content": text()})
+        for _ in range(rng.randint(0, 2)):
+            n = 1 if template.startswith("llama") else rng.randint(1, 2)
+            calls = [call(rng.choice(["get_weather", "search"]), {"city": text(1)}, as_string=rng.random() < .5)
+                     for _ in range(n)]
+            turn = {"role": "assistant", "content": rng.choice([None, "", text()]), "tool_calls": calls}
+            if rng.random() < .4:
+                turn["reasoning_content"] = text()
+            if rng.random() < .2:
+                turn["training"] = False
+            messages.append(turn)
+            messages += [{"role": "tool", "name": "get_weather",
+                          "content": rng.choice([text(), "{\"t\": 3}", "<tool_response>x</tool_response>"])} for _ in calls]
+        answer = {"role": "assistant", "content": text()}
+        if rng.random() < .5:
+            answer["reasoning_content"] = text()
+        if rng.random() < .3:
+            b = rng.randint(0, len(answer["content"]) - 1)
+            answer["train_detail"] = detail((b, rng.randint(b, len(answer["content"]) - 1), True))
+        elif rng.random() < .2:
+            answer["training"] = False
+        messages.append(answer)
+    if template.startswith("mistral"):  # 9-character ids, results answer them in order
+        ids = []
+        for m in messages:
+            for c in m.get("tool_calls") or []:
+                c["id"] = f"call{len(ids):05d}"
+                ids.append(c["id"])
+            if m["role"] == "tool" and ids:
+                m["tool_call_id"] = ids.pop(0)
+    return {"tools": [WEATHER, SEARCH], "messages": messages}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", [t for t in TOOL_TEMPLATES if not t.startswith("command_a")])  # kind F: other half
+def test_random_agent_rows_match_axolotl(tok, template):
+    """The full-size check: 15 random agent rows per template × train_on_eos turn/all/last."""
+    import random
+
+    logging.getLogger("axolotl").setLevel(logging.ERROR)
+    rng = random.Random(0)
+    eot = TOOL_TEMPLATES[template]
+    differ = []
+    for _ in range(15):
+        row = random_agent_row(rng, template)
+        if template == "jamba" and any("train_detail" in m for m in row["messages"]):
+            continue  # Axolotl places Jamba's train_detail one token early (README: differences)
+        for train_on_eos in ("turn", "all", "last"):
+            result = compare(tok, template, row, [eot] if eot else None, train_on_eos=train_on_eos, **FLAGS)
+            if result is not None and result[0] != result[1]:
+                differ.append((row, train_on_eos, sorted(set(result[0]) ^ set(result[1]))))
+    assert not differ, differ[:2]

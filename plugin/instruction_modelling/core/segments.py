@@ -23,8 +23,8 @@ How a chat example is segmented
    glue, a token made of content plus template *whitespace* only (" 4", "▁Yes", "?\n"), joins that
    content, since the tokenizer attaches the space to the word the model must produce; a token
    made of output-side content only (".\n" ending a reasoning trace before "\n</think>") is
-   trained; ``train_detail`` spans widen to tokens they cover by two or more characters, as
-   Axolotl's do; and an added token (``<|START_THINKING|>``) that a located turn's edge cuts joins
+   trained; ``train_detail`` spans widen to tokens they partly cover, as Axolotl's do
+   (``_widens``); and an added token (``<|START_THINKING|>``) that a located turn's edge cuts joins
    that turn, since the tokenizer never splits it.
 4. The end token that closes an assistant turn (the tokenizer's EOS or one of Axolotl's
    ``eot_tokens``: the first one within 3 tokens after the turn, Axolotl's rule) joins the output
@@ -50,6 +50,7 @@ renderers, so one function (``encode_pieces``) assigns segments for every format
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -783,7 +784,7 @@ def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_fiel
                or (msg.role == "assistant" and trained
                    and (train_on_eos == "turn" or (train_on_eos == "last" and sp.index == last_assistant))))
         if eot:
-            parts[-1] = Piece(parts[-1].text, parts[-1].segment, parts[-1].glue, Segment.OUTPUT)
+            parts[-1] = dataclasses.replace(parts[-1], end_of_turn=Segment.OUTPUT)
         stretches.append((s, e, parts))
     stretches.sort(key=lambda st: st[0])
 
@@ -934,14 +935,13 @@ def assign_segments(
         # Merged across a boundary. Whitespace glue (" 4", "▁Yes", "?\n") joins the content it
         # touches; so does a token covering only output-side content (".\n" ending a reasoning trace
         # before "</think>": the model generates all of it; it takes the segment it starts in), and
-        # text a train_detail span leaves untrained when at least two of the token's characters are
-        # trained (Axolotl's widening of a span to the tokens it partly covers). Any other template
-        # text keeps the token loss-free.
+        # text a train_detail span leaves untrained where Axolotl widens the span over the token
+        # (``_widens``). Any other template text keeps the token loss-free.
         glue_ok = (len(content) == 1 or all(segs[j] in OUTPUT_SEGMENTS for j in content)) and all(
             pieces[j].widen_into or (pieces[j].glue and not text[max(s, starts[j]):min(e, ends[j])].strip())
             for j in covered if segs[j] == Segment.TEMPLATE
         ) and (not any(pieces[j].widen_into for j in covered)
-               or sum(min(e, ends[j]) - max(s, starts[j]) for j in content) >= 2)
+               or any(_widens(s, e, starts[j], ends[j]) for j in content))
         # An added token is never split, so a boundary inside it is an artefact of the diff that located
         # the turn (Command-A's "<|START_" is common to <|START_THINKING|> and the dummy's
         # <|START_RESPONSE|>): the token differs as a whole and belongs to the turn, as in Axolotl.
@@ -966,6 +966,14 @@ def assign_segments(
                     segment_ids[t] = p.end_of_turn
                 break
     return [int(x) for x in segment_ids], straddled
+
+
+def _widens(s: int, e: int, begin: int, end: int) -> bool:
+    """Whether Axolotl's ``adjust_train_details`` widens the trained span ``[begin, end)`` over the token
+    ``[s, e)`` that it partly covers: a span widens to the token it starts in unless it starts on that
+    token's last character, and to the token it ends in unless it ends on that token's first one."""
+    last = end - 1
+    return (s >= begin or e > begin + 1) and (e - 1 <= last or s < last)
 
 
 def _first_token_at(offsets: Sequence[tuple[int, int]], char_pos: int) -> int:
