@@ -52,3 +52,19 @@ def test_every_option_is_described():
 
 def test_from_cfg_ignores_unset_keys():
     assert IMArgs.from_cfg({"im_mode": "it", "im_output_weight": None, "other": 1}).im_mode == "it"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"im_mode": "it"}, "train none of them (system, user, tool)"),
+    ({"im_role_weights": {"user": 0.0}}, "train no user content (system and tool content is trained)"),
+    ({"im_role_weights": {"user": 0.0, "tool": 0.0}}, "train no user or tool content (system content is trained)"),
+])
+def test_train_on_inputs_refusal_says_what_is_trained(kwargs, message):
+    """train_on_inputs: true with the user weight at 0 is refused; the message names the instruction
+    roles that still carry loss instead of claiming that none do."""
+    pytest.importorskip("axolotl")
+    from instruction_modelling.axolotl.plugin import check_config
+
+    cfg = {"train_on_inputs": True, "datasets": [{"path": "x.jsonl", "type": "instruction_modelling"}]}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_config(cfg, IMArgs(**kwargs))

@@ -24,8 +24,13 @@ from cli_helpers import axolotl_template
 TEMPLATES = ("tulu", "chatml", "llama3")
 
 
+# The templates' end-of-turn tokens, configured as a user configures Axolotl's `eot_tokens` (only EOS
+# and these are trained, as in Axolotl).
+END_TOKENS = ("<|im_end|>", "<|eot_id|>")
+
+
 def encoder(tokenizer, template):
-    return RowEncoder(tokenizer, ChatRenderer(tokenizer, template))
+    return RowEncoder(tokenizer, ChatRenderer(tokenizer, template), end_tokens=END_TOKENS)
 
 
 def runs(ex, trained):
@@ -48,7 +53,7 @@ def check_runs(tokenizer, ex, messages, trained_roles):
     expected = [m for m in messages if m["role"] in trained_roles]
     got = runs(ex, {role_seg[r] for r in trained_roles})
     assert len(got) == len(expected), (got, expected)
-    end_ids = end_of_turn_ids(tokenizer)
+    end_ids = end_of_turn_ids(tokenizer, END_TOKENS)
     for (seg, ids), msg in zip(got, expected):
         assert seg == role_seg[msg["role"]]
         if seg == Segment.OUTPUT:
@@ -160,7 +165,7 @@ def test_every_template_axolotl_ships(tokenizer, name):
     """Contents are found in every template Axolotl 0.19.0 ships (end-of-turn tokens that this tiny
     vocabulary lacks, such as <end_of_turn>, are checked by the three templates above)."""
     enc = encoder(tokenizer, axolotl_template(name))
-    end_ids = end_of_turn_ids(tokenizer)
+    end_ids = end_of_turn_ids(tokenizer, END_TOKENS)
     for conversation in ("single_turn", "system_multi_turn"):
         messages = CONVERSATIONS[conversation]
         if conversation == "system_multi_turn" and name in SYSTEM_DROPPED:

@@ -45,9 +45,15 @@ def check_config(cfg, args) -> bool:
             "trains only type: instruction_modelling datasets (it reads the same chat, Alpaca and "
             "prompt/completion rows); change its type, or remove the plugin"
         )
-    if cfg.get("train_on_inputs") and args.role_weight_map()["user"] <= 0:
+    weights = args.role_weight_map()
+    if cfg.get("train_on_inputs") and weights["user"] <= 0:
+        # The user prompt is the instruction train_on_inputs is about; name what is (not) trained.
+        untrained = [r for r in ("system", "user", "tool") if weights[r] <= 0]
+        trained = [r for r in ("system", "user", "tool") if weights[r] > 0]
+        what = ("none of them (system, user, tool)" if not trained else
+                f"no {' or '.join(untrained)} content ({' and '.join(trained)} content is trained)")
         raise ValueError(
-            "train_on_inputs: true asks for loss on the instructions, but im_mode/im weights train none; "
+            f"train_on_inputs: true asks for loss on the instructions, but im_mode/im weights train {what}; "
             "remove train_on_inputs (the plugin's im_mode: im is what trains instructions)"
         )
     for ds in im:

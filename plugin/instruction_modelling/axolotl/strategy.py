@@ -22,6 +22,7 @@ from instruction_modelling.core.segments import (
     RowFields,
     describe_row,
     detect_format,
+    unconfigured_end_markers,
 )
 
 from . import raw_rows
@@ -30,6 +31,7 @@ LOG = logging.getLogger("axolotl.integrations.instruction_modelling")
 
 ERROR_COLUMN = "_im_error"
 STRADDLED_COLUMN = "_im_straddled"
+SCHEMA_COLUMN = "_im_unweighted_schema_chars"
 
 
 class BadRowsError(ValueError):
@@ -113,6 +115,14 @@ def row_fields_from_dataset_config(ds_cfg: dict) -> RowFields:
     )
 
 
+def template_name_of(cfg, ds_cfg) -> str:
+    """How errors name the chat template: the config's ``chat_template`` value (``falcon_h1``,
+    ``tokenizer_default``), or ``chat_template_jinja`` for an inline template."""
+    name = ds_cfg.get("chat_template") or cfg.get("chat_template") or "tokenizer_default"
+    name = getattr(name, "value", name)  # Axolotl's ChatTemplate enum after validation
+    return "chat_template_jinja" if name == "jinja" else str(name)
+
+
 class InstructionModellingStrategy:
     """Dataset wrapping strategy (Axolotl's ``DatasetWrappingStrategy`` protocol; the plugin registers
     it as a virtual subclass, so importing this module does not import Axolotl)."""
@@ -137,7 +147,8 @@ class InstructionModellingStrategy:
             rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
         readable = [r for r in rows if not isinstance(r, RowError)]
         encoded = iter(self.encoder.encode_rows(readable))
-        out = {k: [] for k in ("input_ids", "attention_mask", "labels", "segment_ids", ERROR_COLUMN, STRADDLED_COLUMN)}
+        out = {k: [] for k in ("input_ids", "attention_mask", "labels", "segment_ids", ERROR_COLUMN, STRADDLED_COLUMN,
+                                         SCHEMA_COLUMN)}
         for row in rows:
             ex = row if isinstance(row, RowError) else next(encoded)
             error = ""
@@ -163,6 +174,7 @@ class InstructionModellingStrategy:
             out["segment_ids"].append(segs)
             out[ERROR_COLUMN].append(error)
             out[STRADDLED_COLUMN].append(straddled)
+            out[SCHEMA_COLUMN].append(0 if error else ex.meta.get("unweighted_schema_chars", 0))
         return out
 
     def _output_field(self, row) -> str:
@@ -196,7 +208,7 @@ class InstructionModellingStrategy:
         errors = encoded[ERROR_COLUMN]
         bad = [(self._where(dataset, i), e) for i, e in enumerate(errors) if e]
         straddled = sum(encoded[STRADDLED_COLUMN])
-        REPORT.add(self.path, len(dataset), bad, straddled)
+        REPORT.add(self.path, len(dataset), bad, straddled, sum(encoded[SCHEMA_COLUMN]))
         if bad and (self.on_bad_rows == "error" or len(bad) == len(dataset)):
             first_where, first_e = bad[0]
             if len(bad) == len(dataset) and self.on_bad_rows == "skip":
@@ -210,7 +222,7 @@ class InstructionModellingStrategy:
             for w, e in bad[:5]:
                 LOG.warning(f"skipped {w}: {e}")
             LOG.warning(f"skipped {len(bad)} of {len(dataset)} rows of {self.path} (im_on_bad_rows: skip)")
-        return encoded.remove_columns([ERROR_COLUMN, STRADDLED_COLUMN])
+        return encoded.remove_columns([ERROR_COLUMN, STRADDLED_COLUMN, SCHEMA_COLUMN])
 
 
     def _where(self, dataset, index: int) -> str:
@@ -221,11 +233,11 @@ class PreprocessReport:
     """Counts of what the dataset pass skipped, reported once at the end of the process."""
 
     def __init__(self):
-        self.entries: list[tuple[str | None, int, list[tuple[str, str]], int]] = []  # bad: (where, why)
+        self.entries: list[tuple[str | None, int, list[tuple[str, str]], int, int]] = []  # bad: (where, why)
         self._registered = False
 
-    def add(self, path, total, bad, straddled):
-        self.entries.append((path, total, bad, straddled))
+    def add(self, path, total, bad, straddled, unweighted_schema_chars=0):
+        self.entries.append((path, total, bad, straddled, unweighted_schema_chars))
         if not self._registered:
             import atexit
 
@@ -234,10 +246,12 @@ class PreprocessReport:
 
     def summary(self) -> str:
         lines = ["instruction_modelling preprocessing report:"]
-        for path, total, bad, straddled in self.entries:
+        for path, total, bad, straddled, schema_chars in self.entries:
             lines.append(
                 f"  {path}: {total} rows, {total - len(bad)} kept, {len(bad)} skipped, "
                 f"{straddled} tokens straddled a template/content boundary (no loss)"
+                + (f", {schema_chars} characters of tool names/descriptions that the chat template rewrites or "
+                   "leaves out (no loss)" if schema_chars else "")
             )
             for w, e in bad[:3]:
                 lines.append(f"    {w}: {e}")
@@ -247,7 +261,7 @@ class PreprocessReport:
         """Log the report once (at the end of preprocessing, or before the model loads in training)."""
         if not self.entries:
             return
-        skipped = any(bad for _, _, bad, _ in self.entries)
+        skipped = any(entry[2] for entry in self.entries)
         try:
             (LOG.warning if skipped else LOG.info)(self.summary())
         except ValueError:  # stream already closed at interpreter exit
@@ -270,15 +284,23 @@ def load(tokenizer, cfg, ds_cfg: dict | None = None, processor=None):
         from axolotl.utils.chat_templates import get_chat_template_from_config
 
         template = get_chat_template_from_config(cfg=cfg, ds_cfg=ds_cfg, tokenizer=tokenizer)
-        render = ChatRenderer(tokenizer, template, dict(cfg.get("chat_template_kwargs") or {}))
+        render = ChatRenderer(tokenizer, template, dict(cfg.get("chat_template_kwargs") or {}),
+                              name=template_name_of(cfg, ds_cfg))
     except ValueError as exc:  # no template: fine for Alpaca / prompt-completion rows
         LOG.info(f"no chat template for {ds_cfg.get('path')}: {exc}")
 
+    end_tokens = tuple(cfg.get("eot_tokens") or ())
+    if render is not None:
+        missing = unconfigured_end_markers(render.chat_template, tokenizer, end_tokens)
+        if missing:
+            LOG.warning(f"the chat template ends turns with {', '.join(missing)}, which is neither the tokenizer's "
+                        f"EOS ({tokenizer.eos_token}) nor in eot_tokens, so the model is not trained to stop (as in "
+                        f"Axolotl's chat_template); set eot_tokens: {list(end_tokens) + missing[:1]} to train it")
     encoder = RowEncoder(
         tokenizer=tokenizer,
         render=render,
         fields=fields,
-        end_tokens=tuple(cfg.get("eot_tokens") or ()),
+        end_tokens=end_tokens,
         train_on_eos=train_on_eos_of(ds_cfg),
         drop_system_message=bool(ds_cfg.get("drop_system_message")),
     )

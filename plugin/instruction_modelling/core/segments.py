@@ -19,14 +19,17 @@ How a chat example is segmented
 3. The whole text is tokenised once, as ``apply_chat_template`` would, and each token takes the
    segment of the characters it covers. A token that straddles template text and content
    (a tokenizer merge across the boundary) is treated conservatively: it becomes a template
-   token and carries no loss (``EncodedExample.straddled`` counts them). The one exception is
-   whitespace glue: a token made of content plus template *whitespace* only (" 4", "▁Yes",
-   "?\n") joins that content, since the tokenizer attaches the space to the word the model
-   must produce.
-4. The end-of-turn token that closes an assistant turn (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...:
-   the first non-whitespace token after the content, if it is one of ``end_token_ids``) joins
-   the output segment, so the model learns to stop. End-of-turn tokens after system and user
-   turns stay template tokens (Axolotl's ``train_on_eos`` chooses otherwise: ``last``, ``all``, ``none``).
+   token and carries no loss (``EncodedExample.straddled`` counts them). The exceptions: whitespace
+   glue, a token made of content plus template *whitespace* only (" 4", "▁Yes", "?\n"), joins that
+   content, since the tokenizer attaches the space to the word the model must produce; a token
+   made of output-side content only (".\n" ending a reasoning trace before "\n</think>") is
+   trained; ``train_detail`` spans widen to tokens they partly cover, as Axolotl's do
+   (``_widens``); and an added token (``<|START_THINKING|>``) that a located turn's edge cuts joins
+   that turn, since the tokenizer never splits it.
+4. The end token that closes an assistant turn (the tokenizer's EOS or one of Axolotl's
+   ``eot_tokens``: the first one within 3 tokens after the turn, Axolotl's rule) joins the output
+   segment, so the model learns to stop. End tokens after system, user and tool turns stay template
+   tokens (Axolotl's ``train_on_eos`` chooses otherwise: ``last``, ``all``, ``none``).
 
 Rows with tools, tool calls, reasoning or other message properties (or empty contents) take a
 second path: each message is located as Axolotl's ``chat_template`` type locates a turn, by
@@ -34,7 +37,10 @@ diffing the real render against one where that message is only ``{role, content:
 What differs is everything the message's fields render to: for an assistant turn its text, the
 tool-call JSON and the template's wrapper around it (all output), with the reasoning trace
 located by a further diff (``Segment.REASONING``). The row's tool schemas are found as the JSON
-the template writes (system content); the template's text around them stays template.
+the template writes, or their names and descriptions as written (system content); the template's
+text around them stays template. An empty system/user/tool content renders nothing of its own
+(template text its emptiness brings stays template), and a row whose tool schemas or tool calls
+the template does not render is refused rather than trained without them.
 Per-message training flags (``trained``, ``train_detail``) mask what they exclude.
 
 Alpaca-style and prompt/completion rows are turned into the same ``Piece`` list by their own
@@ -44,6 +50,7 @@ renderers, so one function (``encode_pieces``) assigns segments for every format
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -103,7 +110,9 @@ DEFAULT_ROLE_ALIASES = {
     "ipython": "tool",
 }
 
-# End-of-turn markers of common chat templates; the tokenizer's EOS is always included.
+# End-of-turn markers of common chat templates. Only the tokenizer's EOS and the configured
+# ``eot_tokens`` are trained (as in Axolotl); these are named in a warning when a template uses one
+# that is not configured (``unconfigured_end_markers``).
 KNOWN_END_OF_TURN_TOKENS = (
     "<|im_end|>",
     "<|eot_id|>",
@@ -113,6 +122,9 @@ KNOWN_END_OF_TURN_TOKENS = (
     "<|end_of_text|>",
     "</s>",
 )
+
+# How many tokens after a turn its end token may come (Axolotl's chat_template allows 3).
+END_OF_TURN_WINDOW = 3
 
 _SENTINEL_OPEN, _SENTINEL_CLOSE = "\ue000", "\ue001"  # private-use chars: never trimmed
 
@@ -135,12 +147,16 @@ class Piece:
             content masked by a training flag (its characters never carry loss).
         end_of_turn: segment that the end-of-turn token right after this piece joins (None: it stays
             template).
+        widen_into: content that a ``train_detail`` span leaves untrained (a TEMPLATE piece): a token
+            that also covers trained content of the turn is trained, as Axolotl widens a span to the
+            tokens it partly covers.
     """
 
     text: str
     segment: Segment
     glue: bool = True
     end_of_turn: Segment | None = None
+    widen_into: bool = False
 
 
 @dataclass(frozen=True)
@@ -478,6 +494,8 @@ def chat_pieces(
     tools: list | None = None,
     train_on_eos: str = "turn",
     thinking_key: str = "reasoning_content",
+    tools_field: str = "tools",
+    stats: dict | None = None,
 ) -> list[Piece]:
     """Split a rendered conversation into template and content pieces.
 
@@ -490,17 +508,26 @@ def chat_pieces(
             the template's text around them stays template.
         train_on_eos: which end-of-turn tokens join the output: ``turn`` (after each trained assistant
             turn), ``last`` (the last one only), ``all`` (after every turn), ``none``.
+        tools_field: the row's field with the tool schemas (named in errors).
+        stats: if given, receives ``unweighted_schema_chars``: characters of the tool schemas' names and
+            descriptions found nowhere in the render (a template that rewrites them; no loss).
 
     Returns:
         Pieces whose texts concatenate to the real render exactly.
+
+    Raises:
+        TemplateError: the template drops, rewrites or interleaves a content, or renders none of the
+            row's tool schemas or of a turn's tool calls (they would be silently left out of training).
     """
     turns = [m.template_turn() for m in messages]
     real = _render(render, turns, tools, messages_field)
     if not tools and _is_plain(messages):
         spans = _plain_spans(messages, turns, real, render, messages_field)
     else:
+        if tools:
+            _check_tools_rendered(tools, turns, real, render, messages_field, tools_field)
         spans = _diff_spans(messages, turns, tools, real, render, messages_field, thinking_key)
-    return _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field)
+    return _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field, stats)
 
 
 def _plain_spans(messages, turns, real, render, messages_field) -> list[_TurnSpan]:
@@ -580,6 +607,30 @@ def _diff_span(real: str, other: str) -> tuple[int, int]:
     return start, len(real) - suffix
 
 
+def _template_named(render) -> str:
+    name = getattr(render, "name", "")
+    return f"the chat template ({name})" if name else "the chat template"
+
+
+def _check_tools_rendered(tools, turns, real, render, messages_field, tools_field) -> None:
+    """Refuse a row whose tool schemas the template leaves out of the render (chatml, llama3 and
+    command_a without documents write no ``tools``): training on it would teach calls to tools the
+    model was never shown. One render without ``tools``: the schemas are what differs."""
+    try:
+        start, end = _diff_span(real, _render(render, turns, None, messages_field))
+    except TemplateError:  # a template that needs `tools` renders them
+        return
+    region = real[start:end]
+    for k, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = (function or tool).get("name") if isinstance(function or tool, dict) else None
+        if not region or (isinstance(name, str) and name and name not in region):
+            what = "the row's tool schemas" if not region else f"the schema of tool {name!r}"
+            raise TemplateError(tools_field if not region else f"{tools_field}[{k}]",
+                                f"{_template_named(render)} does not render {what}, so training would leave them "
+                                "out silently; use a chat template that renders `tools`, or remove the field")
+
+
 def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_key) -> list[_TurnSpan]:
     """Per message, diff the real render against one where that message is ``{role, content:
     sentinel}`` (its tool calls, reasoning, name... dropped), as Axolotl's chat_template type
@@ -593,12 +644,30 @@ def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_k
     spans = []
     for i, (msg, turn) in enumerate(zip(messages, turns)):
         where = f"{messages_field}[{i}]"
+        empty = not msg.content.strip()
+        if empty and set(turn) <= {"role", "content"}:
+            # An empty content renders nothing of its own. Whatever the template writes for it (Command-A
+            # opens a separate system turn when the system prompt is empty) is template text: a sentinel
+            # in its place would take the template down another branch and make that text "content".
+            continue
+        if turn.get("tool_calls"):
+            try:
+                dropped = variant(i, {k: v for k, v in turn.items() if k != "tool_calls"}) == real
+            except TemplateError:  # the template needs them (Mistral's role alternation): rendered
+                dropped = False
+            if dropped:
+                raise TemplateError(f"{where}.tool_calls", f"{_template_named(render)} does not render tool calls, "
+                                    "so training would leave them out silently; use a chat template that renders "
+                                    "`tool_calls`")
         # Axolotl's dummy turn first. Templates that refuse it get, in turn: the turn with its other
         # fields kept (Mistral needs a tool result's tool_call_id), then the conversation without the
         # turn (Mistral's role-alternation check counts an assistant turn without tool_calls; such
-        # templates have no role header, so the difference is exactly what the turn renders).
-        dummies = ({"role": turn["role"], "content": _sentinel(i)},
-                   {**{k: v for k, v in turn.items() if k not in ("tool_calls", thinking_key)}, "content": _sentinel(i)},
+        # templates have no role header, so the difference is exactly what the turn renders). An empty
+        # system/user/tool content stays empty in the dummy, so the diff is what the turn's other fields
+        # render; assistant turns keep Axolotl's sentinel, so that IT trains the tokens Axolotl trains.
+        filler = msg.content if empty and msg.role != "assistant" else _sentinel(i)
+        dummies = ({"role": turn["role"], "content": filler},
+                   {**{k: v for k, v in turn.items() if k not in ("tool_calls", thinking_key)}, "content": filler},
                    None)
         for dummy in dummies:
             try:
@@ -642,9 +711,16 @@ def _diff_spans(messages, turns, tools, real, render, messages_field, thinking_k
     return spans
 
 
-def _tool_schema_spans(tools, real: str, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Where the row's tool schemas appear in the render (as the JSON the template's ``tojson`` writes,
-    or, for templates that write a schema key by key, its values). Text around them is template."""
+def _tool_schema_spans(tools, real: str, taken: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+    """Where the row's tool schemas appear in the render: as the JSON the template's ``tojson`` writes,
+    or, for templates that write a schema key by key, its values as JSON or, failing that, its names
+    and descriptions as written (gemma4's ``description:<|"|>…<|"|>``, Mistral's descriptions with
+    unescaped quotes). Text around them is template.
+
+    Returns:
+        ``(spans, unlocated)``: the spans, and how many characters of the schemas' names and
+        descriptions were found nowhere (a template that rewrites them): those carry no loss.
+    """
 
     def free(a, b):
         return all(b <= s or a >= e for s, e in taken + found)
@@ -660,14 +736,42 @@ def _tool_schema_spans(tools, real: str, taken: list[tuple[int, int]]) -> list[t
                 return True
         return False
 
+    def word_at(j: int, text: str) -> bool:  # not inside a longer identifier ("add" in "additional")
+        before, after = real[j - 1:j], real[j + len(text):j + len(text) + 1]
+        return not (before.isalnum() or before == "_" or after.isalnum() or after == "_")
+
+    def locate_as_written(text: str) -> bool:
+        j = real.find(text)
+        while j >= 0 and not (free(j, j + len(text)) and word_at(j, text)):
+            j = real.find(text, j + 1)
+        if j >= 0:
+            found.append((j, j + len(text)))
+        return j >= 0
+
     found: list[tuple[int, int]] = []
+    written: list[str] = []  # names and descriptions of schemas not written as JSON
     for tool in tools or []:
         function = tool.get("function") if isinstance(tool, dict) else None
         if locate(tool) or (isinstance(function, dict) and locate(function)):
             continue
-        for value in (function or tool).values() if isinstance(function or tool, dict) else ():
-            locate(value)
-    return found
+        for key, value in (function or tool).items() if isinstance(function or tool, dict) else ():
+            if not locate(value):
+                written += _names_and_descriptions(key, value)
+    # Longest first, so that a name inside a description does not take the description's place.
+    unlocated = sum(len(text) for text in sorted(written, key=len, reverse=True)
+                    if text.strip() and not locate_as_written(text))
+    return found, unlocated
+
+
+def _names_and_descriptions(key, value) -> list[str]:
+    """The free text of a schema part: a tool's name, and every ``description`` in it."""
+    if isinstance(value, str):
+        return [value] if key in ("name", "description") else []
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in _names_and_descriptions(k, v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _names_and_descriptions(key, v)]
+    return []
 
 
 def _detail_pieces(text: str, offset: int, detail, segment: Segment) -> list[Piece]:
@@ -681,19 +785,24 @@ def _detail_pieces(text: str, offset: int, detail, segment: Segment) -> list[Pie
     for c in range(1, len(text) + 1):
         if c == len(text) or trained[c] != trained[start]:
             seg = segment if trained[start] else Segment.TEMPLATE
-            pieces.append(Piece(text[start:c], seg, glue=trained[start]))
+            pieces.append(Piece(text[start:c], seg, glue=trained[start], widen_into=not trained[start]))
             start = c
     return pieces
 
 
-def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field) -> list[Piece]:
+def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_field, stats=None) -> list[Piece]:
     spans = sorted(spans, key=lambda sp: sp.region)
     for a, b in zip(spans, spans[1:]):
         if b.region[0] < a.region[1]:
             raise TemplateError(f"{messages_field}[{b.index}]", "the chat template interleaves this message with "
                                 f"message {a.index}; cannot tell their tokens apart")
-    schemas = _tool_schema_spans(tools, real, [sp.region for sp in spans]) if tools else []
-    last_assistant = max((sp.index for sp in spans if messages[sp.index].role == "assistant"), default=-1)
+    schemas, unlocated = _tool_schema_spans(tools, real, [sp.region for sp in spans]) if tools else ([], 0)
+    if stats is not None and unlocated:
+        stats["unweighted_schema_chars"] = unlocated
+    # ``last`` trains the end token of the last *trained* assistant turn, as Axolotl does.
+    last_assistant = max((sp.index for sp in spans
+                          if messages[sp.index].role == "assistant" and messages[sp.index].trained is not False),
+                         default=-1)
 
     # Every labelled stretch of the render in order: (start, end, pieces of that stretch).
     stretches = [(s, e, [Piece(real[s:e], Segment.SYSTEM)]) for s, e in schemas]
@@ -721,7 +830,7 @@ def _pieces_from_spans(messages, spans, real, tools, train_on_eos, messages_fiel
                or (msg.role == "assistant" and trained
                    and (train_on_eos == "turn" or (train_on_eos == "last" and sp.index == last_assistant))))
         if eot:
-            parts[-1] = Piece(parts[-1].text, parts[-1].segment, parts[-1].glue, Segment.OUTPUT)
+            parts[-1] = dataclasses.replace(parts[-1], end_of_turn=Segment.OUTPUT)
         stretches.append((s, e, parts))
     stretches.sort(key=lambda st: st[0])
 
@@ -796,16 +905,30 @@ def prompt_completion_pieces(row: Mapping[str, Any], fields: RowFields) -> list[
 # ----------------------------------------------------------------------------------------
 
 
+def added_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokenizer's added tokens (special or not): matched whole, never split by BPE."""
+    return frozenset(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}))
+
+
 def end_of_turn_ids(tokenizer: Any, extra_tokens: Sequence[str] = ()) -> frozenset[int]:
-    """Ids that close an assistant turn: EOS, ``extra_tokens`` and known markers in the vocab."""
+    """Ids that close an assistant turn: EOS and ``extra_tokens`` (Axolotl's ``eot_tokens``), as
+    Axolotl's chat_template type trains them; nothing is guessed from the template."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab()
-    for tok in (*extra_tokens, *KNOWN_END_OF_TURN_TOKENS):
+    for tok in extra_tokens:
         if tok in vocab:
             ids.add(int(vocab[tok]))
     return frozenset(ids)
+
+
+def unconfigured_end_markers(chat_template: str, tokenizer: Any, extra_tokens: Sequence[str] = ()) -> list[str]:
+    """Known end-of-turn markers (``<|im_end|>``, ``<|eot_id|>``, ...) that the template writes and the
+    vocabulary has as one token, but that are neither EOS nor in ``extra_tokens``: they carry no loss."""
+    vocab = tokenizer.get_vocab()
+    return [tok for tok in KNOWN_END_OF_TURN_TOKENS
+            if tok in chat_template and tok in vocab and tok != tokenizer.eos_token and tok not in extra_tokens]
 
 
 def assign_segments(
@@ -814,6 +937,7 @@ def assign_segments(
     offsets: Sequence[tuple[int, int]],
     input_ids: Sequence[int],
     end_ids: frozenset[int],
+    atomic_ids: frozenset[int] = frozenset(),
 ) -> tuple[list[int], int]:
     """Segment id per token, from character offsets.
 
@@ -823,6 +947,8 @@ def assign_segments(
         offsets: ``(start, end)`` character offsets per token (a fast tokenizer's offset mapping).
         input_ids: token ids (to recognise end-of-turn tokens).
         end_ids: ids that close an assistant turn.
+        atomic_ids: the tokenizer's added tokens (``<|START_THINKING|>``): one such token across a
+            template/content boundary joins the content it touches (see below).
 
     Returns:
         ``(segment_ids, straddled)``.
@@ -852,33 +978,48 @@ def assign_segments(
         if not content:
             piece_of_token[t] = k
             continue
-        # Merged across a template/content boundary. Whitespace glue (" 4", "▁Yes", "?\n") joins
-        # the one content piece it touches; any other template text keeps the token loss-free.
-        glue_ok = len(content) == 1 and all(
-            pieces[j].glue and not text[max(s, starts[j]):min(e, ends[j])].strip() for j in covered if j != content[0]
-        )
+        # Merged across a boundary. Whitespace glue (" 4", "▁Yes", "?\n") joins the content it
+        # touches; so does a token covering only output-side content (".\n" ending a reasoning trace
+        # before "</think>": the model generates all of it; it takes the segment it starts in), and
+        # text a train_detail span leaves untrained where Axolotl widens the span over the token
+        # (``_widens``). Any other template text keeps the token loss-free.
+        glue_ok = (len(content) == 1 or all(segs[j] in OUTPUT_SEGMENTS for j in content)) and all(
+            pieces[j].widen_into or (pieces[j].glue and not text[max(s, starts[j]):min(e, ends[j])].strip())
+            for j in covered if segs[j] == Segment.TEMPLATE
+        ) and (not any(pieces[j].widen_into for j in covered)
+               or any(_widens(s, e, starts[j], ends[j]) for j in content))
+        # An added token is never split, so a boundary inside it is an artefact of the diff that located
+        # the turn (Command-A's "<|START_" is common to <|START_THINKING|> and the dummy's
+        # <|START_RESPONSE|>): the token differs as a whole and belongs to the turn, as in Axolotl.
+        glue_ok = glue_ok or (len(content) == 1 and input_ids[t] in atomic_ids
+                              and all(pieces[j].glue for j in covered if j != content[0]))
         if glue_ok:
             segment_ids[t] = segs[content[0]]
             piece_of_token[t] = content[0]
         else:
             straddled += 1
 
-    # End-of-turn after each piece that closes a turn (``Piece.end_of_turn``): the first
-    # non-whitespace token that starts after the content, inside the following template text.
+    # End-of-turn after each piece that closes a turn (``Piece.end_of_turn``): Axolotl's rule, the
+    # first end token among the 4 tokens from the first one that starts after the turn (templates
+    # put "</tool_response>" or "\n" between a tool result and its <|im_end|>).
     for k, p in enumerate(pieces):
         if p.end_of_turn is None:
             continue
-        t = _first_token_at(offsets, ends[k])
-        while t < len(offsets):
-            s, e = offsets[t]
-            if s >= ends[k] and piece_of_token[t] != -1 and segs[piece_of_token[t]] != Segment.TEMPLATE:
-                break  # reached the next content: no end-of-turn token in between
-            if e > s and text[s:e].strip():
-                if input_ids[t] in end_ids and segment_ids[t] == Segment.TEMPLATE:
+        t0 = _first_token_at(offsets, ends[k])
+        for t in range(t0, min(t0 + END_OF_TURN_WINDOW + 1, len(offsets))):
+            if input_ids[t] in end_ids:
+                if segment_ids[t] == Segment.TEMPLATE:
                     segment_ids[t] = p.end_of_turn
                 break
-            t += 1
     return [int(x) for x in segment_ids], straddled
+
+
+def _widens(s: int, e: int, begin: int, end: int) -> bool:
+    """Whether Axolotl's ``adjust_train_details`` widens the trained span ``[begin, end)`` over the token
+    ``[s, e)`` that it partly covers: a span widens to the token it starts in unless it starts on that
+    token's last character, and to the token it ends in unless it ends on that token's first one."""
+    last = end - 1
+    return (s >= begin or e > begin + 1) and (e - 1 <= last or s < last)
 
 
 def _first_token_at(offsets: Sequence[tuple[int, int]], char_pos: int) -> int:
@@ -917,7 +1058,8 @@ def encode_pieces(
     """
     text = "".join(p.text for p in pieces)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _encoded(text, pieces, enc["input_ids"], enc["offset_mapping"], tokenizer, end_ids, add_bos, add_eos)
+    return _encoded(text, pieces, enc["input_ids"], enc["offset_mapping"], tokenizer, end_ids, add_bos, add_eos,
+                    atomic_ids=added_token_ids(tokenizer))
 
 
 TOKENIZER_CALL_CHARS = 4 * 2**20  # characters of text per batched tokenizer call (a longer row goes alone)
@@ -931,9 +1073,10 @@ def encode_many(
     add_bos: Sequence[bool] | bool = False,
     add_eos: Sequence[bool] | bool = False,
     eos_segment: Segment = Segment.OUTPUT,
+    atomic_ids: frozenset[int] = frozenset(),
 ) -> list[EncodedExample]:
     """``encode_pieces`` for many examples with one batched tokenizer call (faster); an added EOS
-    gets ``eos_segment``."""
+    gets ``eos_segment``; ``atomic_ids``: ``added_token_ids(tokenizer)``."""
     texts = ["".join(p.text for p in pieces) for pieces in batch]
     if not texts:
         return []
@@ -951,15 +1094,15 @@ def encode_many(
             end += 1
         enc = tokenizer(texts[start:end], add_special_tokens=False, return_offsets_mapping=True)
         out += [_encoded(texts[i], batch[i], enc["input_ids"][i - start], enc["offset_mapping"][i - start], tokenizer,
-                         end_ids, bos[i], eos[i], eos_segment) for i in range(start, end)]
+                         end_ids, bos[i], eos[i], eos_segment, atomic_ids) for i in range(start, end)]
         del enc
         start = end
     return out
 
 
 def _encoded(text, pieces, input_ids, offsets, tokenizer, end_ids, add_bos, add_eos,
-             eos_segment=Segment.OUTPUT) -> EncodedExample:
-    segment_ids, straddled = assign_segments(text, pieces, offsets, input_ids, end_ids)
+             eos_segment=Segment.OUTPUT, atomic_ids=frozenset()) -> EncodedExample:
+    segment_ids, straddled = assign_segments(text, pieces, offsets, input_ids, end_ids, atomic_ids)
     input_ids = list(input_ids)
     if add_bos and tokenizer.bos_token_id is not None:
         input_ids.insert(0, int(tokenizer.bos_token_id))
@@ -1007,13 +1150,15 @@ class RowEncoder:
                 f"{type(self.tokenizer).__name__} is a slow one (load it with use_fast=True)"
             )
         self.end_ids = end_of_turn_ids(self.tokenizer, self.end_tokens)
+        self.atomic_ids = added_token_ids(self.tokenizer)
         if self.train_on_eos not in TRAIN_ON_EOS:
             raise ValueError(f"train_on_eos must be one of {', '.join(TRAIN_ON_EOS)}, got {self.train_on_eos!r}")
         if self.add_bos_to_plain is None:
             self.add_bos_to_plain = tokenizer_adds_bos(self.tokenizer)
 
-    def pieces(self, row: Mapping[str, Any]) -> tuple[list[Piece], bool]:
-        """``(pieces, plain)``: plain formats get BOS/EOS ids added around them."""
+    def pieces(self, row: Mapping[str, Any], stats: dict | None = None) -> tuple[list[Piece], bool]:
+        """``(pieces, plain)``: plain formats get BOS/EOS ids added around them; ``stats`` as in
+        ``chat_pieces``."""
         fmt = detect_format(row, self.fields)
         if fmt == "messages":
             if self.render is None:
@@ -1021,7 +1166,8 @@ class RowEncoder:
             f = self.fields
             messages = normalize_messages(row, f, drop_system=self.drop_system_message)
             return chat_pieces(messages, self.render, f.messages, tools=row_tools(row, f),
-                               train_on_eos=self.train_on_eos, thinking_key=f.template_thinking_key), False
+                               train_on_eos=self.train_on_eos, thinking_key=f.template_thinking_key,
+                               tools_field=f.tools, stats=stats), False
         if fmt == "alpaca":
             return alpaca_pieces(row, self.fields), True
         return prompt_completion_pieces(row, self.fields), True
@@ -1036,10 +1182,11 @@ class RowEncoder:
     def encode_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[EncodedExample | RowError]:
         """``encode`` for many rows with one batched tokenizer call; a bad row yields its ``RowError``."""
         results: list[EncodedExample | RowError | None] = [None] * len(rows)
-        good, batch, plain = [], [], []
+        good, batch, plain, stats = [], [], [], []
         for i, row in enumerate(rows):
+            row_stats: dict = {}
             try:
-                pieces, is_plain = self.pieces(row)
+                pieces, is_plain = self.pieces(row, row_stats)
             except RowError as exc:
                 results[i] = exc
                 continue
@@ -1050,10 +1197,12 @@ class RowEncoder:
             good.append(i)
             batch.append(pieces)
             plain.append(is_plain)
+            stats.append(row_stats)
         try:
             encoded = encode_many(batch, self.tokenizer, self.end_ids,
                                   add_bos=[p and self.add_bos_to_plain for p in plain], add_eos=plain,
-                                  eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT)
+                                  eos_segment=Segment.TEMPLATE if self.train_on_eos == "none" else Segment.OUTPUT,
+                                  atomic_ids=self.atomic_ids)
         except (TypeError, UnicodeEncodeError):
             # The tokenizer takes only valid Unicode: a lone surrogate ("\ud800" in JSON) fails the
             # whole batch. Name the rows that hold one and encode the rest (no cost when none does).
@@ -1068,7 +1217,8 @@ class RowEncoder:
             for k, ex in zip(keep, rest):
                 results[good[k]] = ex
             return results
-        for i, ex in zip(good, encoded):
+        for i, ex, row_stats in zip(good, encoded, stats):
+            ex.meta.update(row_stats)
             results[i] = ex
         return results
 
@@ -1098,6 +1248,7 @@ class ChatRenderer:
     tokenizer: Any
     chat_template: str
     template_kwargs: dict = field(default_factory=dict)
+    name: str = ""  # how errors name the template (the config's `chat_template`, e.g. ``falcon_h1``)
 
     def __call__(self, messages, tools=None):
         # Same inputs as Axolotl's chat_template type: its template kwargs, then ``tools`` when given.
