@@ -422,7 +422,7 @@ def test_intervals_and_minimum_size_warning_in_json_and_text(capsys):
     assert any("fewer than 200" in w for w in rep["warnings"])
     assert main([str(path)]) == 0
     text = capsys.readouterr().out
-    assert "95% bootstrap interval" in text and "WARNING: only 12 examples" in text
+    assert "95% interval (percentile bootstrap)" in text and "WARNING: only 12 examples" in text
     assert "PLW's Rg (output/prompt per example), words with template:" in text
 
 
@@ -486,3 +486,19 @@ def test_each_rule_cites_a_paper_or_says_it_is_ours(capsys):
     for reason in rec["reasons"]:
         if "sweep" not in reason:
             assert any(f"[{tag}" in reason for tag in ("Shi et al.", "PLW", "WIT", "our heuristic")), reason
+
+
+def test_large_data_intervals_use_the_delta_method_and_agree_with_the_bootstrap(monkeypatch):
+    """Above BOOTSTRAP_MAX_ROWS resampling would cost seconds; the normal intervals must match it."""
+    import numpy as np
+
+    from instruction_modelling.commands import diagnose as d
+
+    rng = np.random.default_rng(3)
+    instr, out = rng.lognormal(3, 1, 5000), rng.lognormal(4, 1.2, 5000)
+    boot = d.bootstrap_intervals(instr, out, {"rg": instr})
+    monkeypatch.setattr(d, "BOOTSTRAP_MAX_ROWS", 1000)
+    normal = d.bootstrap_intervals(instr, out, {"rg": instr})
+    assert (boot["method"], normal["method"]) == ("percentile bootstrap", "normal (delta method)")
+    for b, n in [(boot["ratio"], normal["ratio"]), (boot["rg"]["geometric"], normal["rg"]["geometric"])]:
+        assert n == pytest.approx(b, rel=0.01)
