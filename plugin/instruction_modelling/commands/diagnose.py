@@ -37,19 +37,20 @@ The paper fits the relative AlpacaEval 1.0 gain of IM over IT (in %) with natura
 * ratio fit: ``18.85·ln(ratio) + 25.83`` (19 datasets, ratio 0.09 to 26),
 * size fit:  ``−39.37·ln(N) + 431.74`` (Tulu V2 subsets of ratio ≈ 10, N from 1k to 35k).
 
-Each predicted gain becomes a vote for IM between 0 and 1, rising linearly from 0 at a
-predicted gain of ``VOTE_ZERO_AT`` (0%) to 1 at ``VOTE_ONE_AT`` (+5%). Both votes 1: IM (weight
-1.0, range 0.5-1.0); both 0: IT (0.0, range 0.0-0.1); otherwise a partial instruction weight,
-half the mean vote (WIT's best prompt weights lie in 0-0.5) held within WIT's per-benchmark
-average best weights 0.17-0.48, with PLW's generation ratio Rg (per-example output/instruction
-length, arithmetic and geometric mean) widening the range where PLW found the weight matters
-(short completions). docs/weighting.md gives the rule and its sources; every reason printed
-cites its source. LIMA gets 0.25 (long outputs, few examples; the paper measured no
-AlpacaEval gain) and Alpagasus Dolly 3k, Alpaca 5k and the LESS sets IM. The fits come from
-LLaMA-2-7B full fine-tuning,
-are noisy (points lie tens of percentage points off the lines) and the size fit was only
-measured at ratio ≈ 10; treat the forecast as a prior, and check with ``analyze losses`` after
-training.
+Each predicted gain becomes a vote for IM between 0 and 1 (0 at a predicted 0%, 1 at +5%: our
+thresholds). The size fit votes only inside the range it was measured on; outside, its
+extrapolation is not used and its vote at the range's end fades out over a factor ``SIZE_FADE``,
+so the ratio fit decides alone. The combined vote maps continuously onto the instruction weight
+(0 = IT, 0.25 = the centre of WIT's best region when the fits disagree, 1 = IM). The range adds
+the weights at the ends of the ratio's bootstrap interval and the sources' findings: WIT's best
+region and per-benchmark averages, and PLW's small weights 0.01-0.5 when PLW's generation ratio
+Rg (per-example output/prompt length, counted with the template as PLW does) is below 1. Every
+reason names its source, or says ``[our heuristic]``; docs/weighting.md tabulates the rule and
+docs/diagnostics.md how sure it is (intervals, the 200-row minimum). LIMA gets 0.25 (long
+outputs, few examples; the paper measured no AlpacaEval gain) and Alpagasus Dolly 3k, Alpaca 5k
+and the LESS sets IM. The fits come from LLaMA-2-7B full fine-tuning, are noisy (points lie tens
+of percentage points off the lines) and the size fit was only measured at ratio ≈ 10; treat the
+forecast as a prior, and check with ``analyze losses`` after training.
 """
 
 from __future__ import annotations
