@@ -340,7 +340,7 @@ def test_generation_ratio_arithmetic_and_geometric():
 
 
 @pytest.mark.parametrize("rg, span", [
-    ({"arithmetic": 0.5, "geometric": 0.4, "examples": 10}, [0.01, 1.0]),  # PLW short completions: task-dependent
+    ({"arithmetic": 0.5, "geometric": 0.4, "examples": 10}, [0.01, 1.0]),  # PLW short completions: 0.01-0.5 or about 1
     ({"arithmetic": 8.0, "geometric": 3.0, "examples": 10}, [0.17, 0.48]),  # PLW: no effect; WIT's averages
 ])
 def test_weak_paper_signal_range_follows_plw_regime(rg, span):
@@ -365,3 +365,140 @@ def test_continuous_recommendation_on_paper_data(name, weight, span, capsys):
     text = capsys.readouterr().out
     for tag in ("[Shi et al. 2024, Fig. 2]", "[PLW]", "[WIT]", "arXiv 2401.13586", "arXiv 2507.07817"):
         assert tag in text
+
+
+# -- Issue 21: the recommendation with its uncertainty ---------------------------------------
+
+
+def _weights(ratios, sizes):
+    return [[recommend(float(r), int(n))["instruction_weight"] for n in sizes] for r in ratios]
+
+
+def test_weight_is_continuous_and_monotone_over_ratio_and_size():
+    """Continuity everywhere; non-decreasing in the ratio (the ratio fit's slope is positive: longer
+    instructions, more gain from IM); non-increasing in N from the size fit's lower end up (its slope is
+    negative inside its range, and beyond 35k it fades out, leaving the ratio fit). Below 1k no
+    monotonicity in N is asserted: the size fit's evidence fades there too, towards the ratio fit alone."""
+    import numpy as np
+
+    ratios, sizes = np.geomspace(0.01, 100, 120), np.geomspace(100, 1_000_000, 120).round()
+    w = np.array(_weights(ratios, sizes))
+    assert (np.diff(w, axis=0) >= 0).all(), "weight decreases somewhere as the ratio grows"
+    from_1k = sizes >= 1000
+    assert (np.diff(w[:, from_1k], axis=1) <= 0).all(), "weight grows somewhere with N above 1k examples"
+    # Continuity: on fine lines across the steepest places, neighbours differ by little, and by less on a finer grid.
+    for step in (400, 4000):
+        across_ratio = np.array(_weights(np.geomspace(0.2, 0.4, step), [2000]))[:, 0]
+        across_size = np.array(_weights([10.0, 0.1, 0.3], np.geomspace(500, 200_000, step).round()))
+        jump = max(np.abs(np.diff(across_ratio)).max(), np.abs(np.diff(across_size, axis=1)).max())
+        assert jump <= (0.03 if step == 400 else 0.011), f"weight jumps by {jump} on a {step}-point line"
+    # The cliff of the parent commit: ratio 10, 50k rows gave 1.0, 58k rows 0.25.
+    assert recommend(10, 50_000)["instruction_weight"] == recommend(10, 58_000)["instruction_weight"] == 1.0
+
+
+@pytest.mark.parametrize("ratio, size, weight", [
+    (10.0, 200_000, 1.0),   # the size fit extrapolates to -49% (IT); unmeasured there: the ratio fit decides
+    (0.05, 100, 0.0),       # the size fit extrapolates to +250% (IM); unmeasured there: the ratio fit decides
+    (0.05, 1_030, 0.25),    # inside the range it counts fully: the two fits disagree
+])
+def test_size_fit_decides_only_inside_its_measured_range(ratio, size, weight):
+    rec = recommend(ratio, size)
+    assert rec["instruction_weight"] == weight
+    inside = 1_000 <= size <= 35_000
+    assert rec["size_fit_reliance"] == (1.0 if inside else 0.0)
+    assert any("not used" in r for r in rec["reasons"]) == (not inside)
+
+
+def test_intervals_and_minimum_size_warning_in_json_and_text(capsys):
+    path = FIXTURES / "alpagasus_triples.json"  # 12 Alpaca rows: long prompts with the template, short answers
+    assert main([str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    low, high = rep["intervals"]["ratio"]
+    assert low < rep["ratio"] < high and rep["intervals"]["level"] == 0.95
+    for key in ("rg", "rg_with_template"):
+        for mean in ("arithmetic", "geometric"):
+            lo, hi = rep[key]["interval"][mean]
+            assert lo <= rep[key][mean] <= hi
+    assert any("fewer than 200" in w for w in rep["warnings"])
+    assert main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "95% interval (percentile bootstrap)" in text and "WARNING: only 12 examples" in text
+    assert "PLW's Rg (output/prompt per example), words with template:" in text
+
+
+def test_alpaca_template_moves_rg_below_1_and_the_range_takes_plw_small_weights(capsys):
+    """PLW counts Rg with the template: the Alpaca preamble turns these rows' Rg (geometric mean about
+    0.65 in plain words) into about 0.16, PLW's short-completion regime, and the range then reaches
+    PLW's small weights although both seed-paper fits favour IM."""
+    from instruction_modelling.core.segments import ALPACA_PROMPT_NO_INPUT
+
+    rows = [{"instruction": "Name the largest planet of the solar system, please.", "input": "", "output": "Jupiter."}]
+    path = FIXTURES / "alpagasus_triples.json"
+    assert main([str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rg_with_template"]["geometric"] < 0.5 < rep["rg"]["geometric"]
+    assert rep["recommendation"]["plw_regime"] == "short" and rep["recommended_instruction_weight"] == 1.0
+    assert rep["recommended_range"][0] == 0.01
+    # The template's words are those of the Alpaca preamble and section tags.
+    from instruction_modelling.commands.diagnose import _prompt_template_words
+    from instruction_modelling.core.segments import RowFields
+
+    expected = len(ALPACA_PROMPT_NO_INPUT.replace("{instruction}", "").replace("{input}", "").split())
+    assert _prompt_template_words(rows[0], "alpaca", RowFields(), 2) == expected
+
+
+def test_tokens_rg_with_template_splits_every_token(tokenizer_dir):
+    rep = diagnose(FIXTURES / "diag_alpaca.json", tokenizer=str(tokenizer_dir))
+    t = rep["tokens"]
+    assert t["rg_with_template"]["geometric"] < t["rg"]["geometric"]
+    assert rep["recommendation"]["reasons"] and any("tokens with the template (PLW's count)" in r
+                                                    for r in rep["recommendation"]["reasons"])
+
+
+def test_intervals_flag_the_regime_flips_of_ten_row_samples():
+    """On 10 random rows of Alpagasus Dolly 3k (Rg with the template), the point estimate gets PLW's
+    regime wrong in a sizeable share of draws; with the intervals a wrong regime is never asserted:
+    the draw says `uncertain` instead."""
+    import random
+
+    from instruction_modelling.commands import diagnose as d
+
+    src = d.load_sources(_shared("alpagasus_dolly_3k.jsonl"))[0]
+    c = d._count(src, "skip")
+    prompts = [i + t for i, t in zip(c.instruction_words, c.template_words)]
+    truth = d.plw_regime(d.generation_ratio(prompts, c.output_words))
+    rng, flips, asserted_wrong, draws = random.Random(0), 0, 0, 100
+    for k in range(draws):
+        idx = rng.sample(range(len(prompts)), 10)
+        p, o = [prompts[i] for i in idx], [c.output_words[i] for i in idx]
+        rg = d.generation_ratio(p, o)
+        ci = d.bootstrap_intervals(p, o, {"rg": p}, resamples=300, seed=k)["rg"]
+        flips += d.plw_regime(rg) != truth
+        asserted_wrong += d.plw_regime(rg, ci) not in ("uncertain", truth)
+    assert truth == "long" and flips >= 5 and asserted_wrong == 0
+
+
+def test_each_rule_cites_a_paper_or_says_it_is_ours(capsys):
+    assert main([str(FIXTURES / "alpagasus_triples.json")]) == 0
+    text = capsys.readouterr().out
+    assert "[our heuristic]" in text and "On the Effect of Instruction Tuning Loss on Generalization" in text
+    rec = recommend(0.0942, 1030)
+    for reason in rec["reasons"]:
+        if "sweep" not in reason:
+            assert any(f"[{tag}" in reason for tag in ("Shi et al.", "PLW", "WIT", "our heuristic")), reason
+
+
+def test_large_data_intervals_use_the_delta_method_and_agree_with_the_bootstrap(monkeypatch):
+    """Above BOOTSTRAP_MAX_ROWS resampling would cost seconds; the normal intervals must match it."""
+    import numpy as np
+
+    from instruction_modelling.commands import diagnose as d
+
+    rng = np.random.default_rng(3)
+    instr, out = rng.lognormal(3, 1, 5000), rng.lognormal(4, 1.2, 5000)
+    boot = d.bootstrap_intervals(instr, out, {"rg": instr})
+    monkeypatch.setattr(d, "BOOTSTRAP_MAX_ROWS", 1000)
+    normal = d.bootstrap_intervals(instr, out, {"rg": instr})
+    assert (boot["method"], normal["method"]) == ("percentile bootstrap", "normal (delta method)")
+    for b, n in [(boot["ratio"], normal["ratio"]), (boot["rg"]["geometric"], normal["rg"]["geometric"])]:
+        assert n == pytest.approx(b, rel=0.01)

@@ -37,19 +37,20 @@ The paper fits the relative AlpacaEval 1.0 gain of IM over IT (in %) with natura
 * ratio fit: ``18.85·ln(ratio) + 25.83`` (19 datasets, ratio 0.09 to 26),
 * size fit:  ``−39.37·ln(N) + 431.74`` (Tulu V2 subsets of ratio ≈ 10, N from 1k to 35k).
 
-Each predicted gain becomes a vote for IM between 0 and 1, rising linearly from 0 at a
-predicted gain of ``VOTE_ZERO_AT`` (0%) to 1 at ``VOTE_ONE_AT`` (+5%). Both votes 1: IM (weight
-1.0, range 0.5-1.0); both 0: IT (0.0, range 0.0-0.1); otherwise a partial instruction weight,
-half the mean vote (WIT's best prompt weights lie in 0-0.5) held within WIT's per-benchmark
-average best weights 0.17-0.48, with PLW's generation ratio Rg (per-example output/instruction
-length, arithmetic and geometric mean) widening the range where PLW found the weight matters
-(short completions). docs/weighting.md gives the rule and its sources; every reason printed
-cites its source. LIMA gets 0.25 (long outputs, few examples; the paper measured no
-AlpacaEval gain) and Alpagasus Dolly 3k, Alpaca 5k and the LESS sets IM. The fits come from
-LLaMA-2-7B full fine-tuning,
-are noisy (points lie tens of percentage points off the lines) and the size fit was only
-measured at ratio ≈ 10; treat the forecast as a prior, and check with ``analyze losses`` after
-training.
+Each predicted gain becomes a vote for IM between 0 and 1 (0 at a predicted 0%, 1 at +5%: our
+thresholds). The size fit votes only inside the range it was measured on; outside, its
+extrapolation is not used and its vote at the range's end fades out over a factor ``SIZE_FADE``,
+so the ratio fit decides alone. The combined vote maps continuously onto the instruction weight
+(0 = IT, 0.25 = the centre of WIT's best region when the fits disagree, 1 = IM). The range adds
+the weights at the ends of the ratio's bootstrap interval and the sources' findings: WIT's best
+region and per-benchmark averages, and PLW's small weights 0.01-0.5 when PLW's generation ratio
+Rg (per-example output/prompt length, counted with the template as PLW does) is below 1. Every
+reason names its source, or says ``[our heuristic]``; docs/weighting.md tabulates the rule and
+docs/diagnostics.md how sure it is (intervals, the 200-row minimum). LIMA gets 0.25 (long
+outputs, few examples; the paper measured no AlpacaEval gain) and Alpagasus Dolly 3k, Alpaca 5k
+and the LESS sets IM. The fits come from LLaMA-2-7B full fine-tuning, are noisy (points lie tens
+of percentage points off the lines) and the size fit was only measured at ratio ≈ 10; treat the
+forecast as a prior, and check with ``analyze losses`` after training.
 """
 
 from __future__ import annotations
@@ -79,25 +80,44 @@ RATIO_FIT = (18.85, 25.83)
 SIZE_FIT = (-39.37, 431.74)
 # Ranges the fits were measured on (paper.md §5.2); outside them the forecast extrapolates.
 RATIO_FIT_RANGE = (0.09, 26.5)  # LIMA 0.094 (0.092 in plain words) to Less MMLU Chat 26.33
-SIZE_FIT_RANGE = (1_000, 35_000)
+SIZE_FIT_RANGE = (1_000, 35_000)  # Tulu V2 subsets 1k-35k, ratio ≈ 10
+# Outside SIZE_FIT_RANGE the size fit's own (extrapolated) prediction is never used: the value it
+# has at the nearest end of the range is relied on less and less, down to not at all a factor
+# SIZE_FADE beyond it (our heuristic; a hard cut-off would make the weight jump at 35k examples).
+SIZE_FADE = 2.0
 # A predicted gain at or below VOTE_ZERO_AT is a vote for IT, at or above VOTE_ONE_AT one for IM.
 VOTE_ZERO_AT = 0.0
 VOTE_ONE_AT = 5.0
+# Percentile bootstrap over rows: the ratio and Rg of a resampled data set, BOOTSTRAP_RESAMPLES times.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_LEVEL = 0.95
+BOOTSTRAP_SEED = 0  # fixed: the same file always gets the same intervals
+# Above this many rows the sample means are normal to a good approximation and resampling costs
+# seconds (17 s at 300k rows): the intervals come from the delta method instead.
+BOOTSTRAP_MAX_ROWS = 20_000
+# Below this many examples the 95% percentile intervals themselves undercover: on random subsets of
+# LIMA and Alpagasus Dolly 3k they held the whole file's ratio and Rg 73-93% of the time at 10 rows,
+# 88-96% at 100 and 92-97% at 200 (docs/diagnostics.md, "How sure is it?").
+MIN_EXAMPLES = 200
 
 # Where each signal of the recommendation comes from: a short tag cited in each reason, the
-# full reference listed under "Sources" in the text output.
-CITE = {"paper": "Shi et al. 2024, Fig. 2", "plw": "PLW", "wit": "WIT"}
+# full reference listed under "Sources" in the text output. "ours" marks our own mappings.
+CITE = {"paper": "Shi et al. 2024, Fig. 2", "plw": "PLW", "wit": "WIT", "ours": "our heuristic"}
 SOURCES = {
     "paper": "Shi et al. 2024, Fig. 2: Instruction Tuning With Loss Over Instructions (NeurIPS 2024), arXiv 2405.14394; "
-             "LLaMA-2-7B, AlpacaEval 1.0",
-    "plw": "PLW: Huerta-Enochian & Ko, Instruction Fine-Tuning: Does Prompt Loss Matter?, arXiv 2401.13586; "
-           "LLaMA-1/2 7B, 10 prompt weights 0-1",
-    "wit": "WIT: Weighted Instruction Tuning, arXiv 2507.07817 (TACL), github.com/kowndinya-renduchintala/WIT; "
-           "525 runs, 5 models x LIMA / Alpaca-Cleaned / Tulu-v2",
+             "LLaMA-2-7B, AlpacaEval 1.0; ratio fit on 19 datasets (ratio 0.09-26), size fit on Tulu V2 subsets of "
+             "1k-35k examples at ratio ≈ 10",
+    "plw": "PLW: Huerta-Enochian & Ko, Instruction Fine-Tuning: Does Prompt Loss Matter?, arXiv 2401.13586 "
+           "(final version); LLaMA-1/2 7B, 10 prompt weights 0-1; Rg counted in tokens, template included",
+    "wit": "WIT: Chatterjee et al., On the Effect of Instruction Tuning Loss on Generalization, arXiv 2507.07817 "
+           "(TACL), github.com/kowndinya-renduchintala/WIT; 525 runs, 5 models x LIMA / Alpaca-Cleaned / Tulu-v2",
+    "ours": "this tool: the vote thresholds (0% and +5%), the vote-to-weight mapping, the fade of the size fit "
+            "outside its range, the bootstrap intervals and the minimum size are our own choices, not any paper's",
 }
-PLW_SHORT = ("PLW found performance a negative quadratic in the prompt weight, best at 0.01-0.1 for multiple "
-             "choice and short generation and about 1 for long generation")
+PLW_SHORT = ("PLW found performance a negative quadratic in the prompt weight, best at small weights (0.01-0.5) for "
+             "multiple choice and short generation and about 1 for long generation")
 PLW_LONG = "PLW found the prompt weight has no significant effect on long-completion data"
+PLW_SMALL = (0.01, 0.5)  # PLW (final version): best prompt weights for multiple choice and short generation
 WIT_REGION = (0.0, 0.5)  # WIT: best prompt weights λp 0-0.5 (with response weights 0.5-1)
 WIT_BEST_AVERAGE = (0.17, 0.48)  # WIT: average best λp per benchmark, BBH 0.17 to IFEval 0.48
 
@@ -105,13 +125,18 @@ CAVEATS = (
     "The fits come from LLaMA-2-7B full fine-tuning, scored by AlpacaEval 1.0 (GPT-4 judge); other "
     "models, PEFT and other benchmarks may behave differently.",
     "Both fits are noisy: the paper's points lie tens of percentage points off the lines, so read the "
-    "predicted gains as a direction, not a number.",
-    "The size fit was measured on Tulu V2 subsets whose ratio is about 10; at low ratios the size effect "
-    "is unmeasured.",
+    "predicted gains as a direction, not a number. The bootstrap intervals cover only the sampling noise of "
+    "this data's lengths, not the fits' own error.",
+    "The size fit was measured on Tulu V2 subsets whose ratio is about 10 and whose size is 1k-35k; at low "
+    "ratios and outside that size range the size effect is unmeasured, and it is not used there.",
     "IM also trains on the instructions: toxic, biased or templated prompt text is learned too "
     "(paper §5).",
     "Lengths are in words, as in the paper's Table 5 (len(text.split())); the paper's own counts are "
-    "one word higher per message (see table5_convention). PLW measured Rg in tokens.",
+    "one word higher per message (see table5_convention). PLW measured Rg in tokens with the template "
+    "(rg_with_template; exact with --tokenizer).",
+    "Our instruction weight applies to instruction content only (template tokens carry no loss, Eq. 4); "
+    "PLW's and WIT's released code weight the whole prompt, template and BOS included, so their weights "
+    "are not exactly ours (docs/weighting.md).",
     "PLW and WIT score other benchmarks (multiple choice, short generation, IFEval, BBH) than the seed paper's "
     "AlpacaEval; their best weights need not carry over to open-ended generation, nor to other models.",
 )
@@ -131,13 +156,47 @@ def _vote(gain: float) -> float:
     return min(1.0, max(0.0, (gain - VOTE_ZERO_AT) / (VOTE_ONE_AT - VOTE_ZERO_AT)))
 
 
+def size_evidence(examples: float) -> tuple[float, float]:
+    """``(vote, reliance)`` of the size fit: its vote at ``examples`` inside the range it was measured
+    on (reliance 1); outside, its vote at the nearest end of that range, relied on linearly less in
+    ln(N) until a factor ``SIZE_FADE`` beyond (reliance 0). Its extrapolated prediction never counts."""
+    low, high = SIZE_FIT_RANGE
+    if low <= examples <= high:
+        return _vote(predicted_gain_from_size(examples)), 1.0
+    edge = low if examples < low else high
+    reliance = max(0.0, 1.0 - abs(math.log(examples / edge)) / math.log(SIZE_FADE))
+    return _vote(predicted_gain_from_size(edge)), reliance
+
+
+def paper_vote(ratio: float, examples: float) -> float:
+    """The seed paper's vote for IM in [0, 1]: the ratio vote and the size vote averaged, the size vote
+    weighted by its reliance (so outside the size fit's range the ratio fit decides alone)."""
+    v_size, reliance = size_evidence(examples)
+    return (_vote(predicted_gain_from_ratio(ratio)) + reliance * v_size) / (1.0 + reliance)
+
+
+def weight_from_vote(vote: float) -> float:
+    """Our mapping (a heuristic) from the paper's vote to an instruction weight: continuous and
+    increasing, 0 at vote 0 (IT), the centre of WIT's best region 0-0.5 (0.25) when the two fits
+    disagree (vote 0.5), 1 at vote 1 (IM); linear in between."""
+    vote = min(1.0, max(0.0, vote))
+    return WIT_REGION[1] * vote if vote <= 0.5 else 0.25 + 1.5 * (vote - 0.5)
+
+
+def recommended_weight(ratio: float, examples: float) -> float:
+    """The recommended instruction weight, unrounded (``recommend`` rounds it to 2 decimals)."""
+    return weight_from_vote(paper_vote(ratio, examples))
+
+
 def generation_ratio(instruction_lengths: Sequence[float], output_lengths: Sequence[float]) -> dict[str, float]:
     """PLW's generation ratio Rg: per-example output/instruction length, as arithmetic and geometric means.
 
-    PLW (Huerta-Enochian & Ko 2024) defines Rg as the mean ratio of completion to prompt length;
-    its companion code (github.com/davidsvaughn/prompt-loss-weight, ``gen_ratios.py`` line 183)
-    takes the arithmetic mean and plots its log. The arithmetic mean is pulled up by a few very
-    long outputs, so the geometric mean is reported beside it. Rows with an empty side are left out.
+    PLW (Huerta-Enochian & Ko 2024) defines Rg as the mean ratio of completion to prompt length,
+    counted in tokens with the prompt template. D. Vaughn's article on PLW (its code,
+    github.com/davidsvaughn/prompt-loss-weight, ``gen_ratios.py`` line 183; not the PLW paper's
+    code) takes the arithmetic mean and plots its log. The arithmetic mean is pulled up by a few
+    very long outputs, so the geometric mean is reported beside it. Rows with an empty side are
+    left out.
     """
     ratios = [o / i for i, o in zip(instruction_lengths, output_lengths) if i > 0 and o > 0]
     if not ratios:
@@ -146,65 +205,180 @@ def generation_ratio(instruction_lengths: Sequence[float], output_lengths: Seque
             "examples": len(ratios)}
 
 
-def _continuous_weight(vote: float, rg: Mapping[str, float] | None) -> tuple[float, list[float], list[str]]:
-    """``(weight, [low, high], reasons)``: the seed paper's vote combined with PLW's and WIT's findings."""
-    reasons = []
-    short = long_ = False
-    if rg and rg.get("examples"):
-        a, g = rg["arithmetic"], rg["geometric"]
-        short, long_ = a < 1 and g < 1, a >= 1 and g >= 1
-        side = ("short completions (Rg < 1): " + PLW_SHORT) if short else ("long completions (Rg >= 1): " + PLW_LONG) \
-            if long_ else "the arithmetic and geometric means fall on either side of 1: PLW's two regimes are mixed here"
-        reasons.append(f"Rg (output/instruction words per example) arithmetic {a:.3g}, geometric {g:.3g}: {side} "
-                       f"[{CITE['plw']}]")
-    if vote >= 1:
-        weight, span = 1.0, [0.5, 1.0]
-        why = "the seed paper's fits both favour IM"
-        why += (", and for long generation PLW's short-completion curve peaks at about 1: weight 1.0 (IM)" if short
-                else ": weight 1.0 (IM)")
-        reasons.append(why + f"; the range reaches down to 0.5, the top of WIT's best region [{CITE['wit']}]")
-    elif vote <= 0:
-        weight, span = 0.0, [0.0, 0.1]
-        reasons.append("the seed paper's fits both favour IT: weight 0.0 (IT); the range reaches 0.1 because WIT's best "
-                       f"prompt weight was non-zero in 43 of 75 settings and PLW's best small weights were 0.01-0.1 "
-                       f"[{CITE['wit']}; {CITE['plw']}]")
-    else:
-        weight = min(WIT_BEST_AVERAGE[1], max(WIT_BEST_AVERAGE[0], round(vote * WIT_REGION[1], 2)))
-        span = list(WIT_BEST_AVERAGE)
-        reasons.append(f"the seed paper's fits disagree or are weak (vote {vote:.2f} for IM): mapped onto WIT's best "
-                       f"prompt-weight region 0-0.5 and held within its per-benchmark average best weights "
-                       f"{WIT_BEST_AVERAGE[0]}-{WIT_BEST_AVERAGE[1]}: weight {weight} [{CITE['wit']}]")
-        if short:
-            span = [0.01, 1.0]
-            reasons.append("with short completions PLW found the best weight depends on the task: 0.01-0.1 for "
-                           f"multiple choice and short answers, about 1 for long generation [{CITE['plw']}]")
-    return weight, span, reasons
+def bootstrap_intervals(instruction: Sequence[float], output: Sequence[float],
+                        rg_prompts: Mapping[str, Sequence[float]] = {}, rg_outputs: Mapping[str, Sequence[float]] = {},
+                        resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL,
+                        seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Percentile bootstrap intervals over rows, all statistics from the same resamples.
+
+    ``ratio``: the ratio of mean instruction to mean output lengths. For each name in
+    ``rg_prompts``: Rg's arithmetic and geometric means of output/prompt per example, with
+    ``rg_outputs[name]`` as outputs (default ``output``). Returns ``{"level", "resamples",
+    "ratio": [low, high], "<name>": {"arithmetic": [low, high], "geometric": [low, high]}}``.
+    """
+    import numpy as np
+
+    n = len(output)
+    rng = np.random.default_rng(seed)
+    instr, out = np.asarray(instruction, dtype=float), np.asarray(output, dtype=float)
+    cols = {"instruction": instr, "output": out}
+    for name, prompt in rg_prompts.items():
+        p = np.asarray(prompt, dtype=float)
+        o = np.asarray(rg_outputs.get(name, output), dtype=float)
+        valid = (p > 0) & (o > 0)
+        r = np.where(valid, o / np.where(valid, p, 1.0), 0.0)
+        cols[f"{name}.valid"], cols[f"{name}.r"] = valid.astype(float), r
+        cols[f"{name}.logr"] = np.where(valid, np.log(np.where(valid, r, 1.0)), 0.0)
+    if n > BOOTSTRAP_MAX_ROWS:
+        return _normal_intervals(cols, list(rg_prompts), level, resamples)
+    sums: dict[str, list] = {k: [] for k in cols}
+    chunk = max(1, 2_000_000 // max(n, 1))  # resamples per batch: bounded memory at 300k rows
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        for k, v in cols.items():
+            sums[k].append(v[idx].sum(axis=1))
+    sums = {k: np.concatenate(v) for k, v in sums.items()}
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+
+    def interval(values):
+        values = values[np.isfinite(values)]
+        return [float(x) for x in np.percentile(values, q)] if len(values) else [float("nan")] * 2
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result: dict[str, Any] = {"level": level, "resamples": resamples, "method": "percentile bootstrap",
+                                  "ratio": interval(sums["instruction"] / sums["output"])}
+        for name in rg_prompts:
+            count = sums[f"{name}.valid"]
+            result[name] = {"arithmetic": interval(sums[f"{name}.r"] / count),
+                            "geometric": interval(np.exp(sums[f"{name}.logr"] / count))}
+    return result
 
 
-def recommend(ratio: float, examples: int, rg: Mapping[str, float] | None = None) -> dict[str, Any]:
+def _normal_intervals(cols: Mapping[str, Any], names: Sequence[str], level: float, resamples: int) -> dict[str, Any]:
+    """The delta-method (normal) intervals of the statistics ``bootstrap_intervals`` resamples."""
+    import numpy as np
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    instr, out = cols["instruction"], cols["output"]
+    n, ratio = len(out), instr.mean() / out.mean()
+    se = np.std(instr - ratio * out) / out.mean() / math.sqrt(n)
+    result: dict[str, Any] = {"level": level, "resamples": 0, "method": "normal (delta method)",
+                              "ratio": [float(ratio - z * se), float(ratio + z * se)]}
+    for name in names:
+        valid = cols[f"{name}.valid"] > 0
+        r, logr = cols[f"{name}.r"][valid], cols[f"{name}.logr"][valid]
+        if not len(r):
+            result[name] = {"arithmetic": [float("nan")] * 2, "geometric": [float("nan")] * 2}
+            continue
+        half_a, half_g = z * np.std(r) / math.sqrt(len(r)), z * np.std(logr) / math.sqrt(len(r))
+        result[name] = {"arithmetic": [float(r.mean() - half_a), float(r.mean() + half_a)],
+                        "geometric": [float(math.exp(logr.mean() - half_g)), float(math.exp(logr.mean() + half_g))]}
+    return result
+
+
+def plw_regime(rg: Mapping[str, float] | None, interval: Mapping[str, Sequence[float]] | None = None) -> str:
+    """PLW's regime: ``short`` (both means of Rg below 1), ``long`` (both at or above 1), ``mixed``, or
+    ``uncertain`` when an interval of either mean straddles 1, ``unknown`` without Rg."""
+    if not rg or not rg.get("examples"):
+        return "unknown"
+    if interval and any(lo < 1 <= hi for lo, hi in (interval["arithmetic"], interval["geometric"])):
+        return "uncertain"
+    a, g = rg["arithmetic"], rg["geometric"]
+    return "short" if a < 1 and g < 1 else "long" if a >= 1 and g >= 1 else "mixed"
+
+
+def _rg_text(rg: Mapping[str, float], interval: Mapping[str, Sequence[float]] | None) -> str:
+    def one(k):
+        ci = f" [{interval[k][0]:.3g}, {interval[k][1]:.3g}]" if interval else ""
+        return f"{rg[k]:.3g}{ci}"
+
+    return f"arithmetic {one('arithmetic')}, geometric {one('geometric')}"
+
+
+def recommend(ratio: float, examples: int, rg: Mapping[str, float] | None = None,
+              intervals: Mapping[str, Any] | None = None, rg_label: str = "words, without the template",
+              rg_key: str = "rg") -> dict[str, Any]:
     """IM, IT or an instruction weight, with the reasoning (see the module docstring).
 
     Args:
         ratio: instruction/output ratio of mean words (the seed paper's predictor).
         examples: number of training examples.
-        rg: ``generation_ratio`` of the data (PLW's predictor); None leaves PLW's signal out.
+        rg: ``generation_ratio`` that decides PLW's regime (PLW's own count is tokens with the
+            template); None leaves PLW's signal out.
+        intervals: ``bootstrap_intervals`` of the data: ``ratio`` and ``intervals[rg_key]``. The
+            weights at the ends of the ratio's interval widen the range.
+        rg_label: how ``rg`` was counted, for the reasons.
 
     Returns:
         ``choice`` (IM, IT or weighted), ``instruction_weight`` (the recommended weight),
         ``recommended_range``, the seed paper's predicted gains, ``reasons`` (each citing its
-        source) and the Axolotl ``config`` lines.
+        source, ``[our heuristic]`` for our own mappings) and the Axolotl ``config`` lines.
     """
     g_ratio, g_size = predicted_gain_from_ratio(ratio), predicted_gain_from_size(examples)
-    v_ratio, v_size = _vote(g_ratio), _vote(g_size)
-    vote = (v_ratio + v_size) / 2
+    v_ratio = _vote(g_ratio)
+    v_size, reliance = size_evidence(examples)
+    vote = paper_vote(ratio, examples)
+    exact = weight_from_vote(vote)
+    weight = round(exact, 2)
+    label = lambda v: "favours IM" if v >= 1 else "favours IT" if v <= 0 else "weak"  # noqa: E731
     reasons = [
-        f"instruction/output ratio {ratio:.4g}: the ratio fit predicts {g_ratio:+.1f}% "
-        f"({'favours IM' if v_ratio >= 1 else 'favours IT' if v_ratio <= 0 else 'weak'}) [{CITE['paper']}]",
-        f"{examples} examples: the size fit predicts {g_size:+.1f}% "
-        f"({'favours IM' if v_size >= 1 else 'favours IT' if v_size <= 0 else 'weak'}) [{CITE['paper']}]",
+        f"instruction/output ratio {ratio:.4g}: the ratio fit 18.85·ln(ratio) + 25.83 predicts {g_ratio:+.1f}% "
+        f"[{CITE['paper']}] ({label(v_ratio)}: a vote for IM rising from 0 at a predicted 0% to 1 at +5% "
+        f"[{CITE['ours']}])",
     ]
-    weight, span, more = _continuous_weight(vote, rg)
-    reasons += more
+    if reliance == 1:
+        reasons.append(f"{examples} examples: the size fit −39.37·ln(N) + 431.74 predicts {g_size:+.1f}% "
+                       f"[{CITE['paper']}] ({label(v_size)})")
+    else:
+        edge = SIZE_FIT_RANGE[0] if examples < SIZE_FIT_RANGE[0] else SIZE_FIT_RANGE[1]
+        reasons.append(
+            f"{examples} examples is outside the size fit's measured range {SIZE_FIT_RANGE[0]}-{SIZE_FIT_RANGE[1]} "
+            f"[{CITE['paper']}]: its extrapolation ({g_size:+.1f}%) is not used; its vote at {edge} examples "
+            f"({label(v_size)}) counts with reliance {reliance:.2f}, fading to 0 at a factor {SIZE_FADE:g} beyond "
+            f"the range [{CITE['ours']}]" + ("; the ratio fit decides alone" if reliance == 0 else ""))
+    reasons.append(
+        f"vote for IM {vote:.2f} (ratio vote and size vote averaged, the size vote weighted by its reliance) -> "
+        f"instruction weight {weight}: 0 at vote 0 (IT), 0.25 at 0.5 (the centre of WIT's best prompt-weight "
+        f"region 0-0.5 [{CITE['wit']}]), 1 at vote 1 (IM), linear in between [{CITE['ours']}]")
+
+    # The range: the weights at the ends of the ratio's interval, widened by the sources' findings.
+    low = high = weight
+    ratio_ci = (intervals or {}).get("ratio")
+    if ratio_ci and all(math.isfinite(x) and x > 0 for x in ratio_ci):
+        at_ends = [round(recommended_weight(r, examples), 2) for r in ratio_ci]
+        low, high = min(low, *at_ends), max(high, *at_ends)
+        if max(at_ends) - min(at_ends) >= 0.05:
+            reasons.append(f"across the ratio's {100 * intervals['level']:.0f}% bootstrap interval "
+                           f"[{ratio_ci[0]:.3g}, {ratio_ci[1]:.3g}] the weight goes from {min(at_ends)} to "
+                           f"{max(at_ends)}: the range includes both [{CITE['ours']}]")
+    if weight >= 1:
+        low = min(low, WIT_REGION[1])
+        reasons.append(f"the range reaches down to 0.5, the top of WIT's best region [{CITE['wit']}]")
+    elif weight <= 0:
+        high = max(high, 0.1)
+        reasons.append("the range reaches 0.1 because WIT's best prompt weight was non-zero in 43 of 75 settings "
+                       f"[{CITE['wit']}]")
+    else:
+        low, high = min(low, WIT_BEST_AVERAGE[0]), max(high, WIT_BEST_AVERAGE[1])
+        reasons.append(f"the range includes WIT's per-benchmark average best weights {WIT_BEST_AVERAGE[0]}-"
+                       f"{WIT_BEST_AVERAGE[1]} [{CITE['wit']}]")
+    rg_ci = (intervals or {}).get(rg_key)
+    regime = plw_regime(rg, rg_ci)
+    if regime != "unknown":
+        side = {
+            "short": "short completions (Rg < 1): " + PLW_SHORT + "; the range includes PLW's small weights "
+                     f"{PLW_SMALL[0]}-{PLW_SMALL[1]}",
+            "long": "long completions (Rg >= 1): " + PLW_LONG,
+            "mixed": "the arithmetic and geometric means fall on either side of 1: PLW's two regimes are mixed here",
+            "uncertain": "an interval straddles 1: this data does not settle PLW's regime (more rows would)",
+        }[regime]
+        reasons.append(f"Rg (output/prompt length per example, {rg_label}) {_rg_text(rg, rg_ci)}: {side} "
+                       f"[{CITE['plw']}]")
+        if regime == "short":
+            low, high = min(low, PLW_SMALL[0]), 1.0
+            reasons.append("with short completions PLW found small weights best for multiple choice and short answers "
+                           f"and about 1 for long generation: which applies depends on your task [{CITE['plw']}]")
     choice = "IM" if weight >= 1.0 else "IT" if weight <= 0.0 else "weighted"
     if choice == "IM":
         config = "im_mode: im"
@@ -216,14 +390,18 @@ def recommend(ratio: float, examples: int, rg: Mapping[str, float] | None = None
         config = f"im_mode: im\nim_instruction_weight: {weight}"
     notes = []
     if not RATIO_FIT_RANGE[0] <= ratio <= RATIO_FIT_RANGE[1]:
-        notes.append(f"ratio {ratio:.4g} is outside the ratio fit's range {RATIO_FIT_RANGE}: extrapolated")
-    if not SIZE_FIT_RANGE[0] <= examples <= SIZE_FIT_RANGE[1]:
-        notes.append(f"{examples} examples is outside the size fit's range {SIZE_FIT_RANGE}: extrapolated")
+        notes.append(f"ratio {ratio:.4g} is outside the ratio fit's range {RATIO_FIT_RANGE}: extrapolated "
+                     "(the vote is already 0 or 1 there)")
+    if reliance < 1:
+        notes.append(f"{examples} examples is outside the size fit's range {SIZE_FIT_RANGE}: extrapolated, so the "
+                     "size fit does not decide")
     return {
         "choice": choice,
         "instruction_weight": weight,
-        "recommended_range": span,
+        "recommended_range": [round(low, 2), round(high, 2)],
         "paper_vote_for_im": round(vote, 3),
+        "size_fit_reliance": round(reliance, 3),
+        "plw_regime": regime,
         "predicted_gain_from_ratio_pct": round(g_ratio, 2),
         "predicted_gain_from_size_pct": round(g_size, 2),
         "reasons": reasons,
@@ -307,11 +485,16 @@ class _Counts:
     formats: dict[str, int] = field(default_factory=dict)
     multi_turn: int = 0
     bad_rows: list[str] = field(default_factory=list)  # "<file> row i (line j): field 'f': reason"
+    # Template words on the prompt side (Alpaca preamble and section tags; one role tag per message
+    # for chat rows, as the paper's tulu template; 0 for prompt/completion): PLW's prompt includes them.
+    template_words: list[int] = field(default_factory=list)
+    # With a tokenizer: instruction, output and template tokens, and the template tokens on the prompt
+    # side (everything before the last output token; the end-of-turn tokens after it close the completion).
     tokens: dict[str, list[int]] | None = None
 
 
 def _count(source: Source, on_bad_rows: str, encoder: Any = None) -> _Counts:
-    counts = _Counts(tokens={"instruction": [], "output": [], "template": []} if encoder else None)
+    counts = _Counts(tokens=_token_lists() if encoder else None)
     bad = list(source.unreadable)
     for i, row in enumerate(source.rows):
         try:
@@ -329,10 +512,13 @@ def _count(source: Source, on_bad_rows: str, encoder: Any = None) -> _Counts:
         counts.output_words.append(word_count(out))
         counts.instruction_parts.append(len(instr) if fmt == "messages" else 1)
         counts.output_parts.append(len(out) if fmt == "messages" else 1)
+        counts.template_words.append(_prompt_template_words(row, fmt, source.fields, len(instr) + len(out)))
         if encoder is not None:
             counts.tokens["instruction"].append(sum(s in INSTRUCTION_SEGMENTS for s in segs))
             counts.tokens["output"].append(sum(s in OUTPUT_SEGMENTS for s in segs))
             counts.tokens["template"].append(sum(s == Segment.TEMPLATE for s in segs))
+            last_out = max((j for j, s in enumerate(segs) if s in OUTPUT_SEGMENTS), default=len(segs))
+            counts.tokens["prompt_template"].append(sum(s == Segment.TEMPLATE for s in segs[:last_out]))
     if bad and on_bad_rows == "error":
         more = f" ({len(bad) - 1} more bad rows; without --on-bad-rows error they are counted)" if len(bad) > 1 else ""
         raise BadRowsError(f"{source.path}: {bad[0]}{more}")
@@ -343,13 +529,28 @@ def _count(source: Source, on_bad_rows: str, encoder: Any = None) -> _Counts:
     return counts
 
 
+def _token_lists() -> dict[str, list[int]]:
+    return {"instruction": [], "output": [], "template": [], "prompt_template": []}
+
+
+def _prompt_template_words(row: Mapping[str, Any], fmt: str, fields: RowFields, messages: int) -> int:
+    """Words of template text before the completion, as PLW's prompt counts them (see ``_Counts``)."""
+    if fmt == "messages":
+        return messages  # one role tag per message (tulu: <|user|>, <|assistant|> ...); exact with --tokenizer
+    from instruction_modelling.core.segments import alpaca_pieces, prompt_completion_pieces
+
+    pieces = alpaca_pieces(row, fields) if fmt == "alpaca" else prompt_completion_pieces(row, fields)
+    return sum(len(p.text.split()) for p in pieces if p.segment == Segment.TEMPLATE)
+
+
 def _merge(parts: Sequence[_Counts]) -> _Counts:
-    merged = _Counts(tokens={"instruction": [], "output": [], "template": []} if parts[0].tokens else None)
+    merged = _Counts(tokens=_token_lists() if parts[0].tokens else None)
     for c in parts:
         merged.instruction_words += c.instruction_words
         merged.output_words += c.output_words
         merged.instruction_parts += c.instruction_parts
         merged.output_parts += c.output_parts
+        merged.template_words += c.template_words
         merged.multi_turn += c.multi_turn
         merged.bad_rows += c.bad_rows
         for k, v in c.formats.items():
@@ -366,6 +567,19 @@ def _table5(counts: _Counts) -> dict[str, float]:
     out = [w + k for w, k in zip(counts.output_words, counts.output_parts)]
     mi, mo = statistics.fmean(instr), statistics.fmean(out)
     return {"instruction_mean": mi, "output_mean": mo, "output_std": statistics.pstdev(out), "ratio": mi / mo}
+
+
+def _size_warnings(examples: int, intervals: Mapping[str, Any], rg_key: str) -> list[str]:
+    """Too few rows for the statistics the recommendation rests on."""
+    warnings = []
+    if examples < MIN_EXAMPLES:
+        warnings.append(f"only {examples} examples (fewer than {MIN_EXAMPLES}): the ratio and Rg are noisy and even "
+                        "their bootstrap intervals are too narrow at this size; diagnose the whole data set")
+    rg_ci = intervals.get(rg_key)
+    if rg_ci and any(lo < 1 <= hi for lo, hi in (rg_ci["arithmetic"], rg_ci["geometric"])):
+        warnings.append("PLW's regime (Rg below or above 1) is not settled by this data: an interval of Rg "
+                        "straddles 1")
+    return warnings
 
 
 def _report(name: str, counts: _Counts, tokenizer_info: dict | None) -> dict[str, Any]:
@@ -385,8 +599,17 @@ def _report(name: str, counts: _Counts, tokenizer_info: dict | None) -> dict[str
         # Per-example ratios; rows with an empty side cannot occur (validation rejects empty content).
         "per_example_ratio": distribution([i / o for i, o in zip(instr, out)]),
     }
+    prompts = {"rg": instr, "rg_with_template": [i + t for i, t in zip(instr, counts.template_words)]}
+    outputs = {}
     if counts.tokens is not None:
         ti, to, tt = (counts.tokens[k] for k in ("instruction", "output", "template"))
+        prompts["tokens.rg"], outputs["tokens.rg"] = ti, to
+        prompts["tokens.rg_with_template"] = [i + t for i, t in zip(ti, counts.tokens["prompt_template"])]
+        # PLW's completion ends with the end-of-turn/EOS tokens after the last output token.
+        outputs["tokens.rg_with_template"] = [o + t - p for o, t, p in zip(to, tt, counts.tokens["prompt_template"])]
+    intervals = bootstrap_intervals(instr, out, prompts, outputs)
+    rgs = {k: generation_ratio(v, outputs.get(k, out)) for k, v in prompts.items()}
+    if counts.tokens is not None:
         report["tokens"] = {
             **(tokenizer_info or {}),
             "instruction": distribution(ti),
@@ -397,12 +620,22 @@ def _report(name: str, counts: _Counts, tokenizer_info: dict | None) -> dict[str
             # per-example normalised (the paper's batch-size-1 runs).
             "im_output_share_token": sum(to) / (sum(ti) + sum(to)),
             "im_output_share_sequence": statistics.fmean(o / (i + o) for i, o in zip(ti, to)),
+            # PLW's Rg in tokens, its own unit: content only, and with the template on each side.
+            "rg": {**rgs["tokens.rg"], "interval": intervals["tokens.rg"]},
+            "rg_with_template": {**rgs["tokens.rg_with_template"], "interval": intervals["tokens.rg_with_template"]},
         }
-    rg = generation_ratio(instr, out)
-    report["recommendation"] = rec = recommend(ratio, len(out), rg)
+    # PLW's regime is decided on its own count, tokens with the template; without a tokenizer, words
+    # with the template (the role tags or the Alpaca preamble).
+    rg_key = "tokens.rg_with_template" if counts.tokens is not None else "rg_with_template"
+    rg_label = ("tokens with the template (PLW's count)" if counts.tokens is not None
+                else "words with the template's words, an estimate of PLW's token count")
+    report["intervals"] = {k: intervals[k] for k in ("level", "method", "resamples", "ratio")}
+    report["warnings"] = _size_warnings(len(out), intervals, rg_key)
+    report["recommendation"] = rec = recommend(ratio, len(out), rgs[rg_key], intervals, rg_label, rg_key)
     report["recommended_instruction_weight"] = rec["instruction_weight"]
     report["recommended_range"] = rec["recommended_range"]
-    report["rg"] = rg
+    report["rg"] = {**rgs["rg"], "interval": intervals["rg"]}
+    report["rg_with_template"] = {**rgs["rg_with_template"], "interval": intervals["rg_with_template"]}
     report["ratio"] = ratio  # last key: the headline number
     return report
 
@@ -550,8 +783,17 @@ def format_report(rep: Mapping[str, Any]) -> str:
                          f"IM puts {100 * t['im_output_share_token']:.1f}% of its loss on output tokens "
                          f"({100 * t['im_output_share_sequence']:.1f}% with per-example averaging) "
                          f"[{t['tokenizer']}, {t['chat_template']} chat template]")
-        lines.append(f"  instruction/output ratio (ratio of mean words) {r['ratio']:.4f} "
+        ci = r["intervals"]
+        lines.append(f"  instruction/output ratio (ratio of mean words) {r['ratio']:.4f}, "
+                     f"{100 * ci['level']:.0f}% interval ({ci['method']}) [{ci['ratio'][0]:.4f}, {ci['ratio'][1]:.4f}] "
                      f"(paper's Table 5 convention, +1 word per message: {r['table5_convention']['ratio']:.4f})")
+        rgs = [("words", r["rg"]), ("words with template", r["rg_with_template"])]
+        if "tokens" in r:
+            rgs += [("tokens", r["tokens"]["rg"]), ("tokens with template", r["tokens"]["rg_with_template"])]
+        for label, rg in rgs:
+            if rg["examples"]:
+                lines.append(f"  PLW's Rg (output/prompt per example), {label + ':':<21} {_rg_text(rg, rg['interval'])}")
+        lines.extend(f"  WARNING: {w}" for w in r["warnings"])
 
     block(rep, f"Diagnosis of {rep['source']}" + (" (training datasets together)" if "datasets" in rep else ""))
     for d in rep.get("datasets", []):
