@@ -10,7 +10,8 @@ each formula with its source):
   0/1 (IT) this is the usual mean over trained tokens; fractional weights give a weighted mean,
   so the loss stays on the cross-entropy scale (PLW, Huerta-Enochian & Ko 2024, Eq. 2).
 * ``nonzero`` (Weighted Instruction Tuning, WIT): ``loss = Σ_t w_t·ce_t / #{t : w_t > 0}``, so
-  an output weight below 1 also lowers the loss's scale (the effective learning rate).
+  an output weight below 1 also lowers the loss's scale (the effective learning rate under SGD;
+  under AdamW a constant scale cancels, see docs/weighting.md).
 * ``sequence`` (per-example averaging, what the paper's batch-size-1 runs did): each example's
   loss is its own weighted mean, and the batch loss is the mean over examples.
 * ``share`` (GoLLIE's prompt-loss share): ``loss = (1−α)·mean_output + α·mean_instruction``,
