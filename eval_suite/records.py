@@ -29,12 +29,19 @@ def read_records(path: str | Path, required: dict[str, type | tuple[type, ...]])
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RecordError(f"{path}: row {line}: not UTF-8 text (byte {e.start + 1} of the file: {e.reason})") from None
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise RecordError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise RecordError(f"{path}: nested too deeply to read") from None
         if not isinstance(rows, list):
             raise RecordError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
         numbered = list(enumerate(rows, 1))
@@ -46,6 +53,8 @@ def read_records(path: str | Path, required: dict[str, type | tuple[type, ...]])
                     numbered.append((line_no, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise RecordError(f"{path}: row {line_no}: not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise RecordError(f"{path}: row {line_no}: nested too deeply to read") from None
     for row_no, row in numbered:
         if not isinstance(row, dict):
             raise RecordError(f"{path}: row {row_no}: expected an object, got {type(row).__name__}")

@@ -253,8 +253,10 @@ def main() -> None:
     pid = os.fork()
     if pid == 0:
         try:
+            # The tmpfs holds the program file too: a 20 MB (correct) completion must fit beside the
+            # 16 files' worth of room the program may write.
             workdir = build_root(config["interpreter_prefix"], config["hidden_paths"], config["uid"],
-                                 config["limits"]["file_size_bytes"] * 16)
+                                 config["limits"]["file_size_bytes"] * 16 + len(program))
         except OSError as e:
             _setup_failed(e)
         run_program(config, program, workdir)

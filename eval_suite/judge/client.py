@@ -132,6 +132,9 @@ class JudgeCache:
 
     def __init__(self, path: str | Path, lease_seconds: float = 30.0):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise JudgeCacheError(f"judge cache {self.path} is a directory; give --judge-cache a file path "
+                                  f"(e.g. {self.path / 'judge_cache.sqlite'})")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # SQLite gives -wal/-shm the same mode
         os.chmod(self.path, 0o600)
@@ -194,7 +197,7 @@ class JudgeCache:
             return None
         try:
             return JudgeReply(**json.loads(rows[0][0]), cached=True)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise self._unusable(e) from None
 
     def put(self, key: str, answering: str, request: JudgeRequest, reply: JudgeReply) -> None:

@@ -137,3 +137,19 @@ def test_temperatures_must_cover_the_same_problems_and_be_the_runs_own(tmp_path,
                    "--temperatures", "0.1")
     assert proc.returncode != 0
     assert "samples at temperatures [0.1, 0.7], but the run samples at [0.1]" in proc.stderr
+
+
+def test_a_correct_20_mb_completion_passes(problems):
+    """It used to fail as a sandbox 'setup error': the program did not fit the sandbox's 16 MiB tmpfs."""
+    task = "HumanEval/0"
+    padded = problems[task]["canonical_solution"] + "    # " + "x" * 20_000_000 + "\n"
+    result, executed = bench.score([{"task_id": task, "completion": padded}], problems, allow_code_execution=True,
+                                   ks=(1,))
+    assert executed[0]["passed"], executed[0]["result"]
+
+
+def test_an_invalid_utf8_samples_file_names_the_file_and_row(tmp_path, problems):
+    samples = tmp_path / "latin1.jsonl"
+    samples.write_bytes(b'{"task_id": "HumanEval/0", "completion": ""}\n{"task_id": "HumanEval/0", "completion": "caf\xe9"}\n')
+    with pytest.raises(bench.RecordError, match=r"latin1.jsonl: row 2: not UTF-8 text"):
+        bench.read_samples(samples, problems)

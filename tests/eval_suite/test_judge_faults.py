@@ -288,3 +288,10 @@ def test_the_test_server_answers_a_malformed_request_with_400(judge_server, payl
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 400
     assert "message" in json.loads(err.value.read())["error"]
+
+
+def test_a_cache_path_that_is_a_directory_is_one_sentence(tmp_path, judge_server):
+    from eval_suite.judge import JudgeCacheError
+
+    with pytest.raises(JudgeCacheError, match="is a directory; give --judge-cache a file path"):
+        JudgeClient(JudgeEndpoint(base_url=judge_server.url), tmp_path)
