@@ -387,7 +387,7 @@ def _cell(row: Row, column: str) -> str:
     if column in row.partial:
         mean, reason = row.partial[column]
         return (f"<td class='partial' title='{html.escape(reason, quote=True)}'>"
-                + ("" if mean is None else f"({mean:.2f}){flag} ") + "<span class='se'>partial</span></td>")
+                + ("" if mean is None else f"({mean:.2f}) ") + f"<span class='se'>partial</span>{flag}</td>")
     if value is None:
         return "<td class='missing' title='not run or no score'>missing</td>"
     se = row.stderr.get(column)

@@ -232,11 +232,16 @@ def test_results_of_another_protocol_are_not_reused(tmp_path, tiny_model_dir):
     """`eval-suite all --protocol paper` in a run folder holding default-protocol results runs the benchmark again."""
     import argparse
 
+    from eval_suite.freshness import digest
     from eval_suite.pipeline import Run, already_done
     from eval_suite.results import BenchmarkResult
 
+    def args(name):
+        return argparse.Namespace(model=str(tiny_model_dir), limit=None, protocol=name)
+
+    # Reuse is decided by the result's key (eval_suite.freshness), which holds the protocol and its settings.
+    key = digest(Run(args("default"), tmp_path).result_inputs("mt_bench"))
     BenchmarkResult(benchmark="mt_bench", model="m", headline=5.0,
-                    provenance={"protocol": "default", "limit": None, "model": {"path": str(tiny_model_dir)}}).write(tmp_path)
+                    provenance={"protocol": "default", "key": key, "limit": None}).write(tmp_path)
     for name, reused in (("default", True), ("paper", False)):
-        args = argparse.Namespace(model=str(tiny_model_dir), limit=None, protocol=name)
-        assert (already_done(Run(args, tmp_path), "mt_bench") is not None) == reused
+        assert (already_done(Run(args(name), tmp_path), "mt_bench") is not None) == reused

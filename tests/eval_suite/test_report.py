@@ -183,8 +183,11 @@ def test_incomplete_categories_and_mean_are_marked_partial_not_shown_as_table1_n
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
     im_row, delta_row = md.splitlines()[5:7]
-    assert im_row == ("| im | partial (42.00) | 42.00 | 42.00 | partial (42.00) | 42.00 | 42.00 | partial (42.00) | – "
-                      "| 3.50 | 25.00 | – |")
+    # Default-protocol results: every shown number, partial means included, also carries the † mark.
+    assert im_row == ("| im | partial (42.00)† | 42.00† | 42.00† | partial (42.00)† | 42.00† | 42.00† | partial (42.00)† | – "
+                      "| 3.50† | 25.00† | – |")
+    flagged = md.split("Not comparable with the paper's Table 1:")[1]
+    assert "U&K partial: no score for MMLU" in flagged and "M&C partial: no score for HumanEval" in flagged
     assert delta_row.startswith("| Δ im − it | – | ▲ +2.00 | ▲ +2.00 | – | ▲ +2.00 | ▲ +2.00 | – | – |")
     assert "- NLP: U&K: not reported, 4 of 5 tasks have a score (missing: MMLU); partial mean 42.00 (im)" in md
     assert "- NLP: M&C: not reported, 1 of 2 tasks have a score (missing: HumanEval); partial mean 42.00 (im)" in md
