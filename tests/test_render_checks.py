@@ -171,7 +171,7 @@ def test_dropped_tool_calls_are_bad_rows_counted_by_the_strategy(merging_tokeniz
     assert len(kept) == 2
     (_, total, skipped, _, _), = REPORT.entries
     REPORT.entries.clear()
-    assert total == 3 and [i for i, _ in skipped] == [1]
+    assert total == 3 and [where for where, _ in skipped] == ["agentic.jsonl row 1 (line 2)"]
 
 
 @pytest.mark.parametrize("template_name", ["mistral_v3_tekken", "mistral_v2v3", "gemma4", "gemma4_unified",

@@ -722,6 +722,32 @@ def leftover_processes() -> list[int]:
     return [pid for pid in _all_pids() if _uids_of(pid) & sandbox_uids]
 
 
+def uid_is_free(uid: int) -> bool:
+    """True when no live program holds sandbox uid ``uid`` (its lock is free): anything of it is left over."""
+    if not LOCK_DIR.is_dir():
+        return True
+    fd = os.open(LOCK_DIR / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def stale_processes() -> list[int]:
+    """Pids of sandbox uids that no live program holds: what runs left behind (the programs other
+    runs are running now are not counted, so a check beside a concurrent run holds)."""
+    sandbox_uids = {str(u) for u in SANDBOX_UIDS}
+    found = []
+    for pid in leftover_processes():
+        uids = _uids_of(pid) & sandbox_uids
+        if uids and any(uid_is_free(int(u)) for u in uids):
+            found.append(pid)
+    return found
+
+
 def _all_pids() -> list[int]:
     return [int(d.name) for d in os.scandir("/proc") if d.name.isdigit()]
 
