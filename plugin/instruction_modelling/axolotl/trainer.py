@@ -309,8 +309,8 @@ class IMTrainer(AxolotlTrainer):
             blocker = fsdp.head_blocker(model, head)
             if blocker is not None:
                 return blocker
-        if is_zero3_module(head) and zero3_blocker(head):
-            return zero3_blocker(head)
+        if is_zero3_module(head) and (blocker := zero3_blocker(head)) is not None:
+            return blocker
         # The model's own logits of a few tokens against the head applied to its hidden states:
         # catches any transform after the lm_head that logit_transform() does not know about.
         transform = logit_transform(base.config)
@@ -463,7 +463,7 @@ class IMTrainer(AxolotlTrainer):
             instruction_share=a.im_instruction_share or 0.0,
             kl_counts=b["kl_counts"],
         )
-        if reference is not None and release is not None:
+        if release is not None:  # set only with a KL reference under FSDP
             release()
         b["meter"].add(out)
         loss = out.loss
