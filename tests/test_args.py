@@ -10,19 +10,22 @@ from instruction_modelling.core.options import IMArgs
 
 def test_defaults_are_im():
     args = IMArgs()
-    assert args.role_weight_map() == {"system": 1.0, "user": 1.0, "tool": 1.0, "assistant": 1.0, "reasoning": 1.0}
+    assert args.role_weight_map() == {"system": 1.0, "user": 1.0, "tool": 1.0, "assistant": 1.0, "reasoning": 1.0,
+                                      "template": 0.0}
     assert args.trained_roles() == ["system", "user", "tool", "assistant", "reasoning"]
 
 
 def test_it_trains_outputs_only():
     args = IMArgs(im_mode="it")
-    assert args.role_weight_map() == {"system": 0.0, "user": 0.0, "tool": 0.0, "assistant": 1.0, "reasoning": 1.0}
+    assert args.role_weight_map() == {"system": 0.0, "user": 0.0, "tool": 0.0, "assistant": 1.0, "reasoning": 1.0,
+                                      "template": 0.0}
     assert args.trained_roles() == ["assistant", "reasoning"]
 
 
 def test_weighted_and_role_overrides():
     args = IMArgs(im_instruction_weight=0.3, im_output_weight=2.0, im_role_weights={"system": 0.0})
-    assert args.role_weight_map() == {"system": 0.0, "user": 0.3, "tool": 0.3, "assistant": 2.0, "reasoning": 2.0}
+    assert args.role_weight_map() == {"system": 0.0, "user": 0.3, "tool": 0.3, "assistant": 2.0, "reasoning": 2.0,
+                                      "template": 0.0}
     assert args.trained_roles() == ["user", "tool", "assistant", "reasoning"]
 
 

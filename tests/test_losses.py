@@ -56,7 +56,7 @@ def padded_batch(examples, logits_by_example):
     length = max(len(ids) for ids, _ in examples)
     b = len(examples)
     ids = torch.zeros(b, length, dtype=torch.long)
-    segs = torch.zeros(b, length, dtype=torch.long)
+    segs = torch.full((b, length), int(Segment.PAD), dtype=torch.long)  # as the collators pad
     logits = torch.randn(b, length, V) * 10  # padding logits are junk on purpose
     for i, (x, s) in enumerate(examples):
         ids[i, :len(x)] = torch.tensor(x)
@@ -72,7 +72,7 @@ def packed_batch(examples, logits_by_example, rows: int = 2):
         buckets[i % rows].append(i)
     length = max(sum(len(examples[i][0]) for i in bucket) for bucket in buckets) + 3
     ids = torch.zeros(rows, length, dtype=torch.long)
-    segs = torch.zeros(rows, length, dtype=torch.long)
+    segs = torch.full((rows, length), int(Segment.PAD), dtype=torch.long)  # as the collators pad
     pos = torch.zeros(rows, length, dtype=torch.long)
     logits = torch.randn(rows, length, V) * 10
     for r, bucket in enumerate(buckets):
@@ -185,8 +185,10 @@ def test_per_token_ce_chunks_match_unchunked():
 
 
 def test_weight_table_layout():
-    assert weight_table(1.0, 1.0).tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
-    assert weight_table(0.0, 1.0, {"system": 0.5}).tolist() == [0.0, 0.5, 0.0, 1.0, 0.0, 1.0]
+    # template, system, user, output, tool, reasoning, padding
+    assert weight_table(1.0, 1.0).tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert weight_table(0.0, 1.0, {"system": 0.5}).tolist() == [0.0, 0.5, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert weight_table(0.5, 1.0, {"template": 0.25}).tolist() == [0.25, 0.5, 0.5, 1.0, 0.5, 1.0, 0.0]
 
 
 def test_per_token_ce_gradient_with_recomputation_matches_plain():

@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 ALL_RECIPES = sorted(RECIPES.rglob("*.yml"))
 WIT_RECIPES = sorted((RECIPES / "wit").glob("*.yml"))
-PAPER_RECIPES = [p for p in ALL_RECIPES if p not in WIT_RECIPES]
+PLW_RECIPES = sorted((RECIPES / "plw").glob("*.yml"))
+PAPER_RECIPES = [p for p in ALL_RECIPES if p not in WIT_RECIPES and p not in PLW_RECIPES]
 WIT_GRID = [(p, r) for r in (0.6, 1.0) for p in (0.0, 0.01, 0.1, 0.4, 1.0)]
+PLW_VALUES = (0.0, 0.01, 0.1, 0.5, 1.0)
 KL_KEYS = ("im_kl_coef", "im_kl_type", "im_kl_segments", "im_kl_reference")
 KL_MISSING = [k for k in KL_KEYS if k not in IMArgs.model_fields]
 KL_SKIP_REASON = (f"IMArgs does not declare {KL_MISSING} yet (KL options: issue 3, another branch); Axolotl would "
@@ -44,7 +46,8 @@ def test_the_paper_grid_is_committed():
             assert f"{dataset}_{variant}.yml" in names
         for folder in ("llama2_13b", "opt_6.7b", "lora"):
             assert {f"{folder}/{dataset}_it.yml", f"{folder}/{dataset}_im.yml"} <= names
-    assert len(names) == 35 + 3 * 14 + 2 * len(WIT_GRID)
+    as_run = [(p, r) for p, r in WIT_GRID if p > 0]  # at λp 0 as run and content-only are the same
+    assert len(names) == 35 + 3 * 14 + 2 * (len(WIT_GRID) + len(as_run)) + len(PLW_VALUES)
 
 
 def test_wit_grid_on_lima_and_dolly_3k():
@@ -63,6 +66,43 @@ def test_wit_grid_on_lima_and_dolly_3k():
             assert cfg["datasets"][0]["path"] == f"data/prepared/{dataset}.jsonl"
         header = (RECIPES / "wit" / f"{dataset}_wit_p0.4_r0.6.yml").read_text().split("\n\n", 1)[0]
         assert "WIT's reference run" in header and "8 GPUs, as WIT" in header
+
+
+def test_wit_as_run_recipes_weight_the_template_and_count_the_first_token():
+    """``wit_asrun_p*``: WIT's loss as its code runs it (docs/weighting.md): the template weighted λp
+    like the prompt, each example's first token counted, everything else as the content-only file."""
+    for dataset in ("lima", "alpagasus_dolly_3k"):
+        for lp, lr in WIT_GRID:
+            if lp == 0:
+                assert not (RECIPES / "wit" / f"{dataset}_wit_asrun_p0_r{lr:g}.yml").exists()
+                continue
+            as_run = load_recipe(RECIPES / "wit" / f"{dataset}_wit_asrun_p{lp:g}_r{lr:g}.yml")
+            content = load_recipe(RECIPES / "wit" / f"{dataset}_wit_p{lp:g}_r{lr:g}.yml")
+            args = IMArgs.from_cfg(as_run)
+            weights = args.role_weight_map()
+            assert (weights["user"], weights["assistant"], weights["template"]) == (lp, lr, lp)
+            assert args.im_count_first_token and args.im_loss_normalization == "nonzero"
+            differ = {k for k in as_run.keys() | content.keys() if as_run.get(k) != content.get(k)}
+            assert differ == {"im_role_weights", "im_count_first_token", "output_dir", "dataset_prepared_path"}, differ
+
+
+def test_plw_recipes_run_stanford_alpacas_settings_with_the_prompt_weighted():
+    """PLW as run (docs/weighting.md): LLaMA-2-7B with Stanford Alpaca's train.py settings (README:
+    lr 2e-5, 3 epochs, 512 tokens, batch 4 x 8 accumulation x 4 GPUs = 128, cosine, 3% warm-up, no
+    weight decay) and prompt; the whole prompt, template included, weighted PLW under ``token``."""
+    assert [load_recipe(p)["im_instruction_weight"] if "im_instruction_weight" in load_recipe(p) else 0.0
+            for p in sorted(PLW_RECIPES, key=lambda p: float(p.stem.rsplit("_", 1)[1]))] == list(PLW_VALUES)
+    for path in PLW_RECIPES:
+        cfg = load_recipe(path)
+        args = IMArgs.from_cfg(cfg)
+        plw = float(path.stem.rsplit("_", 1)[1])
+        weights = args.role_weight_map()
+        assert (weights["user"], weights["system"], weights["template"], weights["assistant"]) == (plw, plw, plw, 1.0)
+        assert args.im_mode == ("it" if plw == 0 else "im") and args.im_loss_normalization == "token"
+        assert (cfg["base_model"], cfg["learning_rate"], cfg["num_epochs"], cfg["sequence_len"], cfg["micro_batch_size"],
+                cfg["gradient_accumulation_steps"], cfg["lr_scheduler"], cfg["warmup_ratio"], cfg["weight_decay"]) == \
+            ("meta-llama/Llama-2-7b-hf", 2e-5, 3, 512, 4, 8, "cosine", 0.03, 0.0), path
+        assert cfg["chat_template_jinja"].startswith("{{ bos_token }}") and "### Response:' }}" in cfg["chat_template_jinja"]
 
 
 def test_committed_recipes_are_what_the_table_generates():
@@ -197,6 +237,8 @@ FAMILIES = [
     pytest.param("lima_it_kl.yml", marks=pytest.mark.slow),
     pytest.param("lora/lima_im.yml", marks=pytest.mark.slow),
     pytest.param("wit/lima_wit_p0.4_r0.6.yml", marks=pytest.mark.slow),
+    pytest.param("wit/lima_wit_asrun_p0.4_r0.6.yml", marks=pytest.mark.slow),
+    pytest.param("plw/alpagasus_alpaca_5k_plw_0.1.yml", marks=pytest.mark.slow),
 ]
 
 
@@ -219,8 +261,10 @@ def test_each_variant_family_trains_two_steps_on_cpu(recipe, tiny_model, tmp_pat
     # The validated config Axolotl prints still carries the recipe's method.
     assert f'"im_mode": "{cfg["im_mode"]}"' in log
     for key in ("neftune_noise_alpha", "adapter", "im_loss_normalization", "im_instruction_weight", "im_output_weight",
-                *KL_KEYS):
-        if key in cfg:
+                "im_role_weights", "im_count_first_token", *KL_KEYS):
+        if key in cfg and isinstance(cfg[key], dict):  # printed indented: each item on its own line
+            assert f'"{key}": {{' in log and all(f'"{k}": {json.dumps(v)}' in log for k, v in cfg[key].items())
+        elif key in cfg:
             assert f'"{key}": {json.dumps(cfg[key])}' in log.replace('"neftune_noise_alpha": 5.0', '"neftune_noise_alpha": 5')
     saved = list((tmp_path / "out").glob("*.safetensors"))
     assert saved, f"no weights written to {tmp_path / 'out'}"

@@ -2,8 +2,9 @@
 
 Axolotl's collators pad ``labels`` and ``position_ids`` by hand and leave every other column to
 ``tokenizer.pad``, which cannot pad ``segment_ids`` (it crashes, or with one packed row silently
-returns a shorter column). These subclasses pad ``segment_ids`` with 0 (= template: no loss) to
-exactly the length the labels get, then defer to Axolotl.
+returns a shorter column). These subclasses pad ``segment_ids`` with ``Segment.PAD`` (never a
+token of an example, never any loss, whatever weight the template gets) to exactly the length the
+labels get, then defer to Axolotl.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from axolotl.utils.collators import (
     DataCollatorForSeq2Seq,
     V2BatchSamplerDataCollatorForSeq2Seq,
 )
+
+from instruction_modelling.core.segments import Segment
 
 from .trainer import SEGMENT_COLUMN
 
@@ -33,7 +36,7 @@ class SegmentDataCollatorForSeq2Seq(DataCollatorForSeq2Seq):
             right = self.tokenizer.padding_side == "right"
             for f in features:
                 seg = np.asarray(f[SEGMENT_COLUMN], dtype=np.int64)
-                pad = np.zeros(length - len(seg), dtype=np.int64)
+                pad = np.full(length - len(seg), int(Segment.PAD), dtype=np.int64)
                 f[SEGMENT_COLUMN] = np.concatenate([seg, pad] if right else [pad, seg])
         return super().__call__(features, return_tensors=return_tensors)
 

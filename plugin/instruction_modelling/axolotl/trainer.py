@@ -68,23 +68,26 @@ class _SegmentMeter:
     """Token-weighted running means of the per-segment CE (and KL), kept on the device and reduced
     across ranks (one host transfer) only when logged."""
 
-    def __init__(self):
+    def __init__(self, template_weighted: bool = False):
+        self.template_weighted = template_weighted  # report the template's loss only when it is trained
         self.reset()
 
     def reset(self):
-        # instr_sum, instr_n, out_sum, out_n, kl_sum, kl_n
+        # instr_sum, instr_n, out_sum, out_n, kl_sum, kl_n, template_sum, template_n
         self.sums = None
 
     def add(self, out):
         zero = out.output_count.new_zeros(())
         values = [out.instruction_sum, out.instruction_count, out.output_sum, out.output_count,
-                  out.kl_sum if out.kl_sum is not None else zero, out.kl_count if out.kl_count is not None else zero]
+                  out.kl_sum if out.kl_sum is not None else zero, out.kl_count if out.kl_count is not None else zero,
+                  out.template_sum if out.template_sum is not None else zero,
+                  out.template_count if out.template_count is not None else zero]
         dtype = torch.float32 if out.output_count.device.type == "mps" else torch.float64
         step = torch.stack([v.detach().to(dtype) for v in values])
         self.sums = step if self.sums is None else self.sums + step
 
     def means(self, accelerator, with_counts: bool = False) -> dict[str, float]:
-        sums = self.sums if self.sums is not None else torch.zeros(6, dtype=torch.float64)
+        sums = self.sums if self.sums is not None else torch.zeros(8, dtype=torch.float64)
         if accelerator is not None and accelerator.num_processes > 1:
             sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum")
         sums = sums.cpu()
@@ -95,9 +98,13 @@ class _SegmentMeter:
             result["output_loss"] = float(sums[2] / sums[3])
         if sums[5] > 0:
             result["kl"] = float(sums[4] / sums[5])
+        if self.template_weighted and sums[7] > 0:
+            result["template_loss"] = float(sums[6] / sums[7])
         if with_counts:
             result["instruction_tokens"] = int(sums[1])
             result["output_tokens"] = int(sums[3])
+            if self.template_weighted:
+                result["template_tokens"] = int(sums[7])
         self.reset()
         return result
 
@@ -269,6 +276,8 @@ class IMTrainer(AxolotlTrainer):
                 self._table_on(ids.device),
                 batch.get("position_ids"),
                 self.im_args.im_loss_normalization,
+                self.im_args.im_instruction_share or 0.0,
+                self.im_args.im_count_first_token,
             )
             total = part if total is None else total + part
             if self.kl_enabled:
@@ -462,6 +471,7 @@ class IMTrainer(AxolotlTrainer):
             chunk_size=a.im_loss_chunk_size,
             instruction_share=a.im_instruction_share or 0.0,
             kl_counts=b["kl_counts"],
+            count_first_token=a.im_count_first_token,
         )
         if release is not None:  # set only with a KL reference under FSDP
             release()
@@ -481,6 +491,9 @@ class IMTrainer(AxolotlTrainer):
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        template_weighted = self.im_args.role_weight_map()["template"] > 0
+        for meter in self._meters.values():
+            meter.template_weighted = template_weighted
         if "loss" in logs:
             logs.update(self._meters["train"].means(self.accelerator))
         elif f"{self._eval_prefix}_loss" in logs:

@@ -6,6 +6,8 @@ and prints the tokens coloured by segment with the loss weight each segment gets
 
     template (no loss)   system   user   output (assistant + end-of-turn)
 
+(the template gets its weight, and its colour, when ``im_role_weights: {template: w}`` gives it one).
+
 ``--plain`` prints ``[token]U`` / ``·token·`` notation instead of colours (for logs and diffs).
 """
 
@@ -18,22 +20,23 @@ from typing import Sequence
 from instruction_modelling.core.segments import EncodedExample, Segment
 
 STYLES = {
-    Segment.TEMPLATE: "dim",
+    Segment.TEMPLATE: "bold cyan",  # when it carries loss; dim otherwise
     Segment.SYSTEM: "bold magenta",
     Segment.USER: "bold blue",
     Segment.OUTPUT: "bold green",
     Segment.TOOL: "bold yellow",
     Segment.REASONING: "green",
 }
-LETTERS = {Segment.TEMPLATE: "", Segment.SYSTEM: "S", Segment.USER: "U", Segment.OUTPUT: "O", Segment.TOOL: "T", Segment.REASONING: "R"}
+LETTERS = {Segment.TEMPLATE: "M", Segment.SYSTEM: "S", Segment.USER: "U", Segment.OUTPUT: "O", Segment.TOOL: "T", Segment.REASONING: "R"}
 
 
 def plain_tokens(tokenizer, ex: EncodedExample, weights: dict[int, float] | None = None) -> str:
-    """``·tok·`` for tokens without loss, ``[tok]X`` for tokens with loss (X = segment letter)."""
+    """``·tok·`` for tokens without loss, ``[tok]X`` for tokens with loss (X = segment letter; M =
+    template markup, when the template is weighted)."""
     parts = []
     for tok, seg in zip(ex.input_ids, ex.segment_ids):
         text = tokenizer.decode([tok]).replace("\n", "\\n")
-        trained = seg != Segment.TEMPLATE and (weights is None or weights.get(seg, 0) > 0)
+        trained = weights.get(seg, 0) > 0 if weights is not None else seg != Segment.TEMPLATE
         parts.append(f"[{text}]{LETTERS[Segment(seg)]}" if trained else f"·{text}·")
     return "".join(parts)
 
@@ -53,13 +56,29 @@ def legend(weights: dict[int, float]):
     from rich.text import Text
 
     t = Text("legend: ")
-    t.append("template (no loss)", style="dim")
+    template = weights.get(Segment.TEMPLATE, 0)
+    t.append(f"template w={template:g}" if template > 0 else "template (no loss)",
+             style=STYLES[Segment.TEMPLATE] if template > 0 else "dim")
     for seg, name in ((Segment.SYSTEM, "system"), (Segment.USER, "user"), (Segment.TOOL, "tool"), (Segment.OUTPUT, "output"),
                       (Segment.REASONING, "reasoning")):
         w = weights.get(seg, 0)
         t.append("  ")
         t.append(f"{name} w={w:g}", style=STYLES[seg] if w > 0 else "dim strike")
     return t
+
+
+def weighting_summary(im_args) -> str:
+    """One line: the mode, and what differs from Eq. 4's content-only weighting (template weight,
+    normalisation, first-token count)."""
+    parts = [f"im_mode: {im_args.im_mode}"]
+    template = im_args.role_weight_map()["template"]
+    if template > 0:
+        parts.append(f"template weight {template:g} (the template's tokens carry loss, unlike Eq. 4)")
+    if im_args.im_loss_normalization != "token":
+        parts.append(f"im_loss_normalization: {im_args.im_loss_normalization}")
+    if im_args.im_count_first_token:
+        parts.append("each example's first token counted in the normaliser")
+    return ", ".join(parts)
 
 
 def _first_rows(ds_cfg, n: int) -> list:
@@ -101,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = load_cfg(args.config)
     tokenizer = load_tokenizer(cfg)
-    weights = {int(WEIGHT_KEY_SEGMENT[r]): w for r, w in IMArgs.from_cfg(cfg).role_weight_map().items()}
+    im_args = IMArgs.from_cfg(cfg)
+    weights = {int(WEIGHT_KEY_SEGMENT[r]): w for r, w in im_args.role_weight_map().items()}
     from instruction_modelling.axolotl import raw_rows
 
     console = Console(highlight=False, no_color=args.plain)
@@ -110,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         strategy = load_strategy(tokenizer, cfg, ds_cfg)
         saved = raw_rows.load_saved(ds_cfg.get("path"))
-        console.print(f"== {raw_rows.source_of(saved) if saved is not None else ds_cfg.get('path')}  (im_mode: {cfg.im_mode})")
+        console.print(f"== {raw_rows.source_of(saved) if saved is not None else ds_cfg.get('path')}  "
+                      f"({weighting_summary(im_args)})")
         if not args.plain:
             console.print(legend(weights))
         for i, row in enumerate(_first_rows(ds_cfg, args.rows)):

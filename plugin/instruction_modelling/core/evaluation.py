@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .losses import segment_weighted_loss, weight_table
-from .segments import RowEncoder, RowError
+from .segments import RowEncoder, RowError, Segment
 
 
 @dataclass
@@ -54,7 +54,7 @@ def example_losses(model: Any, encoder: RowEncoder, rows: Sequence[dict], batch_
         chunk = encoded[start:start + batch_size]
         length = max(len(e.input_ids) for e in chunk)
         ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        segs = torch.zeros((len(chunk), length), dtype=torch.long)
+        segs = torch.full((len(chunk), length), int(Segment.PAD), dtype=torch.long)
         mask = torch.zeros((len(chunk), length), dtype=torch.long)
         for i, e in enumerate(chunk):
             ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)

@@ -17,6 +17,13 @@ each formula with its source):
 * ``share`` (GoLLIE's prompt-loss share): ``loss = (1−α)·mean_output + α·mean_instruction``,
   each mean over the window's output (instruction) targets, weighted by the segment weights
   within its group; the normaliser is the pair ``[Σ_instruction w, Σ_output w]``.
+* ``example_share`` (GoLLIE as its code runs): per example, prompt targets get the weight
+  ``α/(1−α) · R_e/P_e`` (``R_e``, ``P_e``: the example's summed output and prompt weights), output
+  targets 1; ``loss = Σ_t w_t·ce_t / Σ_t w_t`` over the window.
+
+The prompt side is everything that is not output: instruction content, and template tokens when
+``template`` has a weight. ``count_first_token`` adds each example's first token (never a
+target) to the counts where its source's loop counts it: WIT's ``#{w ≠ 0}``, GoLLIE's ``P_e``.
 
 A micro-batch returns ``Σ (effective weight · ce) / normaliser`` where the normaliser is the
 window total (``loss_normaliser`` summed over micro-batches), so summing the micro-batch
@@ -38,7 +45,9 @@ import torch.nn.functional as F
 
 from .segments import INSTRUCTION_SEGMENTS, OUTPUT_SEGMENTS, WEIGHT_KEY_SEGMENT, Segment
 
-NORMALISATIONS = ("token", "nonzero", "sequence", "share")
+NORMALISATIONS = ("token", "nonzero", "sequence", "share", "example_share")
+SHARE_NORMALISATIONS = ("share", "example_share")  # α = instruction_share sets the prompt/output balance
+FIRST_TOKEN_NORMALISATIONS = ("nonzero", "example_share")  # where count_first_token changes a count
 
 
 def weight_table(
@@ -46,18 +55,21 @@ def weight_table(
     output_weight: float,
     role_weights: Mapping[str, float] | None = None,
 ) -> torch.Tensor:
-    """Loss weight per ``Segment`` id (index = segment id; template is always 0).
+    """Loss weight per ``Segment`` id (index = segment id; template 0 unless overridden, padding always 0).
 
     Args:
         instruction_weight: weight of system, user and tool content.
         output_weight: weight of assistant content (and reasoning) and its end-of-turn token.
-        role_weights: per-role overrides, keys ``system``, ``user``, ``assistant``, ``tool``, ``reasoning``.
+        role_weights: per-role overrides, keys ``system``, ``user``, ``assistant``, ``tool``,
+            ``reasoning`` and ``template`` (BOS, role tags, separators).
 
     Example:
         >>> weight_table(1.0, 1.0).tolist()   # IM
-        [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+        [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
         >>> weight_table(0.0, 1.0, {"system": 0.5}).tolist()
-        [0.0, 0.5, 0.0, 1.0, 0.0, 1.0]
+        [0.0, 0.5, 0.0, 1.0, 0.0, 1.0, 0.0]
+        >>> weight_table(0.4, 0.6, {"template": 0.4}).tolist()   # WIT as run: the template is prompt
+        [0.4000000059604645, 0.4000000059604645, 0.4000000059604645, 0.6000000238418579, 0.4000000059604645, 0.6000000238418579, 0.0]
     """
     table = torch.zeros(len(Segment), dtype=torch.float32)
     for seg in INSTRUCTION_SEGMENTS:
@@ -66,6 +78,7 @@ def weight_table(
         table[seg] = output_weight
     for role, w in (role_weights or {}).items():
         table[WEIGHT_KEY_SEGMENT[role]] = w
+    table[Segment.PAD] = 0.0
     return table
 
 
@@ -96,15 +109,16 @@ def _shifted(input_ids: torch.Tensor, segment_ids: torch.Tensor, position_ids: t
     """Targets, their segments and validity for next-token prediction, shape ``[B, T-1]``."""
     targets = input_ids[:, 1:]
     segs = segment_ids[:, 1:].long()
-    valid = segs != Segment.TEMPLATE
+    valid = segs != Segment.PAD
     if position_ids is not None:
         # A token at position 0 starts a new packed example: it is not predicted from the previous one.
         valid = valid & (position_ids[:, 1:] != 0)
     return targets, segs, valid
 
 
-def _example_ids(segment_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-    """Example index of every target ``[B, T-1]``, unique across the batch."""
+def _example_ids(segment_ids: torch.Tensor, position_ids: torch.Tensor | None, shifted: bool = True) -> torch.Tensor:
+    """Example index of every target ``[B, T-1]`` (of every token ``[B, T]`` with ``shifted=False``),
+    unique across the batch."""
     bsz, seqlen = segment_ids.shape
     if position_ids is None:
         ids = torch.arange(bsz, device=segment_ids.device).unsqueeze(1).expand(bsz, seqlen)
@@ -114,30 +128,65 @@ def _example_ids(segment_ids: torch.Tensor, position_ids: torch.Tensor | None) -
         per_row = torch.cumsum(starts, dim=1) - 1  # 0.. within each row
         offset = torch.cumsum(per_row[:, -1] + 1, dim=0) - (per_row[:, -1] + 1)
         ids = per_row + offset.unsqueeze(1)
-    return ids[:, 1:]
+    return ids[:, 1:] if shifted else ids
 
 
 def _segment_weights(input_ids, segment_ids, table, position_ids) -> torch.Tensor:
-    """The segment weight of every valid target ``[B, T-1]`` (0 for template, padding, boundaries)."""
+    """The segment weight of every valid target ``[B, T-1]`` (0 for padding and packed-example
+    boundaries; 0 for template targets unless the table weights them)."""
     _, segs, valid = _shifted(input_ids, segment_ids, position_ids)
     return table.to(device=segs.device)[segs] * valid
+
+
+def _first_token_weights(segment_ids, table, position_ids) -> torch.Tensor:
+    """``[B, T]``: the segment weight of each example's first token (never a target), 0 elsewhere.
+    An example starts at column 0 and, in packed rows, wherever ``position_ids`` restarts at 0."""
+    first = torch.zeros_like(segment_ids, dtype=torch.bool)
+    first[:, 0] = True
+    if position_ids is not None:
+        first = first | (position_ids == 0)
+    return table.to(device=segment_ids.device)[segment_ids.long()] * first
 
 
 def _is_instruction(segs: torch.Tensor) -> torch.Tensor:
     return torch.isin(segs, segment_set(INSTRUCTION_SEGMENTS, segs.device))
 
 
-def _scale(w: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None, normalisation: str):
+def _is_output(segs: torch.Tensor) -> torch.Tensor:
+    return torch.isin(segs, segment_set(OUTPUT_SEGMENTS, segs.device))
+
+
+def _per_example_sum(values: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
+    """Σ of ``values`` over each example, read back at every position of ``ex``'s shape. Sized by
+    the static bound (an example per position), not ``ex.max()``: no host sync."""
+    totals = torch.zeros(values.numel() + ex.shape[0], dtype=values.dtype, device=values.device)
+    return totals.scatter_add_(0, ex.flatten(), values.flatten())[ex]
+
+
+def _scale(w: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None, normalisation: str,
+           table: torch.Tensor | None = None, instruction_share: float = 0.0, count_first_token: bool = False):
     """Per-target factor applied to the segment weight before the window normaliser divides it."""
     if normalisation in ("token", "nonzero", "share"):
         return torch.ones_like(w)
-    if normalisation != "sequence":
+    if normalisation not in ("sequence", "example_share"):
         raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}")
-    ex = _example_ids(segment_ids, position_ids)
-    # Sized by the static bound (an example per position), not ex.max(): no host sync.
-    totals = torch.zeros(segment_ids.numel(), dtype=w.dtype, device=w.device).scatter_add_(0, ex.flatten(), w.flatten())
-    denom = totals[ex]
-    return torch.where(denom > 0, 1.0 / denom.clamp_min(1e-12), torch.zeros_like(denom))
+    full = _example_ids(segment_ids, position_ids, shifted=False)
+    ex = full[:, 1:]
+    if normalisation == "sequence":
+        denom = _per_example_sum(w, ex)
+        return torch.where(denom > 0, 1.0 / denom.clamp_min(1e-12), torch.zeros_like(denom))
+    # example_share (GoLLIE's dataset.py): prompt weight α/(1−α)·R_e/P_e, output weight 1.
+    out = _is_output(segment_ids[:, 1:].long())
+    r_e = _per_example_sum(w * out, ex)
+    p_e = _per_example_sum(w * ~out, ex)
+    if count_first_token:  # GoLLIE's prompt length counts the first token (BOS), never a target
+        first = _first_token_weights(segment_ids, table, position_ids)
+        p_e = p_e + _per_example_sum(first * ~_is_output(segment_ids.long()), full)[:, 1:]
+    alpha = float(instruction_share)
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"example_share needs instruction_share in [0, 1), got {alpha}: at 1 no output weight is left")
+    rho = torch.where(p_e > 0, (alpha / (1.0 - alpha)) * r_e / p_e.clamp_min(1e-12), torch.zeros_like(p_e))
+    return torch.where(out, torch.ones_like(w), rho)
 
 
 def example_scale(
@@ -146,11 +195,15 @@ def example_scale(
     table: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     normalisation: str = "token",
+    instruction_share: float = 0.0,
+    count_first_token: bool = False,
 ) -> torch.Tensor:
     """Per-target factor ``[B, T-1]`` that turns token sums into this normalisation's sums:
-    1 for ``token``; ``1 / Σ w`` of the target's example for ``sequence`` (0 where that is 0)."""
+    1 for ``token``; ``1 / Σ w`` of the target's example for ``sequence`` (0 where that is 0);
+    for ``example_share`` the example's prompt factor ``α/(1−α)·R_e/P_e`` on prompt targets, 1 on
+    output targets."""
     w = _segment_weights(input_ids, segment_ids, table, position_ids)
-    return _scale(w, segment_ids, position_ids, normalisation)
+    return _scale(w, segment_ids, position_ids, normalisation, table, instruction_share, count_first_token)
 
 
 def effective_weights(
@@ -159,6 +212,8 @@ def effective_weights(
     table: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     normalisation: str = "token",
+    instruction_share: float = 0.0,
+    count_first_token: bool = False,
 ) -> torch.Tensor:
     """Per-target weights ``[B, T-1]`` whose sum over a window, divided by the window's
     ``loss_normaliser``, gives the loss (``share`` divides each group by its own total instead,
@@ -166,10 +221,10 @@ def effective_weights(
 
     ``token``, ``nonzero``, ``share``: the segment weight. ``sequence``: the segment weight
     divided by the summed weight of the target's example, so every example with any weight
-    contributes 1.
+    contributes 1. ``example_share``: the segment weight times ``example_scale``.
     """
     w = _segment_weights(input_ids, segment_ids, table, position_ids)
-    return w * _scale(w, segment_ids, position_ids, normalisation)
+    return w * _scale(w, segment_ids, position_ids, normalisation, table, instruction_share, count_first_token)
 
 
 def loss_normaliser(
@@ -178,22 +233,33 @@ def loss_normaliser(
     table: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     normalisation: str = "token",
+    instruction_share: float = 0.0,
+    count_first_token: bool = False,
 ) -> torch.Tensor:
     """What one micro-batch adds to the window's normaliser (window total = elementwise sum).
 
+    Args:
+        count_first_token: ``nonzero`` also counts each example's first token when its own weight
+            is not 0 (WIT's loop counts every token whose label is not IGNORE_INDEX, the first one
+            included, though it is never predicted); ``example_share`` counts it in ``P_e``.
+
     Returns:
-        shape ``[]``: ``Σ w`` (token), the number of targets with ``w > 0`` (nonzero) or the
-        number of examples with any weight (sequence); shape ``[2]`` for share:
-        ``[Σ w over instruction targets, Σ w over output targets]``.
+        shape ``[]``: ``Σ w`` (token, example_share: of the effective weights), the number of
+        targets with ``w > 0`` (nonzero) or the number of examples with any weight (sequence);
+        shape ``[2]`` for share: ``[Σ w over prompt targets, Σ w over output targets]``.
     """
     seg_w = _segment_weights(input_ids, segment_ids, table, position_ids)
     if normalisation == "nonzero":
-        return (seg_w > 0).sum().to(seg_w.dtype)
+        count = (seg_w > 0).sum()
+        if count_first_token:
+            count = count + (_first_token_weights(segment_ids, table, position_ids) > 0).sum()
+        return count.to(seg_w.dtype)
     if normalisation == "share":
         _, segs, _ = _shifted(input_ids, segment_ids, position_ids)
-        instr = _is_instruction(segs)
-        return torch.stack([(seg_w * instr).sum(), (seg_w * ~instr).sum()])
-    return (seg_w * _scale(seg_w, segment_ids, position_ids, normalisation)).sum()
+        out = _is_output(segs)
+        return torch.stack([(seg_w * ~out).sum(), (seg_w * out).sum()])
+    return (seg_w * _scale(seg_w, segment_ids, position_ids, normalisation, table, instruction_share,
+                           count_first_token)).sum()
 
 
 @dataclass
@@ -218,6 +284,7 @@ def target_coefficients(
     normalisation: str = "token",
     normaliser: torch.Tensor | float | None = None,
     instruction_share: float = 0.0,
+    count_first_token: bool = False,
 ) -> LossCoefficients:
     """The one place that turns segments, weights and the window normaliser into the loss's
     per-target coefficients; every loss implementation (logits, chunked hidden states, kernels)
@@ -226,26 +293,27 @@ def target_coefficients(
     Args:
         normaliser: the window's total of ``loss_normaliser`` (summed over micro-batches and
             data-parallel ranks; any shape ``loss_normaliser`` returns); defaults to this batch's own.
-        instruction_share: α of the ``share`` normalisation (ignored by the others).
+        instruction_share: α of the ``share`` and ``example_share`` normalisations (ignored by the others).
+        count_first_token: see ``loss_normaliser``.
 
     Returns:
         ``LossCoefficients``. Under ``share`` a group (instruction or output) with a zero
         window total contributes nothing, and ``kl_coef`` is zero (KL is refused under share).
     """
     seg_w = _segment_weights(input_ids, segment_ids, table, position_ids)
-    scale = _scale(seg_w, segment_ids, position_ids, normalisation)
+    scale = _scale(seg_w, segment_ids, position_ids, normalisation, table, instruction_share, count_first_token)
     w = seg_w * scale  # = effective_weights(...)
     if normaliser is None:
-        normaliser = loss_normaliser(input_ids, segment_ids, table, position_ids, normalisation)
+        normaliser = loss_normaliser(input_ids, segment_ids, table, position_ids, normalisation, instruction_share,
+                                     count_first_token)
     normaliser = torch.as_tensor(normaliser, dtype=torch.float32, device=w.device).detach()
     if normalisation == "share":
         if normaliser.shape != (2,):
             raise ValueError(f"the share normalisation needs the [instruction, output] normaliser pair, got shape {tuple(normaliser.shape)}")
         _, segs, _ = _shifted(input_ids, segment_ids, position_ids)
-        instr = _is_instruction(segs)
         shares = _share_pair(instruction_share, w.device)
         per_group = torch.where(normaliser > 0, shares / normaliser.clamp_min(1e-12), torch.zeros_like(shares))
-        coef = torch.where(instr, per_group[0], per_group[1])
+        coef = torch.where(_is_output(segs), per_group[1], per_group[0])
         return LossCoefficients(ce_coef=w * coef, kl_coef=torch.zeros_like(w))
     normaliser = normaliser.clamp_min(1e-12)
     return LossCoefficients(ce_coef=w / normaliser, kl_coef=scale / normaliser)
@@ -261,6 +329,7 @@ class SegmentLoss:
             (unweighted; measured even when their weight is 0, as under IT).
         output_sum, output_count: the same over output targets.
         kl_sum, kl_count: summed KL and count over the KL-masked targets (when ``kl`` is given).
+        template_sum, template_count: the same over template targets (BOS excepted: never a target).
     """
 
     loss: torch.Tensor
@@ -270,6 +339,8 @@ class SegmentLoss:
     output_count: torch.Tensor
     kl_sum: torch.Tensor | None = None
     kl_count: torch.Tensor | None = None
+    template_sum: torch.Tensor | None = None
+    template_count: torch.Tensor | None = None
 
 
 ReferenceRows = Callable[[int, int], torch.Tensor]
@@ -842,6 +913,7 @@ def segment_weighted_loss(
     chunk_size: int = DEFAULT_CHUNK,
     instruction_share: float = 0.0,
     kl_counts: list[int] | None = None,
+    count_first_token: bool = False,
 ) -> SegmentLoss:
     """Segment-weighted next-token cross-entropy.
 
@@ -849,7 +921,8 @@ def segment_weighted_loss(
         logits: ``[B, T, V]`` model outputs, or ``HiddenStates`` (the final hidden states and the
             output layer) to compute the same loss chunk by chunk without the logits.
         input_ids: ``[B, T]`` tokens; the target of position t is ``input_ids[:, t+1]``.
-        segment_ids: ``[B, T]`` ``Segment`` ids (0 = template or padding).
+        segment_ids: ``[B, T]`` ``Segment`` ids (``Segment.PAD`` for padding; 0 for padding is fine while the
+            template weight is 0, as it is by default).
         table: weight per segment id (``weight_table``).
         position_ids: ``[B, T]`` for packed rows (positions restart at 0 per example), else None.
         normalisation: one of ``NORMALISATIONS``.
@@ -861,7 +934,9 @@ def segment_weighted_loss(
             ``λ Σ mask·kl`` to the CE sum before the shared normalisation (Eq. 5), with the same
             per-example scaling as the CE.
         chunk_size: positions per chunk of the CE/KL computation.
-        instruction_share: α of the ``share`` normalisation.
+        instruction_share: α of the ``share`` and ``example_share`` normalisations.
+        count_first_token: count each example's first token where the normalisation's source does
+            (``loss_normaliser``).
         kl_counts: with ``HiddenStates`` and a KL, the KL rows per chunk on the host
             (``kl_chunk_counts`` of the padded mask), counted for a whole step at once by the trainer;
             without it the loss counts them (one host sync).
@@ -876,10 +951,11 @@ def segment_weighted_loss(
     targets, segs, valid = _shifted(input_ids, segment_ids, position_ids)
     # Targets padded at the end instead of slicing the logits: slicing [:, :-1] would copy them.
     padded = F.pad(targets, (0, 1), value=0)
-    coef = target_coefficients(input_ids, segment_ids, table, position_ids, normalisation, normaliser, instruction_share)
+    coef = target_coefficients(input_ids, segment_ids, table, position_ids, normalisation, normaliser, instruction_share,
+                               count_first_token)
     mask = None
-    if kl_reference is not None and kl_coef and normalisation == "share":
-        raise ValueError("KL regularisation is not defined under the share normalisation; use token or sequence")
+    if kl_reference is not None and kl_coef and normalisation in SHARE_NORMALISATIONS:
+        raise ValueError(f"KL regularisation is not defined under the {normalisation} normalisation; use token or sequence")
     if kl_reference is not None:
         mask = kl_mask if kl_mask is not None else valid
     if isinstance(logits, HiddenStates):
@@ -905,7 +981,8 @@ def segment_weighted_loss(
 
     ce_d = ce.detach()
     is_instr = valid & _is_instruction(segs)
-    is_out = valid & torch.isin(segs, segment_set(OUTPUT_SEGMENTS, segs.device))
+    is_out = valid & _is_output(segs)
+    is_template = valid & (segs == Segment.TEMPLATE)
     return SegmentLoss(
         loss=loss,
         instruction_sum=(ce_d * is_instr).sum(),
@@ -914,4 +991,6 @@ def segment_weighted_loss(
         output_count=is_out.sum(),
         kl_sum=kl_sum,
         kl_count=kl_count,
+        template_sum=(ce_d * is_template).sum(),
+        template_count=is_template.sum(),
     )

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from .losses import FIRST_TOKEN_NORMALISATIONS, SHARE_NORMALISATIONS
 from .segments import WEIGHT_KEYS
 
 
@@ -45,27 +46,39 @@ class IMArgs(BaseModel):
         default=None,
         json_schema_extra={
             "description": "Per-role weight overrides, e.g. {system: 0.0} to keep the loss off system prompts. "
-            "Keys: system, user, assistant, tool, and reasoning (an assistant turn's reasoning trace, "
-            "default: the output weight)."
+            "Keys: system, user, assistant, tool, reasoning (an assistant turn's reasoning trace, "
+            "default: the output weight) and template (BOS, role tags, separators: default 0, as the "
+            "paper's Eq. 4; PLW and WIT as their authors ran them give it the instruction weight)."
         },
     )
-    im_loss_normalization: Literal["token", "nonzero", "sequence", "share"] = Field(
+    im_loss_normalization: Literal["token", "nonzero", "sequence", "share", "example_share"] = Field(
         default="token",
         json_schema_extra={
             "description": "token: Σ w·CE / Σ w over all trained tokens of the optimizer step (Axolotl's "
             "per-token default; PLW's weighted mean). nonzero: Σ w·CE / (number of tokens with w > 0), "
             "Weighted Instruction Tuning's definition (an output weight below 1 also scales the loss down). "
             "sequence: mean of per-example weighted means, as the paper's batch-size-1 runs effectively did. "
-            "share: (1 − α)·mean output CE + α·mean instruction CE with α = im_instruction_share (GoLLIE). "
+            "share: (1 − α)·mean output CE + α·mean instruction CE with α = im_instruction_share (GoLLIE's "
+            "definition, over the whole step). example_share: GoLLIE's code as run, per example prompt "
+            "weight α/(1−α)·(output tokens / prompt tokens), output weight 1, Σ w·CE / Σ w. "
             "Formulas and sources: docs/weighting.md."
+        },
+    )
+    im_count_first_token: bool = Field(
+        default=False,
+        json_schema_extra={
+            "description": "Count each example's first token (BOS; never predicted) where its source's "
+            "training loop counts it: in the number of weighted tokens under nonzero (WIT's loop) and in "
+            "the prompt length under example_share (GoLLIE's). Only with those two normalisations."
         },
     )
     im_instruction_share: float | None = Field(
         default=None,
         json_schema_extra={
-            "description": "α of im_loss_normalization: share, in [0, 1]: the instruction tokens' share of the "
-            "loss, whatever their count (GoLLIE's prompt-loss weight). Required by share, refused otherwise; "
-            "im_instruction_weight / im_output_weight must then be unset (α sets the balance)."
+            "description": "α of im_loss_normalization: share (in [0, 1]) or example_share (in [0, 1)): the "
+            "prompt's share of the loss, whatever its token count (GoLLIE's prompt-loss weight). Required by "
+            "those two, refused otherwise; im_instruction_weight / im_output_weight must then be unset (α "
+            "sets the balance)."
         },
     )
     im_on_bad_rows: Literal["error", "skip"] = Field(
@@ -184,22 +197,31 @@ class IMArgs(BaseModel):
     @model_validator(mode="after")
     def _check_share(self):
         share = self.im_instruction_share
-        if self.im_loss_normalization != "share":
+        norm = self.im_loss_normalization
+        if self.im_count_first_token and norm not in FIRST_TOKEN_NORMALISATIONS:
+            raise ValueError(f"im_count_first_token changes a count only under im_loss_normalization: "
+                             f"{' or '.join(FIRST_TOKEN_NORMALISATIONS)} (WIT's and GoLLIE's loops); remove it or "
+                             f"change the normalisation (now {norm})")
+        if norm not in SHARE_NORMALISATIONS:
             if share is not None:
                 raise ValueError(
-                    "im_instruction_share is only used by im_loss_normalization: share; set that or remove it"
+                    "im_instruction_share is only used by im_loss_normalization: share or example_share; set one "
+                    "of them or remove it"
                 )
             return self
-        if share is None or not math.isfinite(share) or not 0 <= share <= 1:
-            raise ValueError(f"im_loss_normalization: share needs im_instruction_share in [0, 1], got {share}")
+        top_ok = share is not None and math.isfinite(share) and (share <= 1 if norm == "share" else share < 1)
+        if share is None or not math.isfinite(share) or share < 0 or not top_ok:
+            bound = "[0, 1]" if norm == "share" else "[0, 1) (at 1 no output weight is left)"
+            raise ValueError(f"im_loss_normalization: {norm} needs im_instruction_share in {bound}, got {share}")
         if self.im_mode != "im":
-            raise ValueError("im_loss_normalization: share weighs instructions by im_instruction_share; use im_mode: im "
-                             "(im_instruction_share: 0 gives instruction tuning)")
+            raise ValueError(f"im_loss_normalization: {norm} weighs instructions by im_instruction_share; use im_mode: "
+                             "im (im_instruction_share: 0 gives instruction tuning)")
         for name in ("im_instruction_weight", "im_output_weight"):
             if getattr(self, name) is not None:
-                raise ValueError(f"im_loss_normalization: share sets the balance with im_instruction_share; remove {name}")
+                raise ValueError(f"im_loss_normalization: {norm} sets the balance with im_instruction_share; "
+                                 f"remove {name}")
         if self.im_kl_coef > 0:
-            raise ValueError("KL regularisation is not defined under im_loss_normalization: share; "
+            raise ValueError(f"KL regularisation is not defined under im_loss_normalization: {norm}; "
                              "use token or sequence with im_kl_coef")
         return self
 
@@ -239,7 +261,7 @@ class IMArgs(BaseModel):
             instruction = 1.0 if self.im_mode == "im" else 0.0
         output = 1.0 if self.im_output_weight is None else self.im_output_weight
         weights = {"system": instruction, "user": instruction, "tool": instruction, "assistant": output,
-                   "reasoning": output}
+                   "reasoning": output, "template": 0.0}
         weights.update(self.im_role_weights or {})
         return weights
 

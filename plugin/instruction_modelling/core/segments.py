@@ -61,12 +61,13 @@ from typing import Any, Callable, Mapping, Sequence
 class Segment(IntEnum):
     """Segment id of a token, stored per token in the ``segment_ids`` column (0 pads)."""
 
-    TEMPLATE = 0  # role tags, separators, BOS, template text: never carries loss
+    TEMPLATE = 0  # role tags, separators, BOS, template text: no loss unless `template` is given a weight
     SYSTEM = 1  # system prompt content (instruction side)
     USER = 2  # user content; Alpaca instruction and input; prompt (instruction side)
     OUTPUT = 3  # assistant text, tool calls and the end-of-turn token closing the turn; completion
     TOOL = 4  # tool / function results fed back to the model (instruction side)
     REASONING = 5  # an assistant turn's reasoning trace (reasoning_content): output side, own weight
+    PAD = 6  # padding added by the collators: never a token of an example, never carries loss
 
 
 INSTRUCTION_SEGMENTS = (Segment.SYSTEM, Segment.USER, Segment.TOOL)
@@ -79,8 +80,10 @@ ROLE_SEGMENT = {
     "tool": Segment.TOOL,
 }
 CANONICAL_ROLES = tuple(ROLE_SEGMENT)
-# Keys of ``im_role_weights``: the roles, plus ``reasoning`` (an assistant's reasoning trace).
-WEIGHT_KEY_SEGMENT = {**ROLE_SEGMENT, "reasoning": Segment.REASONING}
+# Keys of ``im_role_weights``: the roles, plus ``reasoning`` (an assistant's reasoning trace) and
+# ``template`` (BOS, role tags, separators: weight 0 by default, as Eq. 4 requires; PLW and WIT as
+# their authors ran them weight the template like the prompt).
+WEIGHT_KEY_SEGMENT = {**ROLE_SEGMENT, "reasoning": Segment.REASONING, "template": Segment.TEMPLATE}
 WEIGHT_KEYS = tuple(WEIGHT_KEY_SEGMENT)
 
 # How Axolotl's chat_template type renames roles before rendering when no `roles:` option is given;
