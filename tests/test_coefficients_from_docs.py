@@ -30,14 +30,14 @@ OUTPUT_ROLES = {"assistant", "reasoning"}
 
 
 def documented_weight(role: str, options: dict) -> float:
-    """README's options table: template tokens never carry loss; instruction roles get
-    ``im_instruction_weight`` (1 under ``im_mode: im``, 0 under ``it``), output roles
-    ``im_output_weight`` (1), reasoning the output weight; ``im_role_weights`` overrides per role."""
-    if role == "template":
-        return 0.0
+    """README's options table: template tokens carry no loss unless ``im_role_weights: {template: w}``;
+    instruction roles get ``im_instruction_weight`` (1 under ``im_mode: im``, 0 under ``it``), output
+    roles ``im_output_weight`` (1), reasoning the output weight; ``im_role_weights`` overrides per role."""
     overrides = options.get("im_role_weights") or {}
     if role in overrides:
         return float(overrides[role])
+    if role == "template":
+        return 0.0
     if role in INSTRUCTION_ROLES:
         default = 1.0 if options.get("im_mode", "im") == "im" else 0.0
         return float(options.get("im_instruction_weight", default))
@@ -48,9 +48,13 @@ def brute_force(examples, logits, ref_logits, options: dict, kl_coef: float, kl_
     """The window's loss in float64 from the documented formulas, with plain loops.
 
     A target is every token of an example but its first, predicted from the previous position of
-    the same example; template targets carry no loss (and no KL)."""
+    the same example; template targets carry their documented weight (0 by default) and no KL.
+    ``im_count_first_token`` (README) adds each example's first token, when its weight is not 0, to
+    ``#{w ≠ 0}`` (nonzero) and to the prompt total P_e (example_share); the prompt side of the
+    share normalisations is everything that is not output (docs/weighting.md)."""
     normalisation = options.get("im_loss_normalization", "token")
     alpha = options.get("im_instruction_share", 0.0)
+    first = options.get("im_count_first_token", False)
     kl_roles = {"output": OUTPUT_ROLES, "instruction": INSTRUCTION_ROLES, "all": OUTPUT_ROLES | INSTRUCTION_ROLES}
     per_example = []  # (Σ w·ce, Σ w, #w≠0, λ Σ kl, Σ_I w·ce, Σ_I w, Σ_O w·ce, Σ_O w)
     for (tokens, roles), z, zq in zip(examples, logits, ref_logits):
@@ -65,10 +69,15 @@ def brute_force(examples, logits, ref_logits, options: dict, kl_coef: float, kl_
             if kl_coef and roles[t] in kl_roles[kl_segments]:
                 logq = zq[t - 1].log_softmax(-1)
                 acc[3] = acc[3] + kl_coef * (logp.exp() * (logp - logq)).sum()  # Eq. 5, full KL
-            if roles[t] in INSTRUCTION_ROLES:
-                acc[4], acc[5] = acc[4] + w * ce, acc[5] + w
-            elif roles[t] in OUTPUT_ROLES:
+            if roles[t] in OUTPUT_ROLES:
                 acc[6], acc[7] = acc[6] + w * ce, acc[7] + w
+            else:  # the prompt side: instruction roles and the template
+                acc[4], acc[5] = acc[4] + w * ce, acc[5] + w
+        w0 = documented_weight(roles[0], options)
+        if first and w0 != 0:
+            acc[2] = acc[2] + 1
+            if roles[0] not in OUTPUT_ROLES:
+                acc.append(torch.tensor(w0, dtype=torch.float64))  # P_e's extra term
         per_example.append(acc)
     total = [sum(e[i] for e in per_example) for i in range(8)]
     if normalisation == "token":  # Σ w·ce / Σ w (KL added before the normalisation: docs/kl.md)
@@ -78,6 +87,13 @@ def brute_force(examples, logits, ref_logits, options: dict, kl_coef: float, kl_
     if normalisation == "sequence":  # mean over the examples that carry weight of their own weighted mean
         kept = [(e[0] + e[3]) / e[1] for e in per_example if e[1] > 0]
         return sum(kept) / len(kept)
+    if normalisation == "example_share":  # per example prompt weight α/(1−α)·R_e/P_e, output 1; Σ w·ce / Σ w
+        num = den = torch.zeros((), dtype=torch.float64)
+        for e in per_example:
+            p_e = e[5] + (e[8] if len(e) > 8 else 0.0)
+            rho = alpha / (1 - alpha) * e[7] / p_e if p_e > 0 else 0.0
+            num, den = num + rho * e[4] + e[6], den + rho * e[5] + e[7]
+        return num / den
     assert normalisation == "share" and not kl_coef  # (1 − α)·mean_O + α·mean_I; an empty group adds nothing
     loss = torch.zeros((), dtype=torch.float64)
     if total[7] > 0:
@@ -105,7 +121,7 @@ def make_examples(seed: int, n: int = 8):
 
 def lay_out(examples, logits, ref_logits, layout: str, rows: int):
     """One micro-batch: ``(input_ids, segment_ids, position_ids or None, logits, reference logits)``.
-    Padding positions have junk logits (random) and template segments."""
+    Padding positions have junk logits (random) and the padding segment (as the collators pad)."""
     g = torch.Generator().manual_seed(len(examples) * 7 + rows)
     if layout == "padded":
         buckets = [[i] for i in range(len(examples))]
@@ -124,7 +140,7 @@ def lay_out(examples, logits, ref_logits, layout: str, rows: int):
             row_zq.append(ref_logits[i])
         pad = length - len(row_ids)
         row_ids += [0] * pad
-        row_segs += [0] * pad
+        row_segs += [int(Segment.PAD)] * pad
         row_pos += list(range(pad))
         row_z.append(torch.randn(pad, V, generator=g, dtype=torch.float64) * 5)
         row_zq.append(torch.randn(pad, V, generator=g, dtype=torch.float64) * 5)
@@ -147,7 +163,8 @@ def implementation(examples, logits, ref_logits, options: dict, kl_coef: float, 
     micro = [index[r::ranks][m::accumulation] for r in range(ranks) for m in range(accumulation)]
     batches = [lay_out([examples[i] for i in m], [logits[i] for i in m], [ref_logits[i] for i in m], layout, rows=2)
                for m in micro if m]
-    window = sum(loss_normaliser(ids, segs, table, pos, normalisation) for ids, segs, pos, _, _ in batches)
+    share, first = args.im_instruction_share or 0.0, args.im_count_first_token
+    window = sum(loss_normaliser(ids, segs, table, pos, normalisation, share, first) for ids, segs, pos, _, _ in batches)
     loss = torch.zeros((), dtype=torch.float64)
     for ids, segs, pos, z, zq in batches:
         flat_ref = zq.flatten(0, 1)
@@ -155,7 +172,7 @@ def implementation(examples, logits, ref_logits, options: dict, kl_coef: float, 
                                     kl_reference=(lambda s, e, f=flat_ref: f[s:e]) if kl_coef else None,
                                     kl_mask=kl_mask(segs, pos, kl_segments) if kl_coef else None,
                                     kl_coef=kl_coef, chunk_size=5,
-                                    instruction_share=args.im_instruction_share or 0.0)
+                                    instruction_share=share, count_first_token=first)
         loss = loss + out.loss
     return loss
 
@@ -168,6 +185,13 @@ OPTIONS = {
     "wit": {"im_instruction_weight": 0.4, "im_output_weight": 0.6, "im_loss_normalization": "nonzero"},
     "sequence": {"im_instruction_weight": 0.3, "im_loss_normalization": "sequence"},
     "share": {"im_loss_normalization": "share", "im_instruction_share": 0.3, "im_role_weights": {"system": 0.5}},
+    "template": {"im_instruction_weight": 0.2, "im_role_weights": {"template": 0.2}},
+    "wit_as_run": {"im_instruction_weight": 0.4, "im_output_weight": 0.6, "im_role_weights": {"template": 0.4},
+                   "im_loss_normalization": "nonzero", "im_count_first_token": True},
+    "gollie_as_run": {"im_loss_normalization": "example_share", "im_instruction_share": 0.2,
+                      "im_role_weights": {"template": 1.0}, "im_count_first_token": True},
+    "share_template": {"im_loss_normalization": "share", "im_instruction_share": 0.4, "im_role_weights": {"template": 0.5}},
+    "sequence_template": {"im_loss_normalization": "sequence", "im_role_weights": {"template": 0.3}},
 }
 CASES = [
     # (options, kl λ, KL segments, layout, ranks, accumulation)
@@ -183,6 +207,15 @@ CASES = [
     ("weighted", 0.7, "all", "padded", 1, 2),
     ("sequence", 0.7, "instruction", "packed", 2, 1),
     ("wit", 0.7, "output", "padded", 2, 2),
+    ("template", 0.0, "output", "padded", 2, 2),
+    ("template", 0.7, "all", "packed", 1, 2),
+    ("wit_as_run", 0.0, "output", "packed", 2, 2),
+    ("wit_as_run", 0.0, "output", "padded", 1, 3),
+    ("gollie_as_run", 0.0, "output", "padded", 1, 1),
+    ("gollie_as_run", 0.0, "output", "packed", 1, 1),
+    ("gollie_as_run", 0.0, "output", "packed", 2, 2),
+    ("share_template", 0.0, "output", "packed", 2, 2),
+    ("sequence_template", 0.0, "output", "padded", 2, 1),
 ]
 
 
