@@ -1,6 +1,7 @@
 """A tiny end-to-end IT-vs-IM study on CPU: does the paper's Figure 3 pattern appear at this scale?
 
     python bench/tiny_study.py [--out runs/tiny_study] [--pretrain-steps 600] [--seed 0] [--figure bench/tiny_study_losses.png]
+    python bench/tiny_study.py --weight-curve [--finetune-seeds 0 1 2] [--points LABEL ...]   (see "Weight curve")
 
 1. Pre-training text: the docstrings of the Python standard library installed with the
    interpreter running this script (module, class and function docstrings, read with ``ast``).
@@ -34,17 +35,22 @@ data split and tokenizer stay those of ``--seed``). The points: λp ∈ {0 (the 
 authors ran them, ``wit_asrun`` (template tokens weighted 0.4, each example's first token counted) and
 ``plw_asrun_p0.1`` (template weighted 0.1), which need the plugin's template-weight options (every
 selected point is checked against the plugin's options before pre-training; leave out a point it refuses
-with ``--points``). λp 0.1 is not in the default selection (time: see below). All fine-tunes share the
-prepared dataset (``dataset_prepared_path``, keyed by Axolotl's hash) and each has its own output_dir.
+with ``--points``). All fine-tunes share the prepared dataset (``dataset_prepared_path``, keyed by
+Axolotl's hash) and each has its own output_dir.
 Reported per point: mean ± sd over seeds of the train and held-out output-token loss; and paired
 differences (each point − IT, λp 0.6 − 1, WIT − its AdamW equivalent, WIT as run − WIT, PLW as run − λp
 0.1), per seed the per-example paired mean and standard error, over seeds their mean and sd. Everything
 (all seeds) goes to ``--out``/weight_curve.json, rewritten after each seed; the Markdown tables for
 bench/RESULTS.md are printed, the figure (``--curve-figure``) shows the mean with sd error bars against λp.
-``--plot-only`` re-prints and re-plots from weight_curve.json. Replaces issue 14's one base per seed with
-one fine-tune per point: that mixed pre-training noise into every difference and measured none of it.
-Time on 2 idle cores at the defaults: TIMING.
-
+``--plot-only`` re-prints and re-plots from weight_curve.json. This replaces issue 14's design (one base per
+seed, each point fine-tuned once from it), which mixed pre-training noise into every difference and
+measured none of it.
+Time on 2 idle cores at the defaults (600 pre-training steps, 200 rows, 3 epochs, 512 tokens, as issue 14,
+so nothing was reduced), measured 2026-12-03: pre-training about 90 s (15 s per 100 steps), one fine-tune 26 s
+(13 s of it training, the rest Axolotl's start-up), scoring 3 s per model: 9 points x 3 seeds, about 15
+minutes. Other jobs on the cores slow the fine-tunes 3-6x (74-147 s each, measured beside a test run): run
+it on idle cores. The end of the run prints the total; weight_curve.json keeps each fine-tune's wall and CPU
+seconds.
 """
 
 from __future__ import annotations
@@ -167,8 +173,7 @@ CURVE = [
                "PLW as run: λp 0.1 with template 0.1, λr 1, `token`"),
 ]
 POINTS = {p.label: p for p in CURVE}
-# λp 0.1 is left out by default to keep the study under 30 minutes on 2 cores; add it with --points.
-DEFAULT_POINTS = [p.label for p in CURVE if p.label != "p0.1"]
+DEFAULT_POINTS = [p.label for p in CURVE]
 IT_POINT = "p0"
 # Paired differences reported besides "each point − IT": (a, b) for a − b.
 CONTRASTS = [("p0.6", "p1"), ("wit_p0.4_r0.6", "p0.6667"), ("wit_asrun", "wit_p0.4_r0.6"), ("plw_asrun_p0.1", "p0.1")]
@@ -307,6 +312,14 @@ def check_points(labels: list[str]) -> None:
                              f"leave it out with --points") from exc
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished subprocesses (the Axolotl runs)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_weight_curve(args, root: Path, train_fn) -> dict:
     """One pre-trained base (``--seed``), every selected point fine-tuned from it once per fine-tuning seed
     (seed-major, so each finished seed is scored, summarised and written before the next starts)."""
@@ -321,19 +334,22 @@ def run_weight_curve(args, root: Path, train_fn) -> dict:
     settings = {k: getattr(args, k) for k in ("pretrain_steps", "train_rows", "heldout_rows", "seq_len", "epochs",
                                               "lr", "hidden_size", "layers")}
     result = {"base_seed": args.seed, "finetune_seeds": [], "settings": settings, "model_parameters": n_params,
-              "pretrain": pre, "base": None, "points": {}, "differences": {}, "finetune_s": {}, "timings_s": timings}
+              "pretrain": pre, "base": None, "points": {}, "differences": {}, "finetune_s": {}, "finetune_cpu_s": {},
+              "timings_s": timings}
     losses = {}
     for seed in args.finetune_seeds:
         models = [] if result["base"] else [("base", base)]
         for label in labels:
             point = POINTS[label]
-            t = time.time()
+            t, cpu = time.time(), _children_cpu_s()
             name = f"{label}_s{seed}"
             train_fn(write_config(curve_point_config(base, train_file, root, point, seed, args),
                                   root / "configs" / f"{name}.yml"), root / "logs" / f"{name}.log")
             result["finetune_s"][name] = time.time() - t
-            print(f"fine-tune seed {seed}: {label} ({point.description}) in {result['finetune_s'][name]:.0f} s",
-                  flush=True)
+            # CPU seconds beside wall seconds: a wall time well above CPU / threads means other jobs shared the cores.
+            result["finetune_cpu_s"][name] = _children_cpu_s() - cpu
+            print(f"fine-tune seed {seed}: {label} ({point.description}) in {result['finetune_s'][name]:.0f} s "
+                  f"({result['finetune_cpu_s'][name]:.0f} CPU s)", flush=True)
             models.append((label, root / "points" / name))
         t = time.time()
         m = run_losses(models, train_file, heldout_file, root / "analysis" / f"seed{seed}", max_length=args.seq_len,
