@@ -40,7 +40,7 @@ Axolotl's hash) and each has its own output_dir.
 Reported per point: mean ± sd over seeds of the train and held-out output-token loss; and paired
 differences (each point − IT, λp 0.6 − 1, WIT − its AdamW equivalent, WIT as run − WIT, PLW as run − λp
 0.1), per seed the per-example paired mean and standard error, over seeds their mean and sd. Everything
-(all seeds) goes to ``--out``/weight_curve.json, rewritten after each seed; the Markdown tables for
+(all seeds) goes to ``--out``/weight_curve/weight_curve.json, rewritten after each seed; the Markdown tables for
 bench/RESULTS.md are printed, the figure (``--curve-figure``) shows the mean with sd error bars against λp.
 ``--plot-only`` re-prints and re-plots from weight_curve.json. This replaces issue 14's design (one base per
 seed, each point fine-tuned once from it), which mixed pre-training noise into every difference and
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-print and re-plot --weight-curve from the weight_curve.json under --out")
     args = parser.parse_args(argv)
     if args.weight_curve and args.plot_only:
-        result = json.loads((Path(args.out) / "weight_curve.json").read_text(encoding="utf-8"))
+        result = json.loads((Path(args.out) / "weight_curve" / "weight_curve.json").read_text(encoding="utf-8"))
         print(markdown_tables(result))
         print(f"figure: {plot_weight_curve(result, Path(args.curve_figure))}")
         return 0
@@ -497,12 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per scored model
-        result = run_weight_curve(args, Path(args.out).resolve(), _train)
+        # Its own subfolder, which it empties first: never the IT-vs-IM study's outputs under --out.
+        result = run_weight_curve(args, Path(args.out).resolve() / "weight_curve", _train)
         t = result["timings_s"]
         print(f"weight curve: {len(result['finetune_s'])} fine-tunes ({len(args.points)} points x "
               f"{len(args.finetune_seeds)} seeds), {t['finetune_mean']:.0f} s each on average; pre-training "
               f"{t['pretrain']:.0f} s; total {t['total']:.0f} s ({t['total'] / 60:.1f} min); "
-              f"{Path(args.out).resolve() / 'weight_curve.json'}", flush=True)
+              f"{Path(args.out).resolve() / 'weight_curve' / 'weight_curve.json'}", flush=True)
         return 0
 
     t0 = time.time()
