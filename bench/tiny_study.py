@@ -1,6 +1,7 @@
 """A tiny end-to-end IT-vs-IM study on CPU: does the paper's Figure 3 pattern appear at this scale?
 
     python bench/tiny_study.py [--out runs/tiny_study] [--pretrain-steps 600] [--seed 0] [--figure bench/tiny_study_losses.png]
+    python bench/tiny_study.py --weight-curve [--finetune-seeds 0 1 2] [--points LABEL ...]   (see "Weight curve")
 
 1. Pre-training text: the docstrings of the Python standard library installed with the
    interpreter running this script (module, class and function docstrings, read with ``ast``).
@@ -25,11 +26,31 @@ script measures; it prints the answer either way, with the paired per-example di
 IM − IT and its standard error (the same examples are scored for both models).
 Needs ``../shared/data/lima.jsonl``.
 
-Weight curve (issue 14): ``--weight-curve --seeds 0 1`` fine-tunes, from one pre-trained base
-per seed, every point of ``CURVE`` (instruction weight λp ∈ {0, 0.1, 0.3, 0.6, 1.0} with output
-weight λr 1 under ``token`` normalisation, and WIT's reference point λp 0.4 / λr 0.6 under
-``nonzero``), scores held-out output loss per point, writes ``weight_curve.json`` per seed and
-plots all seeds into ``--curve-figure``. ``--plot-only`` re-plots from the summaries written so far.
+Weight curve (issues 14 and 21): ``--weight-curve`` pre-trains ONE base (``--seed``, ``--pretrain-steps``)
+and fine-tunes every selected point of ``CURVE`` (``--points``, by label) from it once per fine-tuning seed
+(``--finetune-seeds``, default 0 1 2: Axolotl's ``seed``, i.e. the order of the training data; the base,
+data split and tokenizer stay those of ``--seed``). The points: λp ∈ {0 (the IT config), 0.1, 0.3, 0.6,
+0.4/0.6 = 0.6667, 1 (IM)} with λr 1 under ``token``; WIT's reference λp 0.4 / λr 0.6 under ``nonzero``
+(0.6667 is its AdamW equivalent: a constant loss scale cancels under AdamW); and the two sources as their
+authors ran them, ``wit_asrun`` (template tokens weighted 0.4, each example's first token counted) and
+``plw_asrun_p0.1`` (template weighted 0.1), which need the plugin's template-weight options (every
+selected point is checked against the plugin's options before pre-training; leave out a point it refuses
+with ``--points``). All fine-tunes share the prepared dataset (``dataset_prepared_path``, keyed by
+Axolotl's hash) and each has its own output_dir.
+Reported per point: mean ± sd over seeds of the train and held-out output-token loss; and paired
+differences (each point − IT, λp 0.6 − 1, WIT − its AdamW equivalent, WIT as run − WIT, PLW as run − λp
+0.1), per seed the per-example paired mean and standard error, over seeds their mean and sd. Everything
+(all seeds) goes to ``--out``/weight_curve/weight_curve.json, rewritten after each seed; the Markdown tables for
+bench/RESULTS.md are printed, the figure (``--curve-figure``) shows the mean with sd error bars against λp.
+``--plot-only`` re-prints and re-plots from weight_curve.json. This replaces issue 14's design (one base per
+seed, each point fine-tuned once from it), which mixed pre-training noise into every difference and
+measured none of it.
+Time on 2 idle cores at the defaults (600 pre-training steps, 200 rows, 3 epochs, 512 tokens, as issue 14,
+so nothing was reduced), measured 2026-12-03: pre-training about 90 s (15 s per 100 steps), one fine-tune 26 s
+(13 s of it training, the rest Axolotl's start-up), scoring 3 s per model: 9 points x 3 seeds, about 15
+minutes. Other jobs on the cores slow the fine-tunes 3-6x (74-147 s each, measured beside a test run): run
+it on idle cores. The end of the run prints the total; weight_curve.json keeps each fine-tune's wall and CPU
+seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +64,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "plugin"))  # run from a checkout without installing
@@ -53,11 +75,6 @@ from instruction_modelling.quickstart.tiny import build_model, build_tokenizer  
 
 LIMA = REPO.parent / "shared" / "data" / "lima.jsonl"
 PAPER_FIG3 = {"IT": {"train": 1.37, "test": 1.32}, "IM": {"train": 1.45, "test": 1.17}}
-# (label, instruction weight λp, output weight λr, im_loss_normalization) of the weight curve.
-CURVE = [("p0", 0.0, 1.0, "token"), ("p0.1", 0.1, 1.0, "token"), ("p0.3", 0.3, 1.0, "token"),
-         ("p0.6", 0.6, 1.0, "token"), ("p1", 1.0, 1.0, "token"), ("wit_p0.4_r0.6", 0.4, 0.6, "nonzero")]
-
-
 def stdlib_docstrings(min_chars: int = 80) -> list[str]:
     """Docstrings of the installed standard library (PSF License), tests and site-packages excluded."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -127,90 +144,285 @@ def lima_split(train_rows: int, heldout_rows: int, out: Path, seed: int, lima: P
     return train, heldout
 
 
-def curve_point_config(base: Path, train_file: Path, out: Path, point: tuple, args) -> dict:
-    """The Axolotl config of one weight-curve point: the study's IT/IM config with the weights set."""
-    name, lp, lr_, norm = point
-    weights = {"im_mode": "it"} if lp == 0 and lr_ == 1 else {"im_instruction_weight": lp, "im_output_weight": lr_}
-    cfg = cpu_config(base, train_file, out / name, mode="im", num_epochs=args.epochs, sequence_len=args.seq_len,
-                     excess_length_strategy="truncate", learning_rate=args.lr, micro_batch_size=8,
-                     logging_steps=5, seed=args.seed, im_on_bad_rows="skip", im_loss_normalization=norm)
+class CurvePoint(NamedTuple):
+    """One point of the weight curve: its label, λp, λr, normalisation, and further ``im_*`` options."""
+
+    label: str
+    instruction_weight: float  # λp (its place on the figure's x axis)
+    output_weight: float  # λr
+    normalisation: str  # im_loss_normalization
+    options: dict  # further im_* options (the as-run points)
+    description: str
+
+
+CURVE = [
+    CurvePoint("p0", 0.0, 1.0, "token", {}, "λp 0 (the IT config), `token`"),
+    CurvePoint("p0.1", 0.1, 1.0, "token", {}, "λp 0.1, λr 1, `token`"),
+    CurvePoint("p0.3", 0.3, 1.0, "token", {}, "λp 0.3, λr 1, `token`"),
+    CurvePoint("p0.6", 0.6, 1.0, "token", {}, "λp 0.6, λr 1, `token`"),
+    # WIT's reference point under AdamW, where a constant loss scale cancels: λp/λr with λr 1.
+    CurvePoint("p0.6667", 0.4 / 0.6, 1.0, "token", {}, "λp 0.4/0.6 = 0.6667, λr 1, `token` (WIT's AdamW equivalent)"),
+    CurvePoint("p1", 1.0, 1.0, "token", {}, "λp 1 (the IM config), `token`"),
+    CurvePoint("wit_p0.4_r0.6", 0.4, 0.6, "nonzero", {}, "WIT's reference λp 0.4 / λr 0.6, `nonzero`"),
+    # As WIT's released loop ran it (issue 21 item 1): template tokens weighted with λp, and each
+    # example's first token counted in the nonzero denominator.
+    CurvePoint("wit_asrun", 0.4, 0.6, "nonzero", {"im_role_weights": {"template": 0.4}, "im_count_first_token": True},
+               "WIT as run: λp 0.4 / λr 0.6, template 0.4, first token counted, `nonzero`"),
+    # As PLW ran it: the whole prompt, template included, weighted with λp.
+    CurvePoint("plw_asrun_p0.1", 0.1, 1.0, "token", {"im_role_weights": {"template": 0.1}},
+               "PLW as run: λp 0.1 with template 0.1, λr 1, `token`"),
+]
+POINTS = {p.label: p for p in CURVE}
+DEFAULT_POINTS = [p.label for p in CURVE]
+IT_POINT = "p0"
+# Paired differences reported besides "each point − IT": (a, b) for a − b.
+CONTRASTS = [("p0.6", "p1"), ("wit_p0.4_r0.6", "p0.6667"), ("wit_asrun", "wit_p0.4_r0.6"), ("plw_asrun_p0.1", "p0.1")]
+
+
+def mean_sd(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n − 1; NaN for one value) of some numbers."""
+    n = len(values)
+    if not n:
+        raise ValueError("mean_sd of no values")
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else float("nan")
+    return {"mean": mean, "sd": sd, "n": n}
+
+
+def paired_across_seeds(a: dict, b: dict) -> dict:
+    """Paired difference a − b over fine-tuning seeds: per seed the per-example paired difference
+    (``paired_difference``: mean, standard error over examples, how many examples have a < b), then the
+    mean and standard deviation of the per-seed means (the spread that seed noise gives).
+
+    Args:
+        a, b: seed -> per-example losses (lists aligned by example, None where an example has no output tokens);
+            only the seeds present in both are used.
+    """
+    seeds = [s for s in a if s in b]
+    if not seeds:
+        raise ValueError("no fine-tuning seed is present for both points")
+    per_seed = {}
+    for s in seeds:
+        d = paired_difference(a[s], b[s])
+        per_seed[s] = {"mean": d["mean"], "se": d["se"], "n": d["n"], "a_lower": d["im_lower"]}
+    return {**mean_sd([v["mean"] for v in per_seed.values()]), "per_seed": per_seed}
+
+
+def contrasts(labels: list[str]) -> list[tuple[str, str]]:
+    """The (a, b) pairs reported for these points: each point − IT, then ``CONTRASTS`` whose points are present."""
+    pairs = [(label, IT_POINT) for label in labels if label != IT_POINT and IT_POINT in labels]
+    return pairs + [(a, b) for a, b in CONTRASTS if a in labels and b in labels and (a, b) not in pairs]
+
+
+def summarise_curve(labels: list[str], losses: dict) -> tuple[dict, dict]:
+    """Per point the mean ± sd over fine-tuning seeds of train and held-out loss, and the paired differences.
+
+    Args:
+        labels: the points, in order.
+        losses: seed -> point label -> split ("train" / "heldout") -> per-example output losses (None where
+            an example has no output tokens).
+
+    Returns:
+        ``(points, differences)``: points[label][split] = mean_sd of the per-seed means plus ``seeds`` (seed ->
+        mean); differences["a − b"][split] = ``paired_across_seeds``.
+    """
+    def seed_mean(values):
+        scored = [v for v in values if v is not None]
+        return sum(scored) / len(scored)
+
+    points = {}
+    for label in labels:
+        points[label] = {}
+        for split in ("train", "heldout"):
+            seeds = {s: seed_mean(m[label][split]) for s, m in losses.items() if label in m}
+            points[label][split] = {**mean_sd(list(seeds.values())), "seeds": seeds}
+    differences = {}
+    for a, b in contrasts(labels):
+        differences[f"{a} − {b}"] = {"a": a, "b": b, **{
+            split: paired_across_seeds({s: m[a][split] for s, m in losses.items() if a in m},
+                                       {s: m[b][split] for s, m in losses.items() if b in m})
+            for split in ("train", "heldout")}}
+    return points, differences
+
+
+def _pm(d: dict) -> str:
+    return f"{d['mean']:.4f} ± {d['sd']:.4f}" if d["n"] > 1 else f"{d['mean']:.4f}"
+
+
+def _signed_pm(d: dict) -> str:
+    text = f"{d['mean']:+.4f}".replace("-", "−")
+    return text + (f" ± {d['sd']:.4f}" if d["n"] > 1 else "")
+
+
+def markdown_tables(result: dict) -> str:
+    """The study's two tables in Markdown (for bench/RESULTS.md): per point, and the paired differences."""
+    seeds = result["finetune_seeds"]
+    lines = [f"Per point: mean ± sd over fine-tuning seeds {', '.join(map(str, seeds))} of the mean per-example "
+             "output-token loss (nats); Δ IT = held-out loss − IT's, paired per seed, mean ± sd over seeds.", "",
+             "| point | train | held-out | held-out Δ IT |", "|---|---|---|---|"]
+    for label, p in result["points"].items():
+        diff = result["differences"].get(f"{label} − {IT_POINT}")
+        lines.append(f"| `{label}`: {p['description']} | {_pm(p['train'])} | {_pm(p['heldout'])} | "
+                     f"{_signed_pm(diff['heldout']) if diff else '0'} |")
+    lines += ["", "Paired held-out differences a − b: mean ± sd over seeds; per seed the per-example paired mean "
+              "± its standard error (a lower on k of n examples).", "",
+              "| a − b | over seeds | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|---|" + "---|" * len(seeds)]
+    for name, d in result["differences"].items():
+        h = d["heldout"]
+        cells = []
+        for s in seeds:
+            v = h["per_seed"].get(s, h["per_seed"].get(str(s)))
+            cells.append(f"{v['mean']:+.4f} ± {v['se']:.4f} ({v['a_lower']}/{v['n']})".replace("-", "−") if v else "")
+        lines.append(f"| {name} | {_signed_pm(h)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_point_config(base: Path, train_file: Path, root: Path, point: CurvePoint, seed: int, args) -> dict:
+    """The Axolotl config of one weight-curve point and fine-tuning seed (Axolotl's ``seed``: data order):
+    the study's IT/IM config with the weights set, its own output_dir, and the prepared dataset shared by
+    every point (Axolotl keys it by a hash of what changes it, the trained roles included)."""
+    if point.instruction_weight == 0 and point.output_weight == 1 and not point.options:
+        weights = {"im_mode": "it"}
+    else:
+        weights = {"im_instruction_weight": point.instruction_weight, "im_output_weight": point.output_weight,
+                   **point.options}
+    cfg = cpu_config(base, train_file, root / "points" / f"{point.label}_s{seed}", mode="im", num_epochs=args.epochs,
+                     sequence_len=args.seq_len, excess_length_strategy="truncate", learning_rate=args.lr,
+                     micro_batch_size=8, logging_steps=5, seed=seed, im_on_bad_rows="skip",
+                     im_loss_normalization=point.normalisation, dataset_prepared_path=str(root / "prepared"))
     cfg.update(weights)
     return cfg
 
 
-def run_weight_curve(args, seed: int, root: Path, train_fn) -> dict:
-    """One seed of the weight curve: one pre-trained base, every ``CURVE`` point fine-tuned from it."""
-    args.seed = seed
-    out = root / f"seed{seed}"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+def check_points(labels: list[str]) -> None:
+    """Refuse an unknown label or a point whose options this plugin does not accept, before pre-training."""
+    from instruction_modelling.core.options import IMArgs
+
+    for label in labels:
+        if label not in POINTS:
+            raise SystemExit(f"--points: unknown point '{label}'; the points are {', '.join(POINTS)}")
+        cfg = curve_point_config(Path("base"), Path("train.jsonl"), Path("out"), POINTS[label], 0,
+                                 argparse.Namespace(epochs=1, seq_len=8, lr=1e-3))
+        try:
+            IMArgs.from_cfg(cfg)
+        except ValueError as exc:  # pydantic's ValidationError included: its messages, on one line
+            reason = "; ".join(e["msg"] for e in exc.errors()) if hasattr(exc, "errors") else str(exc)
+            raise SystemExit(f"point '{label}' is not a valid config for this plugin ({reason}); "
+                             f"leave it out with --points") from exc
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished subprocesses (the Axolotl runs)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_weight_curve(args, root: Path, train_fn) -> dict:
+    """One pre-trained base (``--seed``), every selected point fine-tuned from it once per fine-tuning seed
+    (seed-major, so each finished seed is scored, summarised and written before the next starts)."""
+    labels = args.points
+    check_points(labels)
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "logs").mkdir(parents=True)
     t0, timings = time.time(), {}
-    train_file, heldout_file, base, n_params, pre = prepare_base(args, out)
+    train_file, heldout_file, base, n_params, pre = prepare_base(args, root)
     timings["pretrain"] = pre["seconds"]
-    models = [("base", base)]
-    result = {"seed": seed, "model_parameters": n_params, "pretrain": pre, "points": {}}
-    for point in CURVE:
-        name, lp, lr_, norm = point
+    settings = {k: getattr(args, k) for k in ("pretrain_steps", "train_rows", "heldout_rows", "seq_len", "epochs",
+                                              "lr", "hidden_size", "layers")}
+    result = {"base_seed": args.seed, "finetune_seeds": [], "settings": settings, "model_parameters": n_params,
+              "pretrain": pre, "base": None, "points": {}, "differences": {}, "finetune_s": {}, "finetune_cpu_s": {},
+              "timings_s": timings}
+    losses = {}
+    for seed in args.finetune_seeds:
+        models = [] if result["base"] else [("base", base)]
+        for label in labels:
+            point = POINTS[label]
+            t, cpu = time.time(), _children_cpu_s()
+            name = f"{label}_s{seed}"
+            train_fn(write_config(curve_point_config(base, train_file, root, point, seed, args),
+                                  root / "configs" / f"{name}.yml"), root / "logs" / f"{name}.log")
+            result["finetune_s"][name] = time.time() - t
+            # CPU seconds beside wall seconds: a wall time well above CPU / threads means other jobs shared the cores.
+            result["finetune_cpu_s"][name] = _children_cpu_s() - cpu
+            print(f"fine-tune seed {seed}: {label} ({point.description}) in {result['finetune_s'][name]:.0f} s "
+                  f"({result['finetune_cpu_s'][name]:.0f} CPU s)", flush=True)
+            models.append((label, root / "points" / name))
         t = time.time()
-        train_fn(write_config(curve_point_config(base, train_file, out, point, args), out / f"{name}.yml"),
-                 out / f"{name}.log")
-        timings[f"finetune_{name}"] = time.time() - t
-        print(f"seed {seed}: fine-tuned λp={lp} λr={lr_} ({norm}) in {timings[f'finetune_{name}']:.0f} s", flush=True)
-        models.append((name, out / name))
-    t = time.time()
-    losses = run_losses(models, train_file, heldout_file, out / "analysis", max_length=args.seq_len, device="cpu")
-    timings["analyze_losses"] = time.time() - t
-    m = losses["models"]
-    for name, lp, lr_, norm in CURVE:
-        result["points"][name] = {
-            "instruction_weight": lp, "output_weight": lr_, "normalisation": norm,
-            "train": m[name]["train"]["mean"], "heldout": m[name]["heldout"]["mean"],
-            "heldout_minus_it": paired_difference(m[name]["heldout"]["output_loss"], m["p0"]["heldout"]["output_loss"]),
-        }
-    result["base"] = {"train": m["base"]["train"]["mean"], "heldout": m["base"]["heldout"]["mean"]}
-    timings["total"] = time.time() - t0
-    result["timings_s"] = timings
-    (out / "weight_curve.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        m = run_losses(models, train_file, heldout_file, root / "analysis" / f"seed{seed}", max_length=args.seq_len,
+                       device="cpu")["models"]
+        timings[f"score_seed{seed}"] = time.time() - t
+        if result["base"] is None:
+            result["base"] = {split: m["base"][split]["mean"] for split in ("train", "heldout")}
+        losses[seed] = {label: {split: m[label][split]["output_loss"] for split in ("train", "heldout")}
+                        for label in labels}
+        result["finetune_seeds"].append(seed)
+        points, result["differences"] = summarise_curve(labels, losses)
+        result["points"] = {label: {"instruction_weight": POINTS[label].instruction_weight,
+                                    "output_weight": POINTS[label].output_weight,
+                                    "normalisation": POINTS[label].normalisation, "options": POINTS[label].options,
+                                    "description": POINTS[label].description, **points[label]}
+                            for label in labels}
+        ft = list(result["finetune_s"].values())
+        timings.update(finetune_total=sum(ft), finetune_mean=sum(ft) / len(ft), total=time.time() - t0)
+        (root / "weight_curve.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        print(f"\nafter fine-tuning seed {seed}:\n" + markdown_tables(result), flush=True)
+        print(f"figure: {plot_weight_curve(result, Path(args.curve_figure))}", flush=True)
     return result
 
 
-def plot_weight_curve(results: list[dict], figure: Path) -> Path:
-    """Held-out output loss against λp, one line per seed; the λr < 1 (nonzero) point as a marker."""
+def plot_weight_curve(result: dict, figure: Path) -> Path:
+    """Held-out loss, its paired difference to IT, and train loss against λp: the λr 1 `token` points as a
+    line, the others as markers (nudged right when they share a λp); mean over fine-tuning seeds, error
+    bars one sd over seeds (the absolute losses' sd includes what a seed does to every point alike; the
+    paired panel removes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        pts = [p for p in r["points"].values() if p["output_weight"] == 1.0]
-        line, = ax.plot([p["instruction_weight"] for p in pts], [p["heldout"] for p in pts], "o-",
-                        label=f"seed {r['seed']}, λr 1 (token)")
-        for p in r["points"].values():
-            if p["output_weight"] != 1.0:
-                ax.plot([p["instruction_weight"]], [p["heldout"]], "s", color=line.get_color(), markersize=8,
-                        label=f"seed {r['seed']}, λr {p['output_weight']} ({p['normalisation']})")
-    ax.set_xlabel("instruction (prompt) loss weight λp")
-    ax.set_ylabel("held-out output-token loss (nats, per-example mean)")
-    ax.set_title("Tiny study: weight curve on LIMA (0.85 M-parameter Llama)")
-    ax.legend(fontsize=8)
+    points, n = result["points"], len(result["finetune_seeds"])
+    curve = sorted((label for label, p in points.items() if p["output_weight"] == 1.0 and p["normalisation"] == "token"
+                    and not p["options"]), key=lambda label: points[label]["instruction_weight"])
+    others = [label for label in points if label not in curve]
+    markers = dict(zip(others, "sDv^P*XhH"))
+    x = {label: points[label]["instruction_weight"] for label in curve}
+    for k, label in enumerate(others):
+        x[label] = points[label]["instruction_weight"] + 0.012 * (1 + k % 3)
+
+    def stat(label, panel):
+        if panel == "delta":
+            d = result["differences"].get(f"{label} − {IT_POINT}")
+            d = d["heldout"] if d else {"mean": 0.0, "sd": 0.0}
+        else:
+            d = points[label][panel]
+        return d["mean"], (d["sd"] if n > 1 else 0.0)
+
+    panels = [("heldout", "held-out output-token loss (nats)"),
+              ("delta", f"held-out loss − IT's ({IT_POINT}), paired per seed (nats)"),
+              ("train", "train output-token loss (nats)")]
+    if IT_POINT not in points:
+        panels.pop(1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4))
+    for ax, (panel, ylabel) in zip(axes, panels):
+        m, e = zip(*(stat(label, panel) for label in curve)) if curve else ((), ())
+        ax.errorbar([x[label] for label in curve], m, yerr=e, fmt="o-", capsize=3, label="λr 1, `token`")
+        for label in others:
+            m, e = stat(label, panel)
+            ax.errorbar([x[label]], [m], yerr=[e], fmt=markers[label], capsize=3, markersize=7, label=label)
+        ax.set_xlabel("instruction (prompt) loss weight λp")
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Tiny study: weight curve on LIMA ({result['model_parameters'] / 1e6:.2f} M-parameter Llama, one "
+                 f"pre-trained base); mean ± sd over {n} fine-tuning seed{'s' if n > 1 else ''}")
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=100)
     plt.close(fig)
     return figure
-
-
-def print_weight_curve(results: list[dict]) -> None:
-    print("\nHeld-out output-token loss per point (mean of per-example losses, nats); Δ = point − IT, paired ± SE")
-    for r in results:
-        print(f"seed {r['seed']}: base {r['base']['heldout']:.4f}")
-        for name, p in r["points"].items():
-            d = p["heldout_minus_it"]
-            print(f"  λp {p['instruction_weight']:<4} λr {p['output_weight']:<4} {p['normalisation']:<8} train "
-                  f"{p['train']:.4f} held-out {p['heldout']:.4f}  Δ {d['mean']:+.4f} ± {d['se']:.4f} "
-                  f"(lower on {d['im_lower']}/{d['n']})")
 
 
 def prepare_base(args, out: Path):
@@ -254,16 +466,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="copy the loss histogram PNG here")
     parser.add_argument("--lima", default=str(LIMA), help="LIMA JSONL (default: %(default)s)")
     parser.add_argument("--weight-curve", action="store_true",
-                        help="fine-tune every CURVE point (λp grid, λr 1, and WIT's λp 0.4 / λr 0.6 with nonzero) "
-                        "from one base per seed instead of the IT-vs-IM study")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of --weight-curve")
+                        help="fine-tune the CURVE points from one pre-trained base, each with every --finetune-seeds "
+                        "seed, instead of the IT-vs-IM study")
+    parser.add_argument("--finetune-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="--weight-curve: Axolotl seeds (data order) of each point's fine-tunes (default: %(default)s)")
+    parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, metavar="LABEL",
+                        help=f"--weight-curve: the points to fine-tune, of {', '.join(POINTS)} (default: %(default)s)")
     parser.add_argument("--curve-figure", default=str(REPO / "bench" / "tiny_study_weight_curve.png"))
-    parser.add_argument("--plot-only", action="store_true", help="re-plot --weight-curve from the summaries under --out")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="re-print and re-plot --weight-curve from the weight_curve.json under --out")
     args = parser.parse_args(argv)
     if args.weight_curve and args.plot_only:
-        results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(Path(args.out).glob("seed*/weight_curve.json"))]
-        print_weight_curve(results)
-        print(f"figure: {plot_weight_curve(results, Path(args.curve_figure))}")
+        result = json.loads((Path(args.out) / "weight_curve" / "weight_curve.json").read_text(encoding="utf-8"))
+        print(markdown_tables(result))
+        print(f"figure: {plot_weight_curve(result, Path(args.curve_figure))}")
         return 0
     if not Path(args.lima).is_file():
         print(f"{args.lima} not found: this study needs the shared LIMA file", file=sys.stderr)
@@ -278,12 +494,16 @@ def main(argv: list[str] | None = None) -> int:
     from instruction_modelling.quickstart.__main__ import _train  # the quickstart's Axolotl subprocess runner
 
     if args.weight_curve:
-        root = Path(args.out).resolve()
-        results = []
-        for seed in args.seeds:
-            results.append(run_weight_curve(args, seed, root, _train))
-            print_weight_curve(results)
-            print(f"figure: {plot_weight_curve(results, Path(args.curve_figure))}", flush=True)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per scored model
+        # Its own subfolder, which it empties first: never the IT-vs-IM study's outputs under --out.
+        result = run_weight_curve(args, Path(args.out).resolve() / "weight_curve", _train)
+        t = result["timings_s"]
+        print(f"weight curve: {len(result['finetune_s'])} fine-tunes ({len(args.points)} points x "
+              f"{len(args.finetune_seeds)} seeds), {t['finetune_mean']:.0f} s each on average; pre-training "
+              f"{t['pretrain']:.0f} s; total {t['total']:.0f} s ({t['total'] / 60:.1f} min); "
+              f"{Path(args.out).resolve() / 'weight_curve' / 'weight_curve.json'}", flush=True)
         return 0
 
     t0 = time.time()
