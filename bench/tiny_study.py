@@ -42,7 +42,9 @@ differences (each point − IT, λp 0.6 − 1, WIT − its AdamW equivalent, WIT
 0.1), per seed the per-example paired mean and standard error, over seeds their mean and sd. Everything
 (all seeds) goes to ``--out``/weight_curve/weight_curve.json, rewritten after each seed; the Markdown tables for
 bench/RESULTS.md are printed, the figure (``--curve-figure``) shows the mean with sd error bars against λp.
-``--plot-only`` re-prints and re-plots from weight_curve.json. This replaces issue 14's design (one base per
+``--plot-only`` re-prints and re-plots from weight_curve.json. ``--max-grad-norm 0`` fine-tunes without
+gradient clipping (WIT's setting; Axolotl's default clips at 1.0, which is what separates WIT's ``nonzero``
+point from its AdamW equivalent, bench/RESULTS.md). This replaces issue 14's design (one base per
 seed, each point fine-tuned once from it), which mixed pre-training noise into every difference and
 measured none of it.
 Time on 2 idle cores at the defaults (600 pre-training steps, 200 rows, 3 epochs, 512 tokens, as issue 14,
@@ -292,6 +294,8 @@ def curve_point_config(base: Path, train_file: Path, root: Path, point: CurvePoi
                      micro_batch_size=8, logging_steps=5, seed=seed, im_on_bad_rows="skip",
                      im_loss_normalization=point.normalisation, dataset_prepared_path=str(root / "prepared"))
     cfg.update(weights)
+    if getattr(args, "max_grad_norm", None) is not None:
+        cfg["max_grad_norm"] = args.max_grad_norm
     return cfg
 
 
@@ -473,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, metavar="LABEL",
                         help=f"--weight-curve: the points to fine-tune, of {', '.join(POINTS)} (default: %(default)s)")
     parser.add_argument("--curve-figure", default=str(REPO / "bench" / "tiny_study_weight_curve.png"))
+    parser.add_argument("--max-grad-norm", type=float, default=None,
+                        help="fine-tuning gradient clipping (default: Axolotl's, 1.0; 0 turns it off, as WIT's script)")
     parser.add_argument("--plot-only", action="store_true",
                         help="re-print and re-plot --weight-curve from the weight_curve.json under --out")
     args = parser.parse_args(argv)
