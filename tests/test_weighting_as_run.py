@@ -359,6 +359,8 @@ def test_wit_as_run_through_axolotl(tmp_path, tiny_model_dir):
         run = run_axolotl("train", cfg, tmp_path / f"{name}.yml")
         assert run.returncode == 0, run.output[-3000:]
         runs[name] = [h for h in run.log_history() if "loss" in h]
+        said = "'template': 0.4" in run.output and "template weight 0.4" in run.output
+        assert said == (options is as_run), run.output[-3000:]  # the weighting is logged at the first step
     assert len(runs["ga1"]) == len(runs["ga4"]) == 2
     for a, b in zip(runs["ga1"], runs["ga4"]):
         for key in ("loss", "instruction_loss", "output_loss", "template_loss"):

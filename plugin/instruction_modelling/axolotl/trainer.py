@@ -367,6 +367,8 @@ class IMTrainer(AxolotlTrainer):
         if kernels and impl != "logits":
             why += f"; takes over {', '.join(kernels)} (its patched forward would build full logits under IM's loss)"
         LOG.info(f"im_loss_impl: {impl} ({why})")
+        weights = {r: w for r, w in self.im_args.role_weight_map().items() if w > 0}
+        LOG.info(f"IM loss weights {weights}; {self.im_args.weighting_summary()}")
         return impl
 
     def _choose_hidden_impl(self, requested: str, model) -> tuple[str, str]:

@@ -67,20 +67,6 @@ def legend(weights: dict[int, float]):
     return t
 
 
-def weighting_summary(im_args) -> str:
-    """One line: the mode, and what differs from Eq. 4's content-only weighting (template weight,
-    normalisation, first-token count)."""
-    parts = [f"im_mode: {im_args.im_mode}"]
-    template = im_args.role_weight_map()["template"]
-    if template > 0:
-        parts.append(f"template weight {template:g} (the template's tokens carry loss, unlike Eq. 4)")
-    if im_args.im_loss_normalization != "token":
-        parts.append(f"im_loss_normalization: {im_args.im_loss_normalization}")
-    if im_args.im_count_first_token:
-        parts.append("each example's first token counted in the normaliser")
-    return ", ".join(parts)
-
-
 def _first_rows(ds_cfg, n: int) -> list:
     """The first ``n`` rows as written (a row that cannot be read is its ``RowError``)."""
     from instruction_modelling.axolotl import raw_rows
@@ -131,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         strategy = load_strategy(tokenizer, cfg, ds_cfg)
         saved = raw_rows.load_saved(ds_cfg.get("path"))
         console.print(f"== {raw_rows.source_of(saved) if saved is not None else ds_cfg.get('path')}  "
-                      f"({weighting_summary(im_args)})")
+                      f"({im_args.weighting_summary()})")
         if not args.plain:
             console.print(legend(weights))
         for i, row in enumerate(_first_rows(ds_cfg, args.rows)):

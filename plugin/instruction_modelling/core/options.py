@@ -265,6 +265,19 @@ class IMArgs(BaseModel):
         weights.update(self.im_role_weights or {})
         return weights
 
+    def weighting_summary(self) -> str:
+        """One line for logs and ``preview``: the mode, and what differs from Eq. 4's content-only
+        weighting (template weight, normalisation, first-token count)."""
+        parts = [f"im_mode: {self.im_mode}"]
+        template = self.role_weight_map()["template"]
+        if template > 0:
+            parts.append(f"template weight {template:g} (the template's tokens carry loss, unlike Eq. 4)")
+        if self.im_loss_normalization != "token":
+            parts.append(f"im_loss_normalization: {self.im_loss_normalization}")
+        if self.im_count_first_token:
+            parts.append("each example's first token counted in the normaliser")
+        return ", ".join(parts)
+
     def trained_roles(self) -> list[str]:
         """Roles whose content carries loss (used as ``roles_to_train`` for Axolotl's dataset hash)."""
         return [r for r, w in self.role_weight_map().items() if w > 0]
