@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         strategy = load_strategy(tokenizer, cfg, ds_cfg)
         saved = raw_rows.load_saved(ds_cfg.get("path"))
         console.print(f"== {raw_rows.source_of(saved) if saved is not None else ds_cfg.get('path')}  "
-                      f"({im_args.weighting_summary()})")
+                      f"({im_args.weighting_summary()})", soft_wrap=True)  # one line, whatever the width
         if not args.plain:
             console.print(legend(weights))
         for i, row in enumerate(_first_rows(ds_cfg, args.rows)):
