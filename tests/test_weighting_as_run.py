@@ -159,7 +159,6 @@ def ours(examples, logits, table, normalisation, layout, normaliser=None, **kw):
         batch_logits, pos = torch.stack(rows), None
     else:
         ids, segs, pos, _ = packed_batch(examples, [x.detach() for x in leaves])
-        batch_logits = torch.zeros(ids.shape[0], ids.shape[1], V, dtype=torch.float64)
         rows = [[] for _ in range(ids.shape[0])]
         for i, x in enumerate(leaves):
             rows[i % ids.shape[0]].append(x)
@@ -194,8 +193,8 @@ def test_wit_as_run_equals_wits_loop_over_ranks_and_accumulation(lp, lr, layout)
     logits = logits_for(examples, seed=7)
     groups = [(examples[i:i + 3], logits[i:i + 3]) for i in range(0, 12, 3)]  # rank r: groups 2r, 2r+1
     table = wit_as_run_table(lp, lr)
-    normaliser = sum(loss_normaliser(*_layout(ex, lg, layout), table, *_pos(ex, lg, layout), "nonzero",
-                                     count_first_token=True) for ex, lg in groups)
+    normaliser = sum(loss_normaliser(ids, segs, table, pos, "nonzero", count_first_token=True)
+                     for ids, segs, pos in (_layout(ex, lg, layout) for ex, lg in groups))
     got, got_leaves = 0.0, []
     for ex, lg in groups:
         out, leaves, _ = ours(ex, lg, table, "nonzero", layout, normaliser=normaliser, count_first_token=True)
@@ -207,15 +206,12 @@ def test_wit_as_run_equals_wits_loop_over_ranks_and_accumulation(lp, lr, layout)
 
 
 def _layout(ex, lg, layout):
+    """``(input_ids, segment_ids, position_ids or None)`` of ``ex`` laid out as ``ours`` lays it out."""
     if layout == "padded":
         ids, segs, _ = padded_batch(ex, lg)
-    else:
-        ids, segs, _, _ = packed_batch(ex, lg)
-    return ids, segs
-
-
-def _pos(ex, lg, layout):
-    return (None,) if layout == "padded" else (packed_batch(ex, lg)[2],)
+        return ids, segs, None
+    ids, segs, pos, _ = packed_batch(ex, lg)
+    return ids, segs, pos
 
 
 def test_content_only_weighting_is_not_wits_and_each_part_is_needed():
@@ -295,7 +291,7 @@ def test_padding_never_carries_template_weight():
     padded = ours(examples, logits, table, "nonzero", "padded", count_first_token=True)[0].loss.item()
     one_by_one_num = sum(
         ours([ex], [lg], table, "nonzero", "padded", count_first_token=True,
-             normaliser=loss_normaliser(*_layout(examples, logits, "padded"), table, None, "nonzero",
+             normaliser=loss_normaliser(*_layout(examples, logits, "padded")[:2], table, None, "nonzero",
                                         count_first_token=True))[0].loss.item()
         for ex, lg in zip(examples, logits))
     assert padded == pytest.approx(one_by_one_num, rel=1e-9)

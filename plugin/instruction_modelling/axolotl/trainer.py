@@ -68,8 +68,7 @@ class _SegmentMeter:
     """Token-weighted running means of the per-segment CE (and KL), kept on the device and reduced
     across ranks (one host transfer) only when logged."""
 
-    def __init__(self, template_weighted: bool = False):
-        self.template_weighted = template_weighted  # report the template's loss only when it is trained
+    def __init__(self):
         self.reset()
 
     def reset(self):
@@ -86,7 +85,9 @@ class _SegmentMeter:
         step = torch.stack([v.detach().to(dtype) for v in values])
         self.sums = step if self.sums is None else self.sums + step
 
-    def means(self, accelerator, with_counts: bool = False) -> dict[str, float]:
+    def means(self, accelerator, with_counts: bool = False, template: bool = False) -> dict[str, float]:
+        """The logged means (and, ``with_counts``, token counts); ``template``: the template's too (set
+        when the template carries loss)."""
         sums = self.sums if self.sums is not None else torch.zeros(8, dtype=torch.float64)
         if accelerator is not None and accelerator.num_processes > 1:
             sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum")
@@ -98,12 +99,12 @@ class _SegmentMeter:
             result["output_loss"] = float(sums[2] / sums[3])
         if sums[5] > 0:
             result["kl"] = float(sums[4] / sums[5])
-        if self.template_weighted and sums[7] > 0:
+        if template and sums[7] > 0:
             result["template_loss"] = float(sums[6] / sums[7])
         if with_counts:
             result["instruction_tokens"] = int(sums[1])
             result["output_tokens"] = int(sums[3])
-            if self.template_weighted:
+            if template:
                 result["template_tokens"] = int(sums[7])
         self.reset()
         return result
@@ -493,12 +494,10 @@ class IMTrainer(AxolotlTrainer):
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        template_weighted = self.im_args.role_weight_map()["template"] > 0
-        for meter in self._meters.values():
-            meter.template_weighted = template_weighted
+        template = self.im_args.role_weight_map()["template"] > 0  # its loss is logged when it carries loss
         if "loss" in logs:
-            logs.update(self._meters["train"].means(self.accelerator))
+            logs.update(self._meters["train"].means(self.accelerator, template=template))
         elif f"{self._eval_prefix}_loss" in logs:
-            for key, value in self._meters["eval"].means(self.accelerator, with_counts=True).items():
+            for key, value in self._meters["eval"].means(self.accelerator, with_counts=True, template=template).items():
                 logs[f"{self._eval_prefix}_{key}"] = value
         return super().log(logs, start_time)

@@ -209,8 +209,7 @@ class IMArgs(BaseModel):
                     "of them or remove it"
                 )
             return self
-        top_ok = share is not None and math.isfinite(share) and (share <= 1 if norm == "share" else share < 1)
-        if share is None or not math.isfinite(share) or share < 0 or not top_ok:
+        if share is None or not math.isfinite(share) or not (0 <= share and (share <= 1 if norm == "share" else share < 1)):
             bound = "[0, 1]" if norm == "share" else "[0, 1) (at 1 no output weight is left)"
             raise ValueError(f"im_loss_normalization: {norm} needs im_instruction_share in {bound}, got {share}")
         if self.im_mode != "im":
