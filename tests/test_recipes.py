@@ -109,6 +109,20 @@ def test_committed_recipes_are_what_the_table_generates():
     assert check(RECIPES) == [], "run `python -m instruction_modelling.recipes generate` and commit"
 
 
+def test_every_committed_recipe_file_is_declared_for_the_wheel():
+    """pyproject's data-files globs must cover each file under recipes/ (a new sub-folder needs its own
+    line): otherwise `pip install` ships a wheel without it, which only the CI wheel step would see."""
+    import fnmatch
+    import tomllib
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    globs = [g for patterns in declared.values() for g in patterns]
+    files = [p.relative_to(REPO).as_posix() for p in RECIPES.rglob("*") if p.is_file()]
+    undeclared = [f for f in files
+                  if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert files and undeclared == [], (
+        f"recipes not listed under [tool.setuptools.data-files] in pyproject.toml: {undeclared}")
+
+
 def test_check_catches_a_hand_edit_and_a_stray_recipe(tmp_path):
     copy = tmp_path / "recipes"
     shutil.copytree(RECIPES, copy)
