@@ -90,7 +90,7 @@ def test_plw_recipes_run_stanford_alpacas_settings_with_the_prompt_weighted():
     """PLW as run (docs/weighting.md): LLaMA-2-7B with Stanford Alpaca's train.py settings (README:
     lr 2e-5, 3 epochs, 512 tokens, batch 4 x 8 accumulation x 4 GPUs = 128, cosine, 3% warm-up, no
     weight decay) and prompt; the whole prompt, template included, weighted PLW under ``token``."""
-    assert [load_recipe(p)["im_instruction_weight"] if "im_instruction_weight" in load_recipe(p) else 0.0
+    assert [load_recipe(p).get("im_instruction_weight", 0.0)
             for p in sorted(PLW_RECIPES, key=lambda p: float(p.stem.rsplit("_", 1)[1]))] == list(PLW_VALUES)
     for path in PLW_RECIPES:
         cfg = load_recipe(path)

@@ -95,7 +95,7 @@ def test_trained_tokens_are_contents(tokenizer, templates, template_name, conver
     ex = encoder(tokenizer, templates[template_name]).encode({"messages": messages})
     trained_roles = ("system", "user", "assistant") if mode == "im" else ("assistant",)
     check_runs(tokenizer, ex, messages, trained_roles)
-    # Template tokens never carry loss: everything outside contents is segment 0.
+    # Template tokens carry no loss by default (Eq. 4): everything outside contents is segment 0.
     assert ex.labels().count(-100) == ex.segment_ids.count(Segment.TEMPLATE)
 
 

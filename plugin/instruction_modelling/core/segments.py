@@ -59,7 +59,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 
 class Segment(IntEnum):
-    """Segment id of a token, stored per token in the ``segment_ids`` column (0 pads)."""
+    """Segment id of a token, stored per token in the ``segment_ids`` column (the collators pad with ``PAD``)."""
 
     TEMPLATE = 0  # role tags, separators, BOS, template text: no loss unless `template` is given a weight
     SYSTEM = 1  # system prompt content (instruction side)
